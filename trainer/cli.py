@@ -1,0 +1,169 @@
+"""The `trainer` command: config, prepare, train, launch, predict, demo.
+
+Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
+print one line naming the problem and the fix and are not worth retrying; transient
+faults are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from trainer.contract import Env, ExitCode
+from trainer.errors import ConfigError, DataError, TrainerError, TransientError
+
+log = logging.getLogger("trainer")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get(Env.CONFIG_FILE.value),
+        help=f"YAML configuration file (default: ${Env.CONFIG_FILE.value})",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set phases.fine_tuning.epochs=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the effective configuration (YAML)")
+    _add_config_args(p)
+    p.add_argument("--reference", action="store_true", help="print the configuration reference (markdown)")
+
+    p = sub.add_parser("prepare", help="image folder -> sharded TFRecords + manifest")
+    p.add_argument("source", help="folder with one sub-folder per class (optionally under train/ validation/ test/)")
+    p.add_argument("dataset", help="output directory of the prepared dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="train (one worker of a cluster when TF_CONFIG is set)")
+    _add_config_args(p)
+
+    p = sub.add_parser("launch", help="run N local worker processes of `trainer train`")
+    p.add_argument("--workers", type=int, default=2, help="number of worker processes (default 2)")
+    _add_config_args(p)
+
+    p = sub.add_parser("predict", help="classify image files with an exported model")
+    p.add_argument("model", help="export directory (holding saved_model/) or the SavedModel itself")
+    p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+    p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
+    p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
+    p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # tf-keras (Keras 2) is the Keras that runs MultiWorkerMirroredStrategy; must be set before TF loads.
+    os.environ.setdefault(Env.LEGACY_KERAS.value, "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_run(args) or ExitCode.OK)
+    except TrainerError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.PREEMPTED)
+    except Exception as err:
+        classified = classify(err)
+        if classified is None:
+            raise  # a bug: keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
+        print(f"error: {classified}", file=sys.stderr, flush=True)
+        return int(classified.exit_code)
+
+
+def classify(err: Exception) -> TrainerError | None:
+    """Map TensorFlow's runtime errors to user errors or transient faults."""
+    if "tensorflow" not in sys.modules:
+        return None
+    import tensorflow as tf
+
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
+        return TransientError(f"{type(err).__name__}: {first_line} (a peer or the storage is unreachable; retry)")
+    if isinstance(err, tf.errors.DataLossError):
+        return DataError(f"a dataset file is corrupt ({first_line}); re-run `trainer prepare`")
+    if isinstance(err, tf.errors.NotFoundError):
+        return DataError(f"a file is missing ({first_line}); check data.dataset and re-run `trainer prepare`")
+    if isinstance(err, tf.errors.PermissionDeniedError):
+        return DataError(f"permission denied ({first_line}); grant access to the dataset and output locations")
+    return None
+
+
+def _run(args: argparse.Namespace) -> int | None:
+    if args.command == "predict":
+        from trainer.predict import predict_command
+
+        return predict_command(args.model, args.images, args.top_k, args.json)
+    if args.command == "demo":
+        from trainer.demo import run_demo
+
+        return run_demo(args.workdir, args.workers)
+
+    from trainer import config as config_lib
+
+    if args.command == "config" and args.reference:
+        print(config_lib.reference_markdown(), end="")
+        return None
+    cfg = config_lib.load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(config_lib.to_yaml(cfg), end="")
+        return None
+    if args.command == "prepare":
+        return _prepare(args, cfg)
+    if args.command == "launch":
+        from trainer.launch import launch_local
+
+        return launch_local(args.workers, _train_args(args))
+    if args.command == "train":
+        return _train(cfg)
+    raise ConfigError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
+
+
+def _train_args(args: argparse.Namespace) -> list[str]:
+    out = ["train"]
+    if args.config:
+        out += ["--config", args.config]
+    for item in args.overrides:
+        out += ["--set", item]
+    return out
+
+
+def _prepare(args: argparse.Namespace, cfg) -> None:
+    from trainer.data.prepare import prepare_dataset
+
+    report = prepare_dataset(args.source, args.dataset, cfg.prepare, overwrite=args.overwrite)
+    for line in report.summary_lines():
+        print(line)
+
+
+def _train(cfg) -> None:
+    from trainer import cluster as cluster_lib
+    from trainer.strategy import build_distribution
+
+    cluster = cluster_lib.parse_tf_config(os.environ.get(Env.TF_CONFIG.value))
+    if cfg.runtime.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
+    from trainer.train.run import train
+
+    train(cfg, dist)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

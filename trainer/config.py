@@ -1,0 +1,437 @@
+"""Typed configuration: dataclasses with documented defaults, loaded from YAML.
+
+One configuration drives every command. Sources, later ones winning:
+built-in defaults -> YAML file (``--config``) -> ``--set a.b=value`` overrides.
+
+Validation happens here, at the edge, and reports every problem at once, each with its
+field path (``phases.fine_tuning.epochs: expected an integer >= 0, got -1``). Unknown
+keys are errors, with a suggestion when one is close, so typos never pass silently.
+
+Every field's ``doc`` metadata is the configuration reference: ``docs/configuration.md``
+is generated from it (``trainer config --reference``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import ConfigError
+
+VGG16_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
+#: VGG16 without its top accepts inputs of at least 32x32 pixels (five 2x2 poolings).
+MIN_IMAGE_SIZE = 32
+
+
+def _f(default: Any, doc: str, **checks: Any) -> Any:
+    """A dataclass field with documentation and optional checks (ge, gt, le, lt)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **checks})
+    return field(default=default, metadata={"doc": doc, **checks})
+
+
+def _section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class AugmentConfig:
+    random_crop: bool = _f(True, "Random-area crop for training images (Inception-style); off = centre crop.")
+    crop_area_min: float = _f(0.35, "Smallest fraction of the image area a random crop keeps.", gt=0.0, le=1.0)
+    horizontal_flip: bool = _f(True, "Randomly flip training images left-right.")
+    vertical_flip: bool = _f(False, "Randomly flip training images upside down (only for orientation-free data).")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("", "Prepared dataset directory (local path or gs://bucket/prefix) holding manifest.json.")
+    image_size: int = _f(224, "Side of the square model input in pixels (VGG16 needs >= 32).", ge=MIN_IMAGE_SIZE)
+    center_crop_fraction: float = _f(
+        0.875, "Evaluation: fraction of the shorter side kept by the centre crop.", gt=0.0, le=1.0
+    )
+    shuffle_buffer: int = _f(2048, "Records in the training shuffle buffer (per worker).", ge=1)
+    read_parallelism: int = _f(0, "Shards read concurrently per worker; 0 = tf.data AUTOTUNE.", ge=0)
+    prefetch_batches: int = _f(0, "Batches prefetched ahead of training; 0 = AUTOTUNE.", ge=0)
+    augment: AugmentConfig = _section(AugmentConfig, "Training-time augmentation.")
+
+
+@dataclass
+class PrepareConfig:
+    shard_size_mb: float = _f(128.0, "Target size of one TFRecord shard in MB (tf.data guidance: 100-200).", gt=0)
+    min_shards: int = _f(
+        16, "Split a small split into at least this many shards (capped by its image count) so many workers can read it.",
+        ge=1,
+    )
+    validation_fraction: float = _f(
+        0.2, "Share of each class held out for validation when the source has no validation/ folder.", ge=0.0, lt=1.0
+    )
+    test_fraction: float = _f(
+        0.0, "Share of each class held out as a test split when the source has no test/ folder.", ge=0.0, lt=1.0
+    )
+    seed: int = _f(1234, "Seed of the stratified split: the same seed and files give the same split.")
+    processes: int = _f(0, "Worker processes that read and check images; 0 = one per CPU core.", ge=0)
+    min_image_side: int = _f(
+        MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1
+    )
+
+
+@dataclass
+class HeadConfig:
+    pooling: Literal["avg", "flatten"] = _f("avg", "How the 7x7x512 base output becomes a vector.")
+    dense_units: list[int] = _f([256], "Hidden dense layers of the head, in order; [] = none.")
+    activation: str = _f("relu", "Activation of the hidden dense layers.")
+    dropout: float = _f(0.5, "Dropout rate after each hidden dense layer.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class ModelConfig:
+    weights: str = _f(
+        "imagenet",
+        "Base weights: 'imagenet' (Keras download, cached), 'none' (random), or a path to a VGG16 .h5 weights file.",
+    )
+    head: HeadConfig = _section(HeadConfig, "The classification head on top of the VGG16 base.")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "rmsprop"] = _f("adam", "Optimizer.")
+    learning_rate: float = _f(
+        1e-3, "Learning rate at train.reference_batch_size; scaled to the global batch by train.lr_scaling.", gt=0.0
+    )
+    momentum: float = _f(0.9, "Momentum (sgd, rmsprop).", ge=0.0, lt=1.0)
+    weight_decay: float = _f(0.0, "Decoupled weight decay; 0 = off.", ge=0.0)
+    clipnorm: float = _f(0.0, "Clip each gradient to this norm; 0 = off.", ge=0.0)
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine"] = _f("constant", "Learning-rate schedule within the phase.")
+    warmup_epochs: float = _f(0.0, "Linear warm-up from 0 over this many epochs (helps large global batches).", ge=0.0)
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = _f(5, "Epochs of this phase; 0 skips it.", ge=0)
+    unfreeze_blocks: list[str] = _f([], "VGG16 blocks trained in this phase (block1..block5); [] = base frozen.")
+    optimizer: OptimizerConfig = _section(OptimizerConfig, "Optimizer of this phase.")
+    schedule: ScheduleConfig = _section(ScheduleConfig, "Learning-rate schedule of this phase.")
+    early_stopping_patience: int = _f(
+        0, "Stop the phase after this many epochs without improvement of train.monitor; 0 = off.", ge=0
+    )
+
+
+def _fine_tuning_defaults() -> PhaseConfig:
+    return PhaseConfig(
+        epochs=5,
+        unfreeze_blocks=["block5"],
+        optimizer=OptimizerConfig(name="sgd", learning_rate=1e-4, momentum=0.9),
+    )
+
+
+@dataclass
+class PhasesConfig:
+    feature_extraction: PhaseConfig = _section(
+        PhaseConfig, "Phase 1: the base is frozen, only the head learns (unfreeze_blocks must stay [])."
+    )
+    fine_tuning: PhaseConfig = field(
+        default_factory=_fine_tuning_defaults,
+        metadata={"doc": "Phase 2: unfreeze the named top blocks and continue at a lower learning rate."},
+    )
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_replica: int = _f(32, "Images per replica per step; global batch = this x replicas.", ge=1)
+    reference_batch_size: int = _f(32, "Global batch size at which the phases' learning rates are given.", ge=1)
+    lr_scaling: Literal["linear", "sqrt", "none"] = _f(
+        "linear", "How learning rates follow the global batch: lr x (global/reference), its square root, or fixed."
+    )
+    steps_per_epoch: int = _f(0, "Training steps per epoch; 0 = train images // global batch.", ge=0)
+    validation_steps: int = _f(0, "Validation batches per epoch; 0 = the whole validation split.", ge=0)
+    backup_every_steps: int = _f(50, "Write a resumable backup every this many steps (and at each epoch end).", ge=1)
+    monitor: Literal["val_accuracy", "val_loss"] = _f(
+        "val_accuracy", "Metric that selects the best model and drives early stopping."
+    )
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class RuntimeConfig:
+    mixed_precision: Literal["auto", "on", "off"] = _f(
+        "auto", "mixed_float16 compute: auto = on when training on GPUs, off on CPU."
+    )
+    jit_compile: bool = _f(False, "Compile the training step with XLA.")
+    deterministic: bool = _f(False, "Deterministic ops and input order (for tests; slower).")
+    seed: int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
+    collective_timeout_seconds: float = _f(
+        300.0, "Multi-worker: a collective that takes longer than this fails instead of hanging.", gt=0
+    )
+    verbose: int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("", "Run directory (local path or gs://bucket/prefix): backups, logs, best model, export, summary.")
+    keep_backup: bool = _f(False, "Keep the resumable backup after a successful run (default: delete it).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = _section(DataConfig, "Input data and the tf.data pipeline.")
+    prepare: PrepareConfig = _section(PrepareConfig, "How `trainer prepare` turns an image folder into shards.")
+    model: ModelConfig = _section(ModelConfig, "The VGG16 model.")
+    phases: PhasesConfig = _section(PhasesConfig, "The two training phases.")
+    train: TrainConfig = _section(TrainConfig, "Settings shared by both phases.")
+    runtime: RuntimeConfig = _section(RuntimeConfig, "Devices, precision and determinism.")
+    output: OutputConfig = _section(OutputConfig, "Where results go.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``a.b=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if path:
+        raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config; every problem is reported in one ConfigError."""
+    errors: list[str] = []
+    config = _build(Config(), raw, "", errors)
+    if not errors:
+        errors.extend(_cross_field_errors(config))
+    if errors:
+        count = f"{len(errors)} configuration problem{'s' if len(errors) > 1 else ''}"
+        raise ConfigError(f"{count}: " + "; ".join(errors))
+    return config
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    from trainer import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.batch_size_per_replica=16")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(default: Any, raw: Any, path: str, errors: list[str]) -> Any:
+    """``default`` (a dataclass instance) with the values of ``raw`` applied and checked.
+
+    Nested sections start from the parent's default, so e.g. fine_tuning keeps its own
+    defaults (sgd, block5) when only one of its keys is overridden.
+    """
+    cls = type(default)
+    if not isinstance(raw, dict):
+        errors.append(f"{path or 'config'}: expected a mapping, got {_describe(raw)}")
+        return default
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            errors.append(_unknown_key_message(str(key), path, list(fields)))
+    values = {}
+    for name, fld in fields.items():
+        if name not in raw:
+            continue
+        sub_path = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(getattr(default, name), raw[name], sub_path, errors)
+        else:
+            values[name] = _convert(hints[name], raw[name], sub_path, fld.metadata, errors)
+    return dataclasses.replace(default, **values)
+
+
+def _unknown_key_message(key: str, path: str, known: list[str]) -> str:
+    where = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return f"{where}: unknown key; {hint}"
+
+
+def _convert(hint: Any, value: Any, path: str, meta: Any, errors: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            errors.append(f"{path}: expected one of {', '.join(map(str, choices))}, got {_describe(value)}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {_describe(value)}")
+            return []
+        return [_convert(item_type, item, f"{path}[{i}]", {}, errors) for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, path, meta, errors)
+    return _convert_scalar(hint, value, path, meta, errors)
+
+
+def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[str]) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {_describe(value)}")
+            return value
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {_describe(value)}")
+            return value
+        value = float(value)
+    elif hint is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    _check_range(value, path, meta, errors)
+    return value
+
+
+_RANGE_CHECKS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+                 "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_range(value: float, path: str, meta: Any, errors: list[str]) -> None:
+    failed = [f"{sym} {meta[k]}" for k, (sym, ok) in _RANGE_CHECKS.items() if k in meta and not ok(value, meta[k])]
+    if failed:
+        errors.append(f"{path}: must be {' and '.join(failed)}, got {value}")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _cross_field_errors(config: Config) -> list[str]:
+    errors = []
+    fe, ft = config.phases.feature_extraction, config.phases.fine_tuning
+    if fe.unfreeze_blocks:
+        errors.append(
+            "phases.feature_extraction.unfreeze_blocks: the base is frozen in feature extraction; "
+            "list blocks under phases.fine_tuning.unfreeze_blocks instead"
+        )
+    for i, block in enumerate(ft.unfreeze_blocks):
+        if block not in VGG16_BLOCKS:
+            errors.append(
+                f"phases.fine_tuning.unfreeze_blocks[{i}]: unknown block {block!r}; use one of {', '.join(VGG16_BLOCKS)}"
+            )
+    if fe.epochs + ft.epochs == 0:
+        errors.append("phases: both phases have 0 epochs; set phases.feature_extraction.epochs or fine_tuning.epochs")
+    if config.prepare.validation_fraction + config.prepare.test_fraction >= 1.0:
+        errors.append("prepare: validation_fraction + test_fraction must leave images for training (sum < 1)")
+    weights = config.model.weights
+    if not weights:
+        errors.append("model.weights: empty; use 'imagenet', 'none' or a path to a .h5 weights file")
+    return errors
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `trainer config --reference` from `trainer/config.py`; do not edit by hand.",
+        "",
+        "Set values in a YAML file (`--config run.yaml`) or on the command line",
+        "(`--set phases.fine_tuning.epochs=3`). Unknown keys and wrong types are errors.",
+        "",
+    ]
+    for fld in dataclasses.fields(Config):
+        lines += _reference_section(fld.type if isinstance(fld.type, type) else typing.get_type_hints(Config)[fld.name],
+                                    fld.name, fld.metadata["doc"], Config())
+    return "\n".join(lines) + "\n"
+
+
+def _reference_section(cls: type, path: str, doc: str, root: Any) -> list[str]:
+    lines = [f"## `{path}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    hints = typing.get_type_hints(cls)
+    instance = _lookup(root, path)
+    for fld in dataclasses.fields(cls):
+        hint = hints[fld.name]
+        sub = f"{path}.{fld.name}"
+        if dataclasses.is_dataclass(hint):
+            nested.append((hint, sub, fld.metadata["doc"]))
+            continue
+        default = getattr(instance, fld.name)
+        lines.append(f"| `{sub}` | {_type_name(hint)} | `{_yaml_scalar(default)}` | {fld.metadata['doc']} |")
+    lines.append("")
+    for hint, sub, sub_doc in nested:
+        lines += _reference_section(hint, sub, sub_doc, root)
+    return lines
+
+
+def _lookup(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(hint, str(hint))
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

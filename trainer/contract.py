@@ -1,0 +1,58 @@
+"""Names shared between the trainer, the Helm chart, the Dockerfile and the docs.
+
+This module is the single source of truth for every name that crosses a process or
+packaging boundary: exit codes, environment variables, ports and file names. The chart,
+the manifests and the docs are checked against it by the tests.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes. The chart's podFailurePolicy keys off these values.
+
+    User errors (bad configuration, bad data) are not worth retrying: the Job fails at
+    once. Transient faults (network, storage hiccups, a peer that did not come up) are
+    retried within the Job's backoffLimit. A preempted worker exits with PREEMPTED, which
+    the chart treats like a disruption (no retry budget spent).
+    """
+
+    OK = 0
+    INTERNAL = 1  # an unexpected exception: a bug or an unclassified fault; retried
+    CONFIG_ERROR = 64  # bad configuration or command line (sysexits EX_USAGE); not retried
+    DATA_ERROR = 65  # bad dataset, manifest, weights file or backup (EX_DATAERR); not retried
+    TRANSIENT = 75  # network/storage/peer fault worth retrying (EX_TEMPFAIL)
+    PREEMPTED = 76  # SIGTERM received; state saved; restart without spending retry budget
+
+
+#: Exit codes after which a retry cannot help.
+NON_RETRIABLE_EXIT_CODES = (ExitCode.CONFIG_ERROR, ExitCode.DATA_ERROR)
+#: Exit codes that mean "try again".
+RETRIABLE_EXIT_CODES = (ExitCode.INTERNAL, ExitCode.TRANSIENT)
+
+
+class Env(str, enum.Enum):
+    """Environment variables the trainer reads."""
+
+    TF_CONFIG = "TF_CONFIG"  # standard tf.distribute cluster description
+    CONFIG_FILE = "TRAINER_CONFIG"  # path of the YAML configuration (the chart's ConfigMap)
+    LOG_PREFIX = "TRAINER_LOG_PREFIX"  # set by the local launcher; informational
+    LEGACY_KERAS = "TF_USE_LEGACY_KERAS"  # must be "1": tf-keras (Keras 2) runs MWMS
+
+
+#: Port each worker listens on for tf.distribute collectives (the chart's worker port).
+WORKER_PORT = 2222
+#: Port of the Prometheus metrics endpoint on every worker.
+METRICS_PORT = 9090
+
+#: The console script installed by pyproject and used as the container entrypoint.
+ENTRYPOINT = "trainer"
+
+# File names inside a prepared dataset and a run's output directory.
+MANIFEST_FILE = "manifest.json"
+PREPARE_REPORT_FILE = "prepare-report.json"
+RUN_SUMMARY_FILE = "summary.json"
+METRICS_LOG_FILE = "metrics.jsonl"
+LABELS_FILE = "labels.txt"

@@ -1,0 +1,196 @@
+"""The tf.data input pipeline: TFRecord shards -> preprocessed, batched images.
+
+Training: the worker's own shards, shuffled, read in parallel (interleave), parsed,
+decoded with a random crop (JPEGs decode only the crop window), resized, flipped,
+VGG16-preprocessed, batched with the remainder dropped, prefetched.
+Evaluation: every shard of the split, centre crop, partial last batch kept.
+
+Random augmentation uses stateless ops seeded from a per-record seed stream, so with
+``runtime.deterministic`` the whole pipeline is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from trainer import storage
+from trainer.config import AugmentConfig, DataConfig
+from trainer.data import records
+from trainer.data.manifest import Manifest
+from trainer.errors import DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+# VGG16's "caffe" preprocessing: RGB -> BGR, minus the ImageNet channel means (BGR order).
+_VGG_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_paths(dataset_dir: str, manifest: Manifest, split: str) -> list[str]:
+    return [storage.join(dataset_dir, shard.path) for shard in manifest.shards.get(split, [])]
+
+
+def shards_for_worker(paths: Sequence[str], num_workers: int, worker_index: int, split: str = "train") -> list[str]:
+    """Round-robin file sharding: worker i reads shards i, i+n, i+2n, ...
+
+    Every worker needs at least one shard, otherwise it has nothing to train on while its
+    peers wait for it in the all-reduce.
+    """
+    if len(paths) < num_workers:
+        raise DataError(
+            f"split {split!r} has {len(paths)} shard(s) but the run has {num_workers} workers; "
+            f"re-run `trainer prepare` with --set prepare.min_shards={num_workers * 4} (or more) or use fewer workers"
+        )
+    return list(paths[worker_index::num_workers])
+
+
+# --------------------------------------------------------------------------- per-image ops
+
+
+def preprocess_vgg16(image: tf.Tensor) -> tf.Tensor:
+    """Float RGB in [0, 255] -> what VGG16 was trained on (same as keras' preprocess_input)."""
+    return image[..., ::-1] - tf.constant(_VGG_MEAN_BGR, dtype=image.dtype)
+
+
+def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """(height, width) of an encoded image; reads only the header for JPEGs."""
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+        lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2],
+    )
+
+
+def _decode_window(encoded: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """Decode only ``window`` = [y, x, height, width]; JPEGs skip the pixels outside it."""
+
+    def _other() -> tf.Tensor:
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+        _other,
+    )
+
+
+def center_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
+    """The central square covering ``fraction`` of the shorter side."""
+    side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * fraction, tf.int32)
+    side = tf.maximum(side, 1)
+    offset_y = (shape[0] - side) // 2
+    offset_x = (shape[1] - side) // 2
+    return tf.stack([offset_y, offset_x, side, side])
+
+
+def decode_for_eval(encoded: tf.Tensor, image_size: int, center_fraction: float) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes -> centre-cropped, resized, VGG16-preprocessed float32 image.
+
+    Used by the evaluation pipeline and by the exported model's serving signature, so
+    training-time evaluation and serving see identical pixels.
+    """
+    window = center_window(_image_shape(encoded), center_fraction)
+    image = _decode_window(encoded, window)
+    return _finish(image, image_size)
+
+
+def decode_for_training(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, augment: AugmentConfig) -> tf.Tensor:
+    shape = _image_shape(encoded)
+    if augment.random_crop:
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.concat([shape, [3]], axis=0),
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(augment.crop_area_min, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    else:
+        window = center_window(shape, 1.0)
+    image = _finish(_decode_window(encoded, window), image_size)
+    if augment.horizontal_flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    if augment.vertical_flip:
+        image = tf.image.stateless_random_flip_up_down(image, seed=seed + 2)
+    return image
+
+
+def _finish(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image.set_shape((image_size, image_size, 3))
+    return preprocess_vgg16(image)
+
+
+def _parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    features = tf.io.parse_single_example(serialized, records.feature_spec())
+    return features[records.ENCODED], features[records.LABEL]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _options(deterministic: bool, shard_policy: tf.data.experimental.AutoShardPolicy) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = shard_policy
+    return options
+
+
+def _read(files: Sequence[str], cfg: DataConfig, deterministic: bool, shuffle_seed: int | None) -> tf.data.Dataset:
+    files_ds = tf.data.Dataset.from_tensor_slices(list(files))
+    if shuffle_seed is not None:
+        files_ds = files_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    parallel = cfg.read_parallelism or AUTOTUNE
+    return files_ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), cfg.read_parallelism or 16),
+        num_parallel_calls=parallel,
+        deterministic=deterministic,
+    )
+
+
+def training_dataset(
+    files: Sequence[str], cfg: DataConfig, num_classes: int, batch_size: int, seed: int, deterministic: bool
+) -> tf.data.Dataset:
+    """An endless stream of augmented training batches from this worker's ``files``."""
+    ds = _read(files, cfg, deterministic, shuffle_seed=seed)
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    # One independent seed pair per record drives the stateless augmentation ops.
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    ds = tf.data.Dataset.zip((ds, seeds))
+
+    def _train_example(serialized: tf.Tensor, seed_pair: tf.Tensor):
+        encoded, label = _parse(serialized)
+        image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment)
+        return image, tf.one_hot(label, num_classes)
+
+    ds = ds.map(_train_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
+    return ds.with_options(_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF))
+
+
+def evaluation_dataset(
+    files: Sequence[str], cfg: DataConfig, num_classes: int, batch_size: int, deterministic: bool = True
+) -> tf.data.Dataset:
+    """One pass over ``files`` with centre crops; the last partial batch is kept.
+
+    Under multi-worker training Keras splits this dataset across workers by file (AUTO
+    policy, falling back to elements when there are fewer files than workers).
+    """
+    ds = _read(files, cfg, deterministic, shuffle_seed=None)
+
+    def _eval_example(serialized: tf.Tensor):
+        encoded, label = _parse(serialized)
+        return decode_for_eval(encoded, cfg.image_size, cfg.center_crop_fraction), tf.one_hot(label, num_classes)
+
+    ds = ds.map(_eval_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size).prefetch(cfg.prefetch_batches or AUTOTUNE)
+    return ds.with_options(_options(deterministic, tf.data.experimental.AutoShardPolicy.AUTO))

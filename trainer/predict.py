@@ -1,0 +1,88 @@
+"""Classify image files with an exported model (the SavedModel's serving signature)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer import storage
+from trainer.contract import LABELS_FILE
+from trainer.errors import ConfigError, DataError
+
+BATCH = 32
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (label, probability), best first
+    probabilities: np.ndarray
+
+
+def saved_model_dir(path: str) -> str:
+    """Accept the export directory or the SavedModel inside it."""
+    nested = storage.join(path, "saved_model")
+    if storage.exists(storage.join(nested, "saved_model.pb")):
+        return nested
+    if storage.exists(storage.join(path, "saved_model.pb")):
+        return path
+    raise ConfigError(f"no SavedModel at {path}; pass the run's export directory (<output.dir>/export)")
+
+
+def read_labels(export_dir: str) -> list[str]:
+    path = storage.join(export_dir, LABELS_FILE)
+    if not storage.exists(path):
+        path = storage.join(export_dir, "..", LABELS_FILE)
+    return storage.read_text(path).splitlines()
+
+
+def predict_files(model_path: str, images: list[str], top_k: int = 3) -> list[Prediction]:
+    import tensorflow as tf
+
+    from trainer.export import load_serving
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    serve = load_serving(saved_model_dir(model_path))
+    labels = None
+    results: list[Prediction] = []
+    for start in range(0, len(images), BATCH):
+        batch = images[start:start + BATCH]
+        encoded = [_read_image(path) for path in batch]
+        try:
+            outputs = serve(image_bytes=tf.constant(encoded))
+        except tf.errors.InvalidArgumentError as err:
+            raise DataError(f"cannot decode one of {batch} ({str(err).splitlines()[0]}); pass JPEG or PNG files") from None
+        probabilities = outputs["probabilities"].numpy()
+        labels = labels or _labels_from(probabilities, model_path)
+        for path, probs in zip(batch, probabilities, strict=True):
+            order = np.argsort(-probs)[:top_k]
+            results.append(Prediction(path, [(labels[i], float(probs[i])) for i in order], probs))
+    return results
+
+
+def _labels_from(probabilities, model_path: str) -> list[str]:
+    try:
+        return read_labels(os.path.dirname(saved_model_dir(model_path).rstrip("/")))
+    except FileNotFoundError:
+        return [str(i) for i in range(probabilities.shape[-1])]
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist; check the path") from None
+
+
+def predict_command(model_path: str, images: list[str], top_k: int, as_json: bool) -> None:
+    for prediction in predict_files(model_path, images, top_k):
+        if as_json:
+            print(json.dumps({"image": prediction.path, "top": [{"label": label, "probability": round(p, 6)}
+                                                                 for label, p in prediction.top]}))
+        else:
+            ranked = ", ".join(f"{label} {p:.1%}" for label, p in prediction.top)
+            print(f"{prediction.path}: {ranked}")

@@ -1,0 +1,87 @@
+"""Pick and build the tf.distribute strategy from the environment.
+
+- TF_CONFIG naming more than one worker -> MultiWorkerMirroredStrategy (synchronous,
+  all-reduce across processes; every worker must run the same program).
+- otherwise, several local GPUs -> MirroredStrategy; one GPU or CPU -> OneDeviceStrategy.
+
+The strategy must be built before any other TensorFlow op runs in the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from trainer.cluster import ClusterSpec
+from trainer.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+StrategyKind = Literal["one_device", "mirrored", "multi_worker"]
+
+
+def choose_strategy_kind(cluster: ClusterSpec, num_gpus: int) -> StrategyKind:
+    if cluster.is_multi_worker:
+        return "multi_worker"
+    return "mirrored" if num_gpus > 1 else "one_device"
+
+
+def use_mixed_precision(setting: str, num_gpus: int) -> bool:
+    """`auto` turns mixed_float16 on only where it pays: on GPUs (CPUs have no fast fp16)."""
+    return setting == "on" or (setting == "auto" and num_gpus > 0)
+
+
+@dataclass
+class Distribution:
+    strategy: object  # tf.distribute.Strategy
+    kind: StrategyKind
+    cluster: ClusterSpec
+    num_gpus: int
+    mixed_precision: bool
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribution:
+    import tensorflow as tf
+
+    num_gpus = len(tf.config.list_physical_devices("GPU"))
+    kind = choose_strategy_kind(cluster, num_gpus)
+    if kind == "multi_worker":
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=runtime.collective_timeout_seconds,
+        )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    elif kind == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        # The default strategy: one device (the GPU if there is one). Not OneDeviceStrategy,
+        # which Keras' BackupAndRestore does not support.
+        strategy = tf.distribute.get_strategy()
+    mixed = use_mixed_precision(runtime.mixed_precision, num_gpus)
+    if mixed:
+        import tf_keras
+
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    log.info(
+        "strategy %s: %d replica(s) over %d worker(s), %d GPU(s) here, mixed precision %s",
+        kind, strategy.num_replicas_in_sync, cluster.num_workers, num_gpus, "on" if mixed else "off",
+    )
+    return Distribution(strategy, kind, cluster, num_gpus, mixed)
+
+
+def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """The documented learning-rate rule: linear scaling (Goyal et al. 2017) by default.
+
+    ``lr = base_lr * (global_batch / reference_batch)`` for ``linear``, the square root of
+    that ratio for ``sqrt``, and ``base_lr`` unchanged for ``none``.
+    """
+    ratio = global_batch / reference_batch
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * ratio**0.5
+    return base_lr

@@ -1,0 +1,140 @@
+"""Keras callbacks of a training phase.
+
+Every worker runs every callback (metrics are all-reduced, so decisions such as "new
+best" or "stop early" agree everywhere); only the chief writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import tf_keras as keras
+
+from trainer import storage
+
+log = logging.getLogger(__name__)
+
+
+def current_learning_rate(optimizer) -> float:
+    lr = optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = lr(optimizer.iterations)
+    return float(keras.backend.get_value(lr))
+
+
+def improved(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return not math.isnan(value)
+    return value < best if monitor.endswith("loss") else value > best
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Measures training time per epoch (validation excluded) and throughput."""
+
+    def __init__(self, global_batch: int):
+        super().__init__()
+        self.global_batch = global_batch
+        self.steps = 0
+        self.train_seconds = 0.0
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.steps = 0
+        self._started = time.perf_counter()
+        self.train_seconds = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        self.train_seconds = time.perf_counter() - self._started
+
+    @property
+    def images_per_second(self) -> float:
+        return self.steps * self.global_batch / self.train_seconds if self.train_seconds else 0.0
+
+
+class MetricsLog(keras.callbacks.Callback):
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (chief only).
+
+    The whole file is rewritten each epoch, because object stores cannot append; it stays
+    small (one line per epoch).
+    """
+
+    def __init__(self, path: str, phase: str, timer: EpochTimer, steps_per_epoch: int, is_chief: bool, first_step: int):
+        super().__init__()
+        self.path, self.phase, self.timer = path, phase, timer
+        self.steps_per_epoch, self.is_chief, self.first_step = steps_per_epoch, is_chief, first_step
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_begin(self, logs=None):
+        if self.is_chief and storage.exists(self.path):
+            self.rows = [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {
+            "time": round(time.time(), 3),
+            "phase": self.phase,
+            "epoch": epoch + 1,
+            "global_step": self.first_step + (epoch + 1) * self.steps_per_epoch,
+            "learning_rate": current_learning_rate(self.model.optimizer),
+            "train_seconds": round(self.timer.train_seconds, 3),
+            "images_per_second": round(self.timer.images_per_second, 2),
+            **{k: float(v) for k, v in (logs or {}).items()},
+        }
+        log.info("%s epoch %d: %s", self.phase, epoch + 1, _format_metrics(row))
+        if self.is_chief:
+            self.rows.append(row)
+            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+def _format_metrics(row: dict[str, Any]) -> str:
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"]
+    return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the weights of the phase's best epoch and restores them when the phase ends.
+
+    The chief also writes them (``best/<phase>.weights.h5`` + a JSON record), so a
+    restarted run keeps the best-so-far of an interrupted phase.
+    """
+
+    def __init__(self, monitor: str, weights_path: str, record_path: str, is_chief: bool, save_weights):
+        super().__init__()
+        self.monitor, self.weights_path, self.record_path = monitor, weights_path, record_path
+        self.is_chief, self._save_weights = is_chief, save_weights
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: list[np.ndarray] | None = None
+
+    def restore_previous_best(self, load_weights) -> None:
+        """After a restart: pick up the best of the interrupted phase, if it was recorded."""
+        if not storage.exists(self.record_path):
+            return
+        record = json.loads(storage.read_text(self.record_path))
+        current = self.model.get_weights()
+        load_weights(self.model, self.weights_path)
+        self.best_weights = self.model.get_weights()
+        self.model.set_weights(current)
+        self.best, self.best_epoch = record["value"], record["epoch"]
+        log.info("restored best-so-far of this phase: %s=%.4f at epoch %d", self.monitor, self.best, self.best_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not improved(self.monitor, float(value), self.best):
+            return
+        self.best, self.best_epoch = float(value), epoch + 1
+        self.best_weights = self.model.get_weights()
+        if self.is_chief:
+            self._save_weights(self.model, self.weights_path)
+            storage.write_text(self.record_path, json.dumps({"monitor": self.monitor, "value": self.best,
+                                                             "epoch": self.best_epoch}))
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+            log.info("phase ends with its best epoch %d (%s=%.4f)", self.best_epoch, self.monitor, self.best)

@@ -1,0 +1,162 @@
+"""One training phase: set what trains, compile (inside the strategy scope), fit.
+
+Phase 1 (feature extraction) trains the head on a frozen base. Phase 2 (fine tuning)
+unfreezes the named top blocks and continues at a lower learning rate. Each phase gets
+a fresh optimizer and schedule, and its own resumable backup directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import tensorflow as tf
+import tf_keras as keras
+
+from trainer import model as model_lib
+from trainer import storage
+from trainer.config import Config, PhaseConfig
+from trainer.strategy import scaled_learning_rate
+from trainer.train.callbacks import EpochTimer, KeepBest, MetricsLog
+from trainer.train.layout import RunLayout
+from trainer.train.state import PhaseResult
+
+log = logging.getLogger(__name__)
+
+PHASE_NAMES = ("feature_extraction", "fine_tuning")
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then constant or cosine decay to 0."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, decay: str = "constant"):
+        self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = float(max(self.warmup_steps, 1))
+        warmup = self.peak * tf.minimum((step + 1.0) / warm, 1.0) if self.warmup_steps else self.peak
+        if self.decay != "cosine":
+            return tf.convert_to_tensor(warmup, tf.float32)
+        span = float(max(self.total_steps - self.warmup_steps, 1))
+        progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + tf.cos(math.pi * progress))
+        return tf.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "decay": self.decay}
+
+
+def make_optimizer(phase: PhaseConfig, learning_rate: float, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    opt = phase.optimizer
+    schedule = WarmupSchedule(
+        peak=learning_rate,
+        total_steps=phase.epochs * steps_per_epoch,
+        warmup_steps=int(round(phase.schedule.warmup_epochs * steps_per_epoch)),
+        decay=phase.schedule.name,
+    )
+    common = {"learning_rate": schedule, "weight_decay": opt.weight_decay or None, "clipnorm": opt.clipnorm or None}
+    if opt.name == "sgd":
+        return keras.optimizers.SGD(momentum=opt.momentum, **common)
+    if opt.name == "rmsprop":
+        return keras.optimizers.RMSprop(momentum=opt.momentum, **common)
+    return keras.optimizers.Adam(**common)
+
+
+@dataclass
+class PhasePlan:
+    """Everything fixed about a phase before it runs (derived from config + cluster)."""
+
+    name: str
+    config: PhaseConfig
+    steps_per_epoch: int
+    validation_steps: int | None
+    global_batch: int
+    learning_rate: float  # after scaling to the global batch
+    first_global_step: int  # steps of earlier phases, for a run-wide step count
+
+
+def plan_phase(name: str, cfg: Config, steps_per_epoch: int, global_batch: int, first_step: int) -> PhasePlan:
+    phase = getattr(cfg.phases, name)
+    lr = scaled_learning_rate(
+        phase.optimizer.learning_rate, global_batch, cfg.train.reference_batch_size, cfg.train.lr_scaling
+    )
+    return PhasePlan(name, phase, steps_per_epoch, cfg.train.validation_steps or None, global_batch, lr, first_step)
+
+
+def compile_for_phase(model: keras.Model, plan: PhasePlan, cfg: Config, strategy) -> None:
+    """Freeze/unfreeze, then compile with a fresh optimizer, inside the strategy scope."""
+    with strategy.scope():
+        model_lib.set_trainable_blocks(model, plan.config.unfreeze_blocks)
+        model.compile(
+            optimizer=make_optimizer(plan.config, plan.learning_rate, plan.steps_per_epoch),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=cfg.runtime.jit_compile,
+        )
+    log.info(
+        "phase %s: %d epochs x %d steps, global batch %d, learning rate %.3g, trainable blocks %s, "
+        "%d trainable parameters",
+        plan.name, plan.config.epochs, plan.steps_per_epoch, plan.global_batch, plan.learning_rate,
+        plan.config.unfreeze_blocks or "none (base frozen)", model_lib.trainable_parameter_count(model),
+    )
+
+
+def run_phase(
+    model: keras.Model, plan: PhasePlan, cfg: Config, layout: RunLayout, train_data, validation_data,
+    is_chief: bool, class_names: list[str],
+) -> PhaseResult:
+    """Fit one phase with backups, best-weights tracking, early stopping and logs."""
+    monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
+
+    def save(m, path):
+        model_lib.save_weights(m, path, class_names)
+
+    timer = EpochTimer(plan.global_batch)
+    metrics_log = MetricsLog(layout.metrics_log, plan.name, timer, plan.steps_per_epoch, is_chief,
+                             plan.first_global_step)
+    keep_best = KeepBest(monitor, layout.best_weights(plan.name), layout.best_record(plan.name), is_chief, save)
+    keep_best.set_model(model)
+    keep_best.restore_previous_best(model_lib.load_weights)
+    callbacks = [
+        # delete_checkpoint=False: the backup is removed only after the phase's completion is recorded.
+        keras.callbacks.BackupAndRestore(
+            layout.backup(plan.name), save_freq=cfg.train.backup_every_steps, delete_checkpoint=False
+        ),
+        timer,
+        keep_best,
+        metrics_log,
+        keras.callbacks.TensorBoard(storage.join(layout.tensorboard, plan.name), profile_batch=0),
+    ]
+    if plan.config.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=plan.config.early_stopping_patience,
+                                          mode="min" if monitor.endswith("loss") else "max")
+        )
+    started = time.perf_counter()
+    history = model.fit(
+        train_data,
+        epochs=plan.config.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
+        validation_data=validation_data,
+        validation_steps=plan.validation_steps,
+        callbacks=callbacks,
+        verbose=cfg.runtime.verbose,
+    )
+    # The chief's log holds every epoch of the phase, including those before a restart.
+    rows = [r for r in metrics_log.rows if r["phase"] == plan.name] if is_chief else _history_rows(history.history)
+    return PhaseResult(
+        epochs_run=len(rows),
+        best_epoch=keep_best.best_epoch,
+        best_value=keep_best.best,
+        seconds=round(time.perf_counter() - started, 2),
+        history=rows,
+    )
+
+
+def _history_rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
+    epochs = len(next(iter(history.values()), []))
+    return [{key: float(values[i]) for key, values in history.items()} for i in range(epochs)]

@@ -1,0 +1,208 @@
+"""A whole training run: both phases, final evaluation, export and the run summary.
+
+Order of work (every worker runs it; only the chief writes final artifacts):
+manifest -> checks (weights file, existing backup) -> model -> phases (skipping
+completed ones, resuming an interrupted one) -> evaluation (validation, then test)
+-> export (chief) -> summary (chief) -> final barrier so workers leave together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+import trainer
+from trainer import config as config_lib
+from trainer import model as model_lib
+from trainer import storage
+from trainer.config import Config
+from trainer.data import pipeline
+from trainer.data.manifest import Manifest, read_manifest
+from trainer.errors import DataError
+from trainer.export import export_model
+from trainer.strategy import Distribution
+from trainer.train.layout import RunLayout
+from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
+from trainer.train.state import RunState, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+def steps_per_epoch(train_images: int, global_batch: int, override: int = 0) -> int:
+    if override:
+        return override
+    steps = train_images // global_batch
+    if steps == 0:
+        raise DataError(
+            f"the training split has {train_images} images, fewer than one global batch of {global_batch}; "
+            "lower train.batch_size_per_replica or add images"
+        )
+    return steps
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """SHA-256 over every weight: equal on all workers of a healthy synchronous run."""
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train(cfg: Config, dist: Distribution) -> dict[str, Any]:
+    started = time.perf_counter()
+    cluster = dist.cluster
+    is_chief = cluster.is_chief
+    if not cfg.output.dir:
+        from trainer.errors import ConfigError
+
+        raise ConfigError("output.dir is not set; pass --set output.dir=DIR (local path or gs://bucket/prefix)")
+    layout = RunLayout(cfg.output.dir)
+    manifest = read_manifest(cfg.data.dataset)
+    state = load_state(layout.state, manifest.class_names)
+    if state.complete:
+        log.info("run in %s is already complete; nothing to do", layout.root)
+        return json.loads(storage.read_text(layout.summary)) if storage.exists(layout.summary) else {}
+    weights_file = _checked_weights_file(cfg, manifest)
+
+    global_batch = cfg.train.batch_size_per_replica * dist.replicas
+    train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
+    pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)  # fail early, clearly
+    steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
+    train_data = _distributed_training_data(cfg, dist, manifest, train_files)
+    validation_data = _evaluation_data(cfg, manifest, "validation", global_batch)
+
+    with dist.strategy.scope():
+        model = model_lib.build_model(manifest.num_classes, cfg.data.image_size, cfg.model, weights_file,
+                                      seed=cfg.runtime.seed)
+    _resume_after_completed_phases(model, state, layout)
+
+    first_step = sum(r.epochs_run for r in state.phases.values()) * steps
+    for name in PHASE_NAMES:
+        phase_cfg = getattr(cfg.phases, name)
+        if phase_cfg.epochs == 0 or name in state.phases:
+            continue
+        plan = plan_phase(name, cfg, steps, global_batch, first_step)
+        compile_for_phase(model, plan, cfg, dist.strategy)
+        result = run_phase(model, plan, cfg, layout, train_data, validation_data, is_chief, manifest.class_names)
+        first_step += result.epochs_run * steps
+        state.phases[name] = result
+        if is_chief:
+            model_lib.save_weights(model, layout.phase_weights(name), manifest.class_names)
+            save_state(layout.state, state)
+            storage.remove_tree(layout.backup(name))
+
+    evaluation = _final_evaluation(model, cfg, manifest, global_batch)
+    fingerprint = weights_fingerprint(model)
+    log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
+    summary: dict[str, Any] = {}
+    if is_chief:
+        exported = _export(model, cfg, manifest, layout)
+        summary = _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, global_batch, steps,
+                           time.perf_counter() - started)
+        storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
+        state.complete = True
+        save_state(layout.state, state)
+        if not cfg.output.keep_backup:
+            storage.remove_tree(storage.join(layout.root, "backup"))
+        log.info("run summary written to %s", layout.summary)
+    barrier(dist)
+    return summary
+
+
+def _checked_weights_file(cfg: Config, manifest: Manifest) -> model_lib.WeightsFile | None:
+    if not model_lib.uses_weights_file(cfg.model):
+        return None
+    weights = model_lib.read_weights_file(cfg.model.weights)
+    model_lib.check_weights_file(weights, manifest.class_names)
+    return weights
+
+
+def _resume_after_completed_phases(model: keras.Model, state: RunState, layout: RunLayout) -> None:
+    if not state.phases:
+        return
+    last = list(state.phases)[-1]
+    model_lib.load_weights(model, layout.phase_weights(last))
+    log.info("resuming after completed phase %s (weights %s)", last, layout.phase_weights(last))
+
+
+def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manifest, files: list[str]):
+    """Each worker's input pipeline reads its own shards (sharded here, not by tf.data)."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        own = pipeline.shards_for_worker(files, context.num_input_pipelines, context.input_pipeline_id)
+        return pipeline.training_dataset(
+            own, cfg.data, manifest.num_classes, context.get_per_replica_batch_size(
+                cfg.train.batch_size_per_replica * dist.replicas),
+            seed=cfg.runtime.seed + context.input_pipeline_id, deterministic=cfg.runtime.deterministic,
+        )
+
+    return dist.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _evaluation_data(cfg: Config, manifest: Manifest, split: str, global_batch: int) -> tf.data.Dataset | None:
+    if not manifest.has_split(split):
+        return None
+    files = pipeline.shard_paths(cfg.data.dataset, manifest, split)
+    return pipeline.evaluation_dataset(files, cfg.data, manifest.num_classes, global_batch)
+
+
+def _final_evaluation(model: keras.Model, cfg: Config, manifest: Manifest, global_batch: int) -> dict[str, Any]:
+    """Validation, then the held-out test split, reported separately (test never selects)."""
+    results: dict[str, Any] = {}
+    for split in ("validation", "test"):
+        data = _evaluation_data(cfg, manifest, split, global_batch)
+        if data is None:
+            continue
+        metrics = model.evaluate(data, return_dict=True, verbose=0)
+        results[split] = {k: float(v) for k, v in metrics.items()} | {"images": manifest.split_size(split)}
+        log.info("final %s: %s", split, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return results
+
+
+def _export(model: keras.Model, cfg: Config, manifest: Manifest, layout: RunLayout) -> dict[str, str]:
+    """Export a plain (non-distributed) copy, so saving needs no collectives with peers."""
+    plain = model_lib.build_model(manifest.num_classes, cfg.data.image_size,
+                                  config_lib.ModelConfig(weights="none", head=cfg.model.head))
+    plain.set_weights(model.get_weights())
+    return export_model(plain, manifest.class_names, cfg.data.image_size, cfg.data.center_crop_fraction, layout)
+
+
+def barrier(dist: Distribution) -> None:
+    """All workers meet here before leaving, so none exits while a peer still needs it."""
+    if not dist.cluster.is_multi_worker:
+        return
+    strategy = dist.strategy
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def versions() -> dict[str, str]:
+    return {"trainer": trainer.__version__, "tensorflow": tf.__version__, "tf_keras": keras.__version__,
+            "python": platform.python_version()}
+
+
+def _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, global_batch, steps, seconds):
+    return {
+        "status": "complete",
+        "config": config_lib.to_dict(cfg),
+        "dataset": {"classes": manifest.class_names,
+                    "images": {split: manifest.split_size(split) for split in manifest.counts}},
+        "distribution": {"strategy": dist.kind, "workers": dist.cluster.num_workers, "replicas": dist.replicas,
+                         "global_batch": global_batch, "steps_per_epoch": steps,
+                         "mixed_precision": dist.mixed_precision},
+        "phases": {name: asdict(result) for name, result in state.phases.items()},
+        "evaluation": evaluation,
+        "export": exported,
+        "weights_fingerprint": fingerprint,
+        "timings": {"total_seconds": round(seconds, 2),
+                    **{f"{name}_seconds": r.seconds for name, r in state.phases.items()}},
+        "versions": versions(),
+    }
