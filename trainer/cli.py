@@ -21,11 +21,16 @@ log = logging.getLogger("trainer")
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default=os.environ.get(Env.CONFIG_FILE.value),
+        "--config",
+        default=os.environ.get(Env.CONFIG_FILE.value),
         help=f"YAML configuration file (default: ${Env.CONFIG_FILE.value})",
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set phases.fine_tuning.epochs=3 (repeatable)",
     )
 
@@ -67,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # tf-keras (Keras 2) is the Keras that runs MultiWorkerMirroredStrategy; must be set before TF loads.
     os.environ.setdefault(Env.LEGACY_KERAS.value, "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     args = build_parser().parse_args(argv)
     try:
         return int(_run(args) or ExitCode.OK)
@@ -153,16 +159,19 @@ def _prepare(args: argparse.Namespace, cfg) -> None:
 def _train(cfg) -> None:
     from trainer import cluster as cluster_lib
     from trainer.strategy import build_distribution
+    from trainer.train.run import preflight, train
 
     cluster = cluster_lib.parse_tf_config(os.environ.get(Env.TF_CONFIG.value))
+    checked = preflight(cfg, cluster)  # bad input fails here, before waiting for peers
+    if checked.state.complete:
+        log.info("the run in %s is already complete; nothing to do", checked.layout.root)
+        return
     if cfg.runtime.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    from trainer.train.run import train
-
-    train(cfg, dist)
+    train(cfg, dist, checked)
 
 
 if __name__ == "__main__":

@@ -59,12 +59,20 @@ def parse_tf_config(text: str | None) -> ClusterSpec:
         task_index = int(task.get("index", 0))
     except (ValueError, AttributeError, TypeError) as err:
         raise ConfigError(f"TF_CONFIG is not valid cluster JSON ({err}); unset it or fix its value") from None
+    if not all(isinstance(peer, str) for peer in [*chief, *workers]) or not all(
+        isinstance(cluster.get(key, []), list) for key in ("chief", "worker")
+    ):
+        raise ConfigError(
+            "TF_CONFIG cluster.worker and cluster.chief must be lists of 'host:port' strings; fix TF_CONFIG"
+        )
     if task_type not in ("chief", "worker"):
         raise ConfigError(f"TF_CONFIG task type {task_type!r} is not supported; use 'worker' (or 'chief')")
     peers = chief + workers
     bound = len(chief) if task_type == "chief" else len(workers)
     if peers and not 0 <= task_index < bound:
-        raise ConfigError(f"TF_CONFIG task index {task_index} is outside the {task_type} list of {bound}; fix TF_CONFIG")
+        raise ConfigError(
+            f"TF_CONFIG task index {task_index} is outside the {task_type} list of {bound}; fix TF_CONFIG"
+        )
     return ClusterSpec(workers=tuple(peers), task_type=task_type, task_index=task_index, has_chief=bool(chief))
 
 

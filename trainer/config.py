@@ -13,7 +13,9 @@ is generated from it (``trainer config --reference``) and a test keeps the two i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -65,7 +67,8 @@ class DataConfig:
 class PrepareConfig:
     shard_size_mb: float = _f(128.0, "Target size of one TFRecord shard in MB (tf.data guidance: 100-200).", gt=0)
     min_shards: int = _f(
-        16, "Split a small split into at least this many shards (capped by its image count) so many workers can read it.",
+        16,
+        "Cut each split into at least this many shards (capped by its image count) so many workers can read it.",
         ge=1,
     )
     validation_fraction: float = _f(
@@ -76,9 +79,7 @@ class PrepareConfig:
     )
     seed: int = _f(1234, "Seed of the stratified split: the same seed and files give the same split.")
     processes: int = _f(0, "Worker processes that read and check images; 0 = one per CPU core.", ge=0)
-    min_image_side: int = _f(
-        MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1
-    )
+    min_image_side: int = _f(MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1)
 
 
 @dataclass
@@ -224,6 +225,10 @@ def _read_yaml(path: str) -> dict[str, Any]:
         text = storage.read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"config file {path} cannot be read ({type(err).__name__}); pass a readable YAML file to --config"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -293,6 +298,8 @@ def _convert(hint: Any, value: Any, path: str, meta: Any, errors: list[str]) -> 
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
         if value not in choices:
             errors.append(f"{path}: expected one of {', '.join(map(str, choices))}, got {_describe(value)}")
         return value
@@ -318,6 +325,9 @@ def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[s
             errors.append(f"{path}: expected an integer, got {_describe(value)}")
             return value
     elif hint is float:
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {_describe(value)}")
             return value
@@ -325,6 +335,8 @@ def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[s
     elif hint is str:
         if value is None:
             value = ""
+        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+            value = str(value)  # e.g. output.dir=2024-06-01, which YAML reads as a date
         if not isinstance(value, str):
             errors.append(f"{path}: expected a string, got {_describe(value)}")
         return value
@@ -332,8 +344,12 @@ def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[s
     return value
 
 
-_RANGE_CHECKS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-                 "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+_RANGE_CHECKS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
 
 
 def _check_range(value: float, path: str, meta: Any, errors: list[str]) -> None:
@@ -359,7 +375,8 @@ def _cross_field_errors(config: Config) -> list[str]:
     for i, block in enumerate(ft.unfreeze_blocks):
         if block not in VGG16_BLOCKS:
             errors.append(
-                f"phases.fine_tuning.unfreeze_blocks[{i}]: unknown block {block!r}; use one of {', '.join(VGG16_BLOCKS)}"
+                f"phases.fine_tuning.unfreeze_blocks[{i}]: unknown block {block!r}; "
+                f"use one of {', '.join(VGG16_BLOCKS)}"
             )
     if fe.epochs + ft.epochs == 0:
         errors.append("phases: both phases have 0 epochs; set phases.feature_extraction.epochs or fine_tuning.epochs")
@@ -394,8 +411,12 @@ def reference_markdown() -> str:
         "",
     ]
     for fld in dataclasses.fields(Config):
-        lines += _reference_section(fld.type if isinstance(fld.type, type) else typing.get_type_hints(Config)[fld.name],
-                                    fld.name, fld.metadata["doc"], Config())
+        lines += _reference_section(
+            fld.type if isinstance(fld.type, type) else typing.get_type_hints(Config)[fld.name],
+            fld.name,
+            fld.metadata["doc"],
+            Config(),
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ NON_RETRIABLE_EXIT_CODES = (ExitCode.CONFIG_ERROR, ExitCode.DATA_ERROR)
 RETRIABLE_EXIT_CODES = (ExitCode.INTERNAL, ExitCode.TRANSIENT)
 
 
-class Env(str, enum.Enum):
+class Env(enum.StrEnum):
     """Environment variables the trainer reads."""
 
     TF_CONFIG = "TF_CONFIG"  # standard tf.distribute cluster description

@@ -75,8 +75,9 @@ def launch_local(num_workers: int, args: Sequence[str], sink=None) -> int:
         env = worker_env(workers, index)
         if num_workers == 1:
             env.pop(Env.TF_CONFIG.value, None)
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"worker-{index}", sink), daemon=True)
         pump.start()
         procs.append(proc)

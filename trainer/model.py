@@ -35,7 +35,10 @@ VGG16_CONV_LAYERS = {
 
 
 def build_model(
-    num_classes: int, image_size: int, cfg: ModelConfig, weights_file: WeightsFile | None = None,
+    num_classes: int,
+    image_size: int,
+    cfg: ModelConfig,
+    weights_file: WeightsFile | None = None,
     seed: int | None = None,
 ) -> keras.Model:
     """The classifier with its base frozen. Base weights: ImageNet, random, or ``weights_file``
@@ -57,7 +60,7 @@ def uses_weights_file(cfg: ModelConfig) -> bool:
 
 
 def _build_base(image_size: int, weights: str, weights_file: WeightsFile | None) -> keras.Model:
-    if weights == "imagenet":
+    if weights.lower() == "imagenet":
         try:
             return keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=(image_size,) * 2 + (3,))
         except Exception as err:  # the download raises a plain Exception wrapping the URL error
@@ -72,8 +75,10 @@ def _build_base(image_size: int, weights: str, weights_file: WeightsFile | None)
 
 
 def _head(features, num_classes: int, head: HeadConfig):
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(features) if head.pooling == "avg" else (
-        keras.layers.Flatten(name="flatten")(features)
+    x = (
+        keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        if head.pooling == "avg"
+        else (keras.layers.Flatten(name="flatten")(features))
     )
     for i, units in enumerate(head.dense_units, start=1):
         x = keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{i}")(x)

@@ -50,12 +50,14 @@ def predict_files(model_path: str, images: list[str], top_k: int = 3) -> list[Pr
     labels = None
     results: list[Prediction] = []
     for start in range(0, len(images), BATCH):
-        batch = images[start:start + BATCH]
+        batch = images[start : start + BATCH]
         encoded = [_read_image(path) for path in batch]
         try:
             outputs = serve(image_bytes=tf.constant(encoded))
         except tf.errors.InvalidArgumentError as err:
-            raise DataError(f"cannot decode one of {batch} ({str(err).splitlines()[0]}); pass JPEG or PNG files") from None
+            raise DataError(
+                f"cannot decode one of {batch} ({str(err).splitlines()[0]}); pass JPEG or PNG files"
+            ) from None
         probabilities = outputs["probabilities"].numpy()
         labels = labels or _labels_from(probabilities, model_path)
         for path, probs in zip(batch, probabilities, strict=True):
@@ -81,8 +83,14 @@ def _read_image(path: str) -> bytes:
 def predict_command(model_path: str, images: list[str], top_k: int, as_json: bool) -> None:
     for prediction in predict_files(model_path, images, top_k):
         if as_json:
-            print(json.dumps({"image": prediction.path, "top": [{"label": label, "probability": round(p, 6)}
-                                                                 for label, p in prediction.top]}))
+            print(
+                json.dumps(
+                    {
+                        "image": prediction.path,
+                        "top": [{"label": label, "probability": round(p, 6)} for label, p in prediction.top],
+                    }
+                )
+            )
         else:
             ranked = ", ".join(f"{label} {p:.1%}" for label, p in prediction.top)
             print(f"{prediction.path}: {ranked}")

@@ -68,7 +68,11 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
     log.info(
         "strategy %s: %d replica(s) over %d worker(s), %d GPU(s) here, mixed precision %s",
-        kind, strategy.num_replicas_in_sync, cluster.num_workers, num_gpus, "on" if mixed else "off",
+        kind,
+        strategy.num_replicas_in_sync,
+        cluster.num_workers,
+        num_gpus,
+        "on" if mixed else "off",
     )
     return Distribution(strategy, kind, cluster, num_gpus, mixed)
 

@@ -116,7 +116,9 @@ def read_manifest(dataset_dir: str) -> Manifest:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: manifest is not valid JSON ({err.msg} at line {err.lineno}); re-run `trainer prepare`") from None
+        raise DataError(
+            f"{path}: manifest is not valid JSON ({err.msg} at line {err.lineno}); re-run `trainer prepare`"
+        ) from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: manifest must be a JSON object; re-run `trainer prepare`")
     return Manifest.from_dict(raw, path)

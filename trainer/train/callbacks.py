@@ -97,22 +97,40 @@ def _format_metrics(row: dict[str, Any]) -> str:
 
 
 class KeepBest(keras.callbacks.Callback):
-    """Keeps the weights of the phase's best epoch and restores them when the phase ends.
+    """Keeps the weights of the best epoch and restores them when the phase ends.
 
-    The chief also writes them (``best/<phase>.weights.h5`` + a JSON record), so a
-    restarted run keeps the best-so-far of an interrupted phase.
+    ``baseline`` is the previous phase's best score: a fine-tuning phase that never beats
+    it ends with the weights it started from, so the run's final model is the best one
+    validated in any phase. The chief also writes new bests (``best/<phase>.weights.h5``
+    plus a JSON record), so a restarted run keeps the best-so-far of an interrupted phase.
     """
 
-    def __init__(self, monitor: str, weights_path: str, record_path: str, is_chief: bool, save_weights):
+    def __init__(
+        self,
+        monitor: str,
+        weights_path: str,
+        record_path: str,
+        is_chief: bool,
+        save_weights,
+        baseline: float | None = None,
+    ):
         super().__init__()
         self.monitor, self.weights_path, self.record_path = monitor, weights_path, record_path
         self.is_chief, self._save_weights = is_chief, save_weights
-        self.best: float | None = None
-        self.best_epoch: int | None = None
+        self.baseline = baseline
+        self.best: float | None = baseline
+        self.best_epoch: int | None = None  # None: no epoch of this phase beat the baseline
         self.best_weights: list[np.ndarray] | None = None
 
-    def restore_previous_best(self, load_weights) -> None:
-        """After a restart: pick up the best of the interrupted phase, if it was recorded."""
+    def start(self, model: keras.Model, load_weights) -> None:
+        """Call before fit (before any backup is restored): the model holds the phase's start weights.
+
+        Remembers them as the baseline's weights, then, after a restart, picks up the best of
+        the interrupted phase if one was recorded.
+        """
+        self.set_model(model)
+        if self.baseline is not None:
+            self.best_weights = model.get_weights()
         if not storage.exists(self.record_path):
             return
         record = json.loads(storage.read_text(self.record_path))
@@ -131,10 +149,19 @@ class KeepBest(keras.callbacks.Callback):
         self.best_weights = self.model.get_weights()
         if self.is_chief:
             self._save_weights(self.model, self.weights_path)
-            storage.write_text(self.record_path, json.dumps({"monitor": self.monitor, "value": self.best,
-                                                             "epoch": self.best_epoch}))
+            storage.write_text(
+                self.record_path, json.dumps({"monitor": self.monitor, "value": self.best, "epoch": self.best_epoch})
+            )
 
     def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+        if self.best_weights is None:
+            return
+        self.model.set_weights(self.best_weights)
+        if self.best_epoch is None:
+            log.info(
+                "no epoch beat the previous phase's %s=%.4f; keeping the weights the phase started from",
+                self.monitor,
+                self.best,
+            )
+        else:
             log.info("phase ends with its best epoch %d (%s=%.4f)", self.best_epoch, self.monitor, self.best)

@@ -46,8 +46,12 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < self.warmup_steps, warmup, cosine)
 
     def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "decay": self.decay}
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "decay": self.decay,
+        }
 
 
 def make_optimizer(phase: PhaseConfig, learning_rate: float, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -55,7 +59,7 @@ def make_optimizer(phase: PhaseConfig, learning_rate: float, steps_per_epoch: in
     schedule = WarmupSchedule(
         peak=learning_rate,
         total_steps=phase.epochs * steps_per_epoch,
-        warmup_steps=int(round(phase.schedule.warmup_epochs * steps_per_epoch)),
+        warmup_steps=round(phase.schedule.warmup_epochs * steps_per_epoch),
         decay=phase.schedule.name,
     )
     common = {"learning_rate": schedule, "weight_decay": opt.weight_decay or None, "clipnorm": opt.clipnorm or None}
@@ -100,14 +104,26 @@ def compile_for_phase(model: keras.Model, plan: PhasePlan, cfg: Config, strategy
     log.info(
         "phase %s: %d epochs x %d steps, global batch %d, learning rate %.3g, trainable blocks %s, "
         "%d trainable parameters",
-        plan.name, plan.config.epochs, plan.steps_per_epoch, plan.global_batch, plan.learning_rate,
-        plan.config.unfreeze_blocks or "none (base frozen)", model_lib.trainable_parameter_count(model),
+        plan.name,
+        plan.config.epochs,
+        plan.steps_per_epoch,
+        plan.global_batch,
+        plan.learning_rate,
+        plan.config.unfreeze_blocks or "none (base frozen)",
+        model_lib.trainable_parameter_count(model),
     )
 
 
 def run_phase(
-    model: keras.Model, plan: PhasePlan, cfg: Config, layout: RunLayout, train_data, validation_data,
-    is_chief: bool, class_names: list[str],
+    model: keras.Model,
+    plan: PhasePlan,
+    cfg: Config,
+    layout: RunLayout,
+    train_data,
+    validation_data,
+    is_chief: bool,
+    class_names: list[str],
+    baseline: float | None = None,
 ) -> PhaseResult:
     """Fit one phase with backups, best-weights tracking, early stopping and logs."""
     monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
@@ -116,11 +132,13 @@ def run_phase(
         model_lib.save_weights(m, path, class_names)
 
     timer = EpochTimer(plan.global_batch)
-    metrics_log = MetricsLog(layout.metrics_log, plan.name, timer, plan.steps_per_epoch, is_chief,
-                             plan.first_global_step)
-    keep_best = KeepBest(monitor, layout.best_weights(plan.name), layout.best_record(plan.name), is_chief, save)
-    keep_best.set_model(model)
-    keep_best.restore_previous_best(model_lib.load_weights)
+    metrics_log = MetricsLog(
+        layout.metrics_log, plan.name, timer, plan.steps_per_epoch, is_chief, plan.first_global_step
+    )
+    keep_best = KeepBest(
+        monitor, layout.best_weights(plan.name), layout.best_record(plan.name), is_chief, save, baseline
+    )
+    keep_best.start(model, model_lib.load_weights)
     callbacks = [
         # delete_checkpoint=False: the backup is removed only after the phase's completion is recorded.
         keras.callbacks.BackupAndRestore(
@@ -133,8 +151,11 @@ def run_phase(
     ]
     if plan.config.early_stopping_patience:
         callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=plan.config.early_stopping_patience,
-                                          mode="min" if monitor.endswith("loss") else "max")
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                patience=plan.config.early_stopping_patience,
+                mode="min" if monitor.endswith("loss") else "max",
+            )
         )
     started = time.perf_counter()
     history = model.fit(

@@ -13,7 +13,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,11 @@ import trainer
 from trainer import config as config_lib
 from trainer import model as model_lib
 from trainer import storage
+from trainer.cluster import ClusterSpec
 from trainer.config import Config
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest, read_manifest
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
 from trainer.strategy import Distribution
 from trainer.train.layout import RunLayout
@@ -57,32 +58,48 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def train(cfg: Config, dist: Distribution) -> dict[str, Any]:
-    started = time.perf_counter()
-    cluster = dist.cluster
-    is_chief = cluster.is_chief
-    if not cfg.output.dir:
-        from trainer.errors import ConfigError
+@dataclass
+class Preflight:
+    """What the checks before the strategy found: the run's inputs, validated."""
 
+    layout: RunLayout
+    manifest: Manifest
+    state: RunState
+    weights_file: model_lib.WeightsFile | None
+
+
+def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
+    """Every check that needs no TensorFlow runtime, run before the strategy is built.
+
+    Bad input then fails in seconds with a clear message, instead of after the workers
+    have waited for each other to form a cluster.
+    """
+    if not cfg.output.dir:
         raise ConfigError("output.dir is not set; pass --set output.dir=DIR (local path or gs://bucket/prefix)")
     layout = RunLayout(cfg.output.dir)
     manifest = read_manifest(cfg.data.dataset)
     state = load_state(layout.state, manifest.class_names)
-    if state.complete:
-        log.info("run in %s is already complete; nothing to do", layout.root)
-        return json.loads(storage.read_text(layout.summary)) if storage.exists(layout.summary) else {}
-    weights_file = _checked_weights_file(cfg, manifest)
+    train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
+    pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
+    return Preflight(layout, manifest, state, _checked_weights_file(cfg, manifest))
+
+
+def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]:
+    started = time.perf_counter()
+    cluster = dist.cluster
+    is_chief = cluster.is_chief
+    layout, manifest, state, weights_file = checked.layout, checked.manifest, checked.state, checked.weights_file
 
     global_batch = cfg.train.batch_size_per_replica * dist.replicas
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
-    pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)  # fail early, clearly
     steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
     train_data = _distributed_training_data(cfg, dist, manifest, train_files)
     validation_data = _evaluation_data(cfg, manifest, "validation", global_batch)
 
     with dist.strategy.scope():
-        model = model_lib.build_model(manifest.num_classes, cfg.data.image_size, cfg.model, weights_file,
-                                      seed=cfg.runtime.seed)
+        model = model_lib.build_model(
+            manifest.num_classes, cfg.data.image_size, cfg.model, weights_file, seed=cfg.runtime.seed
+        )
     _resume_after_completed_phases(model, state, layout)
 
     first_step = sum(r.epochs_run for r in state.phases.values()) * steps
@@ -92,7 +109,10 @@ def train(cfg: Config, dist: Distribution) -> dict[str, Any]:
             continue
         plan = plan_phase(name, cfg, steps, global_batch, first_step)
         compile_for_phase(model, plan, cfg, dist.strategy)
-        result = run_phase(model, plan, cfg, layout, train_data, validation_data, is_chief, manifest.class_names)
+        baseline = _best_so_far(state)
+        result = run_phase(
+            model, plan, cfg, layout, train_data, validation_data, is_chief, manifest.class_names, baseline
+        )
         first_step += result.epochs_run * steps
         state.phases[name] = result
         if is_chief:
@@ -106,8 +126,18 @@ def train(cfg: Config, dist: Distribution) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if is_chief:
         exported = _export(model, cfg, manifest, layout)
-        summary = _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, global_batch, steps,
-                           time.perf_counter() - started)
+        summary = _summary(
+            cfg,
+            dist,
+            manifest,
+            state,
+            evaluation,
+            exported,
+            fingerprint,
+            global_batch,
+            steps,
+            time.perf_counter() - started,
+        )
         storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
         state.complete = True
         save_state(layout.state, state)
@@ -116,6 +146,12 @@ def train(cfg: Config, dist: Distribution) -> dict[str, Any]:
         log.info("run summary written to %s", layout.summary)
     barrier(dist)
     return summary
+
+
+def _best_so_far(state: RunState) -> float | None:
+    """The best monitored score of the completed phases (the model starts the next phase with it)."""
+    scores = [r.best_value for r in state.phases.values() if r.best_value is not None]
+    return scores[-1] if scores else None
 
 
 def _checked_weights_file(cfg: Config, manifest: Manifest) -> model_lib.WeightsFile | None:
@@ -140,9 +176,12 @@ def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manife
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         own = pipeline.shards_for_worker(files, context.num_input_pipelines, context.input_pipeline_id)
         return pipeline.training_dataset(
-            own, cfg.data, manifest.num_classes, context.get_per_replica_batch_size(
-                cfg.train.batch_size_per_replica * dist.replicas),
-            seed=cfg.runtime.seed + context.input_pipeline_id, deterministic=cfg.runtime.deterministic,
+            own,
+            cfg.data,
+            manifest.num_classes,
+            context.get_per_replica_batch_size(cfg.train.batch_size_per_replica * dist.replicas),
+            seed=cfg.runtime.seed + context.input_pipeline_id,
+            deterministic=cfg.runtime.deterministic,
         )
 
     return dist.strategy.distribute_datasets_from_function(dataset_fn)
@@ -170,8 +209,9 @@ def _final_evaluation(model: keras.Model, cfg: Config, manifest: Manifest, globa
 
 def _export(model: keras.Model, cfg: Config, manifest: Manifest, layout: RunLayout) -> dict[str, str]:
     """Export a plain (non-distributed) copy, so saving needs no collectives with peers."""
-    plain = model_lib.build_model(manifest.num_classes, cfg.data.image_size,
-                                  config_lib.ModelConfig(weights="none", head=cfg.model.head))
+    plain = model_lib.build_model(
+        manifest.num_classes, cfg.data.image_size, config_lib.ModelConfig(weights="none", head=cfg.model.head)
+    )
     plain.set_weights(model.get_weights())
     return export_model(plain, manifest.class_names, cfg.data.image_size, cfg.data.center_crop_fraction, layout)
 
@@ -185,24 +225,37 @@ def barrier(dist: Distribution) -> None:
 
 
 def versions() -> dict[str, str]:
-    return {"trainer": trainer.__version__, "tensorflow": tf.__version__, "tf_keras": keras.__version__,
-            "python": platform.python_version()}
+    return {
+        "trainer": trainer.__version__,
+        "tensorflow": tf.__version__,
+        "tf_keras": keras.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, global_batch, steps, seconds):
     return {
         "status": "complete",
         "config": config_lib.to_dict(cfg),
-        "dataset": {"classes": manifest.class_names,
-                    "images": {split: manifest.split_size(split) for split in manifest.counts}},
-        "distribution": {"strategy": dist.kind, "workers": dist.cluster.num_workers, "replicas": dist.replicas,
-                         "global_batch": global_batch, "steps_per_epoch": steps,
-                         "mixed_precision": dist.mixed_precision},
+        "dataset": {
+            "classes": manifest.class_names,
+            "images": {split: manifest.split_size(split) for split in manifest.counts},
+        },
+        "distribution": {
+            "strategy": dist.kind,
+            "workers": dist.cluster.num_workers,
+            "replicas": dist.replicas,
+            "global_batch": global_batch,
+            "steps_per_epoch": steps,
+            "mixed_precision": dist.mixed_precision,
+        },
         "phases": {name: asdict(result) for name, result in state.phases.items()},
         "evaluation": evaluation,
         "export": exported,
         "weights_fingerprint": fingerprint,
-        "timings": {"total_seconds": round(seconds, 2),
-                    **{f"{name}_seconds": r.seconds for name, r in state.phases.items()}},
+        "timings": {
+            "total_seconds": round(seconds, 2),
+            **{f"{name}_seconds": r.seconds for name, r in state.phases.items()},
+        },
         "versions": versions(),
     }

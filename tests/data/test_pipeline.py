@@ -1,0 +1,224 @@
+"""trainer.data.pipeline: worker shards, evaluation decoding, training/evaluation datasets."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+from PIL import Image
+
+from trainer.config import AugmentConfig, DataConfig
+from trainer.data import pipeline, records
+from trainer.errors import DataError
+
+NUM_CLASSES = 3
+IMAGE_SIZE = 32
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG" if fmt == "jpeg" else "PNG", quality=95)
+    return buffer.getvalue()
+
+
+def gradient_image(height: int = 48, width: int = 64) -> np.ndarray:
+    """Red grows left to right, green top to bottom, blue is flat: any mis-placed crop or channel swap shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 4, y * 5, np.full_like(x, 80)], axis=-1).astype(np.uint8)
+
+
+def reference_eval_image(pixels: np.ndarray, size: int, fraction: float, centred: bool = True) -> np.ndarray:
+    """The evaluation image computed independently: numpy centre crop, PIL resize, Keras' preprocess_input."""
+    height, width = pixels.shape[:2]
+    side = int(min(height, width) * fraction)
+    top, left = ((height - side) // 2, (width - side) // 2) if centred else (0, 0)
+    crop = Image.fromarray(pixels[top : top + side, left : left + side])
+    resized = np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return tf_keras.applications.vgg16.preprocess_input(resized)
+
+
+def write_shards(directory, num_records: int = 10, num_shards: int = 2) -> list[str]:
+    """Record i (label i % 3, alternately JPEG and PNG) goes to shard i % num_shards."""
+    rng = np.random.default_rng(0)
+    paths = [str(directory / records.shard_name("train", i, num_shards)) for i in range(num_shards)]
+    writers = [tf.io.TFRecordWriter(p) for p in paths]
+    for i in range(num_records):
+        pixels = rng.integers(0, 256, size=(40, 36, 3), dtype=np.uint8)
+        fmt = "jpeg" if i % 2 == 0 else "png"
+        label = i % NUM_CLASSES
+        example = records.make_example(encode(pixels, fmt), fmt, 40, 36, label, f"class{label}", f"img{i}.{fmt}")
+        writers[i % num_shards].write(example.SerializeToString())
+    for writer in writers:
+        writer.close()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture
+def data_cfg():
+    return DataConfig(image_size=IMAGE_SIZE, shuffle_buffer=16, augment=AugmentConfig())
+
+
+def first_batch(ds: tf.data.Dataset):
+    images, labels = next(iter(ds))
+    return images.numpy(), labels.numpy()
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_shards_for_worker_is_round_robin():
+    paths = [f"train-{i}" for i in range(7)]
+
+    assert pipeline.shards_for_worker(paths, 3, 0) == ["train-0", "train-3", "train-6"]
+    assert pipeline.shards_for_worker(paths, 3, 1) == ["train-1", "train-4"]
+    assert pipeline.shards_for_worker(paths, 3, 2) == ["train-2", "train-5"]
+    assert pipeline.shards_for_worker(paths, 1, 0) == paths
+
+
+def test_every_shard_goes_to_exactly_one_worker():
+    paths = [f"s{i}" for i in range(10)]
+
+    assigned = [p for w in range(4) for p in pipeline.shards_for_worker(paths, 4, w)]
+
+    assert sorted(assigned) == sorted(paths)
+
+
+def test_fewer_shards_than_workers_is_a_one_line_data_error():
+    with pytest.raises(DataError) as info:
+        pipeline.shards_for_worker(["a", "b"], 3, 0, split="train")
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("split 'train' has 2 shard(s) but the run has 3 workers")
+    assert "--set prepare.min_shards=12" in message
+
+
+# --------------------------------------------------------------------------- per-image ops
+
+
+@pytest.mark.parametrize(
+    ("shape", "fraction", "window"),
+    [
+        ((48, 64), 0.875, [3, 11, 42, 42]),
+        ((64, 48), 0.875, [11, 3, 42, 42]),
+        ((100, 100), 1.0, [0, 0, 100, 100]),
+        ((10, 3), 0.5, [4, 1, 1, 1]),
+        ((1, 1), 0.1, [0, 0, 1, 1]),  # never an empty window
+    ],
+)
+def test_center_window(shape, fraction, window):
+    result = pipeline.center_window(tf.constant(shape, tf.int32), fraction)
+
+    assert result.numpy().tolist() == window
+
+
+def test_preprocess_vgg16_equals_keras_preprocess_input():
+    rgb = np.random.default_rng(1).uniform(0, 255, size=(2, 5, 5, 3)).astype(np.float32)
+
+    ours = pipeline.preprocess_vgg16(tf.constant(rgb)).numpy()
+
+    np.testing.assert_array_equal(ours, tf_keras.applications.vgg16.preprocess_input(rgb.copy()))
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("png", 0.5), ("jpeg", 2.0)])
+def test_decode_for_eval_is_the_preprocessed_centre_crop(fmt, tolerance):
+    pixels = gradient_image()
+    encoded = encode(pixels, fmt)
+
+    image = pipeline.decode_for_eval(tf.constant(encoded), IMAGE_SIZE, 0.875)
+
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert image.dtype == tf.float32
+    expected = reference_eval_image(pixels, IMAGE_SIZE, 0.875)
+    assert np.abs(image.numpy() - expected).mean() < tolerance
+    # The same-sized crop from the top-left corner is far off: the tolerance tells crops apart.
+    corner = reference_eval_image(pixels, IMAGE_SIZE, 0.875, centred=False)
+    assert np.abs(image.numpy() - corner).mean() > 4 * tolerance
+
+
+def test_decode_for_eval_gives_the_same_pixels_for_jpeg_and_png_of_one_image():
+    pixels = gradient_image(60, 40)
+
+    jpeg = pipeline.decode_for_eval(tf.constant(encode(pixels, "jpeg")), IMAGE_SIZE, 0.5).numpy()
+    png = pipeline.decode_for_eval(tf.constant(encode(pixels, "png")), IMAGE_SIZE, 0.5).numpy()
+
+    assert np.abs(jpeg - png).mean() < 3.0
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_training_batches_have_static_shapes_and_one_hot_labels(shards, data_cfg):
+    ds = pipeline.training_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4, seed=7, deterministic=True)
+
+    assert ds.element_spec[0].shape.as_list() == [4, IMAGE_SIZE, IMAGE_SIZE, 3]  # remainder dropped
+    assert ds.element_spec[1].shape.as_list() == [4, NUM_CLASSES]
+    batches = list(ds.take(4))  # 16 images from 10 records: the stream repeats
+    for images, labels in batches:
+        assert images.dtype == tf.float32
+        np.testing.assert_array_equal(labels.numpy().sum(axis=1), np.ones(4))
+        assert set(np.unique(labels.numpy())) <= {0.0, 1.0}
+    # VGG16 preprocessing: BGR minus the ImageNet means, so values leave [0, 255].
+    all_images = np.concatenate([b[0].numpy() for b in batches])
+    assert all_images.min() < -90 and all_images.max() < 160
+
+
+def test_training_dataset_is_reproducible_per_seed(shards, data_cfg):
+    def build(seed):
+        return first_batch(
+            pipeline.training_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4, seed=seed, deterministic=True)
+        )
+
+    images_a, labels_a = build(3)
+    images_b, labels_b = build(3)
+    images_c, _ = build(4)
+
+    np.testing.assert_array_equal(images_a, images_b)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    assert not np.array_equal(images_a, images_c)
+
+
+def test_training_without_augmentation_equals_full_square_centre_crop(tmp_path):
+    cfg = DataConfig(
+        image_size=IMAGE_SIZE,
+        shuffle_buffer=1,
+        augment=AugmentConfig(random_crop=False, horizontal_flip=False, vertical_flip=False),
+    )
+    single = write_shards(tmp_path, num_records=3, num_shards=1)
+    full_square = DataConfig(image_size=IMAGE_SIZE, center_crop_fraction=1.0)
+    evaluation, _ = first_batch(pipeline.evaluation_dataset(single, full_square, NUM_CLASSES, 3))
+
+    images, _ = first_batch(pipeline.training_dataset(single, cfg, NUM_CLASSES, 3, seed=0, deterministic=True))
+
+    # shuffle_buffer=1 keeps record order: training then sees exactly the evaluation pixels.
+    np.testing.assert_allclose(images, evaluation, atol=1e-4)
+
+
+def test_evaluation_keeps_order_and_the_partial_last_batch(shards, data_cfg):
+    ds = pipeline.evaluation_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4)
+
+    batches = list(ds)
+
+    assert [len(labels) for _, labels in batches] == [4, 4, 2]
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    assert labels.argmax(axis=1).tolist() == [i % NUM_CLASSES for i in range(10)]
+    np.testing.assert_array_equal(labels.sum(axis=1), np.ones(10))
+    assert all(images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) for images, _ in batches)
+
+
+def test_evaluation_images_are_decode_for_eval_of_the_records(shards, data_cfg):
+    first_record = next(iter(tf.data.TFRecordDataset(shards[0])))
+    encoded = tf.io.parse_single_example(first_record, records.feature_spec())[records.ENCODED]
+
+    images, _ = first_batch(pipeline.evaluation_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4))
+
+    expected = pipeline.decode_for_eval(encoded, IMAGE_SIZE, data_cfg.center_crop_fraction).numpy()
+    np.testing.assert_allclose(images[0], expected, atol=1e-4)

@@ -1,0 +1,362 @@
+"""trainer.config: defaults, YAML + --set loading, validation messages, YAML output, reference docs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import (
+    VGG16_BLOCKS,
+    Config,
+    HeadConfig,
+    config_from_dict,
+    load_config,
+    reference_markdown,
+    to_yaml,
+)
+from trainer.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_error(*, path: str | None = None, overrides: list[str] = (), raw: dict | None = None) -> str:
+    """The message of the ConfigError that loading raises (fails the test if none is raised)."""
+    with pytest.raises(ConfigError) as info:
+        if raw is not None:
+            config_from_dict(raw)
+        else:
+            load_config(path, overrides)
+    return str(info.value)
+
+
+def leaf_paths(obj, prefix: str = "") -> list[str]:
+    paths = []
+    for fld in dataclasses.fields(obj):
+        value = getattr(obj, fld.name)
+        path = f"{prefix}{fld.name}"
+        if dataclasses.is_dataclass(value):
+            paths += leaf_paths(value, path + ".")
+        else:
+            paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_valid_and_documented_values():
+    cfg = load_config()
+
+    assert cfg == Config()
+    assert cfg.data.image_size == 224
+    assert cfg.model.weights == "imagenet"
+    assert cfg.train.lr_scaling == "linear"
+    fe, ft = cfg.phases.feature_extraction, cfg.phases.fine_tuning
+    assert (fe.optimizer.name, fe.optimizer.learning_rate, fe.unfreeze_blocks) == ("adam", 1e-3, [])
+    assert (ft.optimizer.name, ft.optimizer.learning_rate, ft.unfreeze_blocks) == ("sgd", 1e-4, ["block5"])
+
+
+def test_list_defaults_are_not_shared_between_instances():
+    first, second = Config(), Config()
+    first.model.head.dense_units.append(128)
+    first.phases.fine_tuning.unfreeze_blocks.append("block4")
+
+    assert second.model.head.dense_units == [256]
+    assert second.phases.fine_tuning.unfreeze_blocks == ["block5"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_yaml_file_then_set_overrides_later_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  dataset: /data/flowers\n  image_size: 64\ntrain:\n  batch_size_per_replica: 8\n")
+
+    cfg = load_config(str(path), ["train.batch_size_per_replica=16", "output.dir=/runs/one"])
+
+    assert cfg.data.dataset == "/data/flowers"
+    assert cfg.data.image_size == 64
+    assert cfg.train.batch_size_per_replica == 16  # --set beats the file
+    assert cfg.output.dir == "/runs/one"
+    assert cfg.data.shuffle_buffer == 2048  # untouched keys keep their defaults
+
+
+def test_set_values_are_parsed_as_yaml_scalars_and_lists():
+    cfg = load_config(
+        overrides=[
+            "train.batch_size_per_replica=16",
+            "phases.feature_extraction.optimizer.learning_rate=0.01",
+            "data.augment.horizontal_flip=false",
+            "model.head.dense_units=[512, 128]",
+            "phases.fine_tuning.unfreeze_blocks=[block4, block5]",
+            "data.dataset=gs://bucket/flowers",
+        ]
+    )
+
+    assert cfg.train.batch_size_per_replica == 16
+    assert cfg.phases.feature_extraction.optimizer.learning_rate == 0.01
+    assert cfg.data.augment.horizontal_flip is False
+    assert cfg.model.head.dense_units == [512, 128]
+    assert cfg.phases.fine_tuning.unfreeze_blocks == ["block4", "block5"]
+    assert cfg.data.dataset == "gs://bucket/flowers"
+
+
+def test_integer_given_for_a_float_field_becomes_a_float():
+    cfg = load_config(overrides=["data.center_crop_fraction=1"])
+
+    assert cfg.data.center_crop_fraction == 1.0
+    assert isinstance(cfg.data.center_crop_fraction, float)
+
+
+def test_set_learning_rate_in_exponent_notation():
+    # PyYAML (YAML 1.1) reads "1e-5" as a string: learning rates are naturally written this way.
+    cfg = load_config(overrides=["phases.fine_tuning.optimizer.learning_rate=1e-5"])
+
+    assert cfg.phases.fine_tuning.optimizer.learning_rate == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("value", ["on", "off", "auto"])
+def test_set_mixed_precision_to_each_documented_choice(value):
+    # "on" and "off" are YAML 1.1 booleans; the documented choices must still work unquoted.
+    cfg = load_config(overrides=[f"runtime.mixed_precision={value}"])
+
+    assert cfg.runtime.mixed_precision == value
+
+
+def test_overriding_one_nested_key_keeps_the_sections_own_defaults():
+    cfg = load_config(overrides=["phases.fine_tuning.epochs=2"])
+
+    ft = cfg.phases.fine_tuning
+    assert ft.epochs == 2
+    assert ft.optimizer.name == "sgd"
+    assert ft.optimizer.learning_rate == 1e-4
+    assert ft.unfreeze_blocks == ["block5"]
+    assert cfg.phases.feature_extraction == Config().phases.feature_extraction
+
+
+def test_nested_yaml_section_keeps_defaults_of_keys_it_does_not_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("phases:\n  fine_tuning:\n    optimizer:\n      learning_rate: 0.0005\n")
+
+    ft = load_config(str(path)).phases.fine_tuning
+
+    assert ft.optimizer.learning_rate == 0.0005
+    assert (ft.optimizer.name, ft.optimizer.momentum, ft.unfreeze_blocks) == ("sgd", 0.9, ["block5"])
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+
+    assert load_config(str(path)) == Config()
+
+
+def test_notebook_recipe_head_is_expressible():
+    cfg = load_config(
+        overrides=[
+            "model.head.pooling=flatten",
+            "model.head.dense_units=[256]",
+            "model.head.activation=relu",
+            "model.head.dropout=0.5",
+        ]
+    )
+
+    assert cfg.model.head == HeadConfig(pooling="flatten", dense_units=[256], activation="relu", dropout=0.5)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_every_field_problem_is_reported_at_once_with_its_path():
+    message = config_error(
+        raw={
+            "train": {"batch_sise_per_replica": 8, "monitor": "accuracy"},
+            "data": {"image_size": "big", "center_crop_fraction": 1.5},
+            "phases": {"fine_tuning": {"epochs": -1}},
+            "model": {"head": {"pooling": "max", "dense_units": 256}},
+        }
+    )
+
+    assert message.startswith("7 configuration problems: ")
+    assert "train.batch_sise_per_replica: unknown key; did you mean 'batch_size_per_replica'?" in message
+    assert "train.monitor: expected one of val_accuracy, val_loss, got str 'accuracy'" in message
+    assert "data.image_size: expected an integer, got str 'big'" in message
+    assert "data.center_crop_fraction: must be <= 1.0, got 1.5" in message
+    assert "phases.fine_tuning.epochs: must be >= 0, got -1" in message
+    assert "model.head.pooling: expected one of avg, flatten, got str 'max'" in message
+    assert "model.head.dense_units: expected a list, got int 256" in message
+
+
+def test_unknown_top_level_key_suggests_the_close_section():
+    message = config_error(overrides=["trian.batch_size_per_replica=8"])
+
+    assert message == "1 configuration problem: trian: unknown key; did you mean 'train'?"
+
+
+def test_unknown_key_without_close_match_lists_the_known_keys():
+    message = config_error(overrides=["output.zzz=1"])
+
+    assert "output.zzz: unknown key; known keys: dir, keep_backup" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.image_size=16", "data.image_size: must be >= 32, got 16"),
+        ("data.augment.random_crop=1", "data.augment.random_crop: expected true or false, got int 1"),
+        ("train.batch_size_per_replica=true", "train.batch_size_per_replica: expected an integer, got bool True"),
+        ("train.batch_size_per_replica=1.5", "train.batch_size_per_replica: expected an integer, got float 1.5"),
+        ("runtime.verbose=3", "runtime.verbose: must be <= 2, got 3"),
+        ("model.head.dense_units=[64, x]", "model.head.dense_units[1]: expected an integer, got str 'x'"),
+        (
+            "phases.feature_extraction.optimizer.name=adagrad",
+            "phases.feature_extraction.optimizer.name: expected one of sgd, adam, rmsprop, got str 'adagrad'",
+        ),
+        ("data=5", "data: expected a mapping, got int 5"),
+    ],
+)
+def test_field_problem_messages(override, expected):
+    assert expected in config_error(overrides=[override])
+
+
+def test_bad_block_name_is_reported_with_its_index():
+    message = config_error(overrides=["phases.fine_tuning.unfreeze_blocks=[block5, block6]"])
+
+    assert "phases.fine_tuning.unfreeze_blocks[1]: unknown block 'block6'" in message
+    assert ", ".join(VGG16_BLOCKS) in message
+
+
+def test_cross_field_problems_are_reported_together():
+    message = config_error(
+        overrides=[
+            "phases.feature_extraction.unfreeze_blocks=[block5]",
+            "phases.feature_extraction.epochs=0",
+            "phases.fine_tuning.epochs=0",
+        ]
+    )
+
+    assert message.startswith("2 configuration problems: ")
+    assert "phases.feature_extraction.unfreeze_blocks: the base is frozen in feature extraction" in message
+    assert "phases: both phases have 0 epochs" in message
+
+
+def test_one_phase_with_zero_epochs_is_fine():
+    cfg = load_config(overrides=["phases.fine_tuning.epochs=0"])
+
+    assert cfg.phases.fine_tuning.epochs == 0
+
+
+def test_validation_and_test_fractions_must_leave_training_images():
+    message = config_error(overrides=["prepare.validation_fraction=0.5", "prepare.test_fraction=0.5"])
+
+    assert "prepare: validation_fraction + test_fraction must leave images for training" in message
+
+
+def test_empty_model_weights_is_an_error():
+    assert "model.weights: empty" in config_error(overrides=["model.weights="])
+
+
+def test_error_message_is_one_line():
+    message = config_error(
+        raw={
+            "train": {"batch_sise_per_replica": 8},
+            "data": {"image_size": "big"},
+            "phases": {"fine_tuning": {"epochs": -1}},
+        }
+    )
+
+    assert "\n" not in message
+    assert message.count("; ") >= 2
+
+
+@pytest.mark.parametrize("item", ["train.batch_size_per_replica", "=3"])
+def test_set_without_key_value_form_is_a_config_error(item):
+    message = config_error(overrides=[item])
+
+    assert message.startswith(f"--set {item!r}: expected key=value")
+
+
+def test_set_below_a_scalar_is_a_config_error():
+    message = config_error(overrides=["output=x", "output.dir=y"])
+
+    assert message == "--set 'output.dir=y': output is not a section"
+
+
+def test_invalid_yaml_file_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  dataset: [unclosed\ntrain: {\n")
+
+    message = config_error(path=str(path))
+
+    assert message.startswith(f"config file {path} is not valid YAML at line ")
+    assert "\n" not in message
+
+
+def test_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- data\n- train\n")
+
+    assert config_error(path=str(path)) == f"config file {path} must hold a mapping of sections, got list"
+
+
+def test_missing_config_file_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "nope.yaml"
+
+    message = config_error(path=str(path))
+
+    assert message == f"config file {path} not found; pass an existing YAML file to --config"
+
+
+def test_directory_as_config_file_is_a_config_error(tmp_path):
+    # Passing a directory (e.g. a mounted ConfigMap folder) must not end in a traceback.
+    message = config_error(path=str(tmp_path))
+
+    assert str(tmp_path) in message
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_to_yaml_round_trips_through_load_config(tmp_path):
+    cfg = load_config(
+        overrides=[
+            "data.dataset=gs://bucket/flowers",
+            "model.head.pooling=flatten",
+            "model.head.dense_units=[]",
+            "phases.fine_tuning.unfreeze_blocks=[block3, block4, block5]",
+            "phases.fine_tuning.optimizer.learning_rate=0.00001",
+            "runtime.deterministic=true",
+            "output.dir=/runs/42",
+        ]
+    )
+    path = tmp_path / "effective.yaml"
+    path.write_text(to_yaml(cfg))
+
+    assert load_config(str(path)) == cfg
+
+
+def test_default_to_yaml_round_trips():
+    assert config_from_dict(yaml.safe_load(to_yaml(Config()))) == Config()
+
+
+def test_reference_mentions_every_leaf_field_path_with_its_default():
+    reference = reference_markdown()
+    paths = leaf_paths(Config())
+
+    assert len(paths) > 40
+    for path in paths:
+        assert f"| `{path}` |" in reference, path
+    assert "| `phases.fine_tuning.optimizer.name` | `sgd` \\| `adam` \\| `rmsprop` | `sgd` |" in reference
+    assert "| `model.head.dense_units` | list of integer | `[256]` |" in reference
+    assert re.search(r"^## `phases\.fine_tuning\.schedule`$", reference, re.MULTILINE)
+
+
+def test_docs_configuration_md_is_the_generated_reference():
+    committed = (REPO / "docs" / "configuration.md").read_text()
+
+    assert committed == reference_markdown(), "regenerate: trainer config --reference > docs/configuration.md"

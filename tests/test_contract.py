@@ -1,0 +1,99 @@
+"""trainer.contract + trainer.errors: exit codes, and the `trainer` CLI ending with them."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trainer.cli import main
+from trainer.contract import NON_RETRIABLE_EXIT_CODES, RETRIABLE_EXIT_CODES, Env, ExitCode
+from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
+
+
+def test_exit_codes_are_distinct_and_documented_values():
+    values = [code.value for code in ExitCode]
+
+    assert len(values) == len(set(values))
+    assert {code.name: code.value for code in ExitCode} == {
+        "OK": 0,
+        "INTERNAL": 1,
+        "CONFIG_ERROR": 64,
+        "DATA_ERROR": 65,
+        "TRANSIENT": 75,
+        "PREEMPTED": 76,
+    }
+
+
+def test_retriable_and_non_retriable_codes_are_disjoint():
+    assert set(NON_RETRIABLE_EXIT_CODES).isdisjoint(RETRIABLE_EXIT_CODES)
+    assert set(NON_RETRIABLE_EXIT_CODES) == {ExitCode.CONFIG_ERROR, ExitCode.DATA_ERROR}
+    assert ExitCode.OK not in RETRIABLE_EXIT_CODES + NON_RETRIABLE_EXIT_CODES
+    # Preemption is neither: the chart treats it as a disruption, not a failure.
+    assert ExitCode.PREEMPTED not in RETRIABLE_EXIT_CODES + NON_RETRIABLE_EXIT_CODES
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (TrainerError, ExitCode.INTERNAL),
+        (ConfigError, ExitCode.CONFIG_ERROR),
+        (DataError, ExitCode.DATA_ERROR),
+        (TransientError, ExitCode.TRANSIENT),
+        (Preempted, ExitCode.PREEMPTED),
+    ],
+)
+def test_each_error_class_carries_its_exit_code(error, code):
+    err = error("something went wrong; do this")
+
+    assert isinstance(err, TrainerError)
+    assert err.exit_code == code
+
+
+def test_legacy_keras_env_name():
+    assert Env.LEGACY_KERAS.value == "TF_USE_LEGACY_KERAS"
+
+
+# --------------------------------------------------------------------------- the CLI end to end
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No cluster and no config file from the environment of whoever runs the tests."""
+    monkeypatch.delenv(Env.TF_CONFIG.value, raising=False)
+    monkeypatch.delenv(Env.CONFIG_FILE.value, raising=False)
+
+
+def test_cli_config_prints_effective_yaml_and_exits_0(clean_env, capsys):
+    code = main(["config", "--set", "train.batch_size_per_replica=4"])
+
+    out = capsys.readouterr().out
+    assert code == ExitCode.OK
+    assert yaml.safe_load(out)["train"]["batch_size_per_replica"] == 4
+
+
+def test_cli_config_typo_exits_64_with_one_error_line(clean_env, capsys):
+    code = main(["config", "--set", "trian.x=1"])
+
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG_ERROR == 64
+    assert err.startswith("error: ")
+    assert "trian: unknown key; did you mean 'train'?" in err
+    assert err.count("\n") == 1
+
+
+def test_cli_missing_config_file_exits_64(clean_env, capsys, tmp_path):
+    code = main(["config", "--config", str(tmp_path / "missing.yaml")])
+
+    err = capsys.readouterr().err
+    assert code == 64
+    assert err == f"error: config file {tmp_path / 'missing.yaml'} not found; pass an existing YAML file to --config\n"
+
+
+def test_cli_train_on_missing_dataset_exits_65_with_one_error_line(clean_env, capsys, tmp_path):
+    code = main(["train", "--set", "data.dataset=/nonexistent", "--set", f"output.dir={tmp_path / 'run'}"])
+
+    err = capsys.readouterr().err
+    assert code == ExitCode.DATA_ERROR == 65
+    assert err.startswith("error: no manifest.json in /nonexistent; run `trainer prepare")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start

@@ -1,0 +1,106 @@
+"""Export a model, then classify files with it: same probabilities as the in-memory model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from PIL import Image
+
+from trainer.cli import main
+from trainer.config import HeadConfig, ModelConfig
+from trainer.contract import ExitCode
+from trainer.data.pipeline import decode_for_eval
+from trainer.export import export_model, load_serving
+from trainer.model import build_model
+from trainer.predict import predict_files
+from trainer.train.layout import RunLayout
+
+CLASSES = ["cats", "dogs", "owls"]
+SIZE = 32
+
+
+def _image_bytes(fmt: str, seed: int, shape=(48, 60)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = build_model(len(CLASSES), SIZE, ModelConfig(weights="none", head=HeadConfig(dense_units=[8])), seed=3)
+    layout = RunLayout(str(root / "run"))
+    paths = export_model(model, CLASSES, SIZE, 0.875, layout)
+    images = []
+    for i, fmt in enumerate(["JPEG", "PNG", "JPEG"]):
+        path = root / f"img{i}.{fmt.lower()}"
+        path.write_bytes(_image_bytes(fmt, seed=i))
+        images.append(str(path))
+    return model, layout, paths, images
+
+
+def _in_memory_probabilities(model, images: list[str]) -> np.ndarray:
+    batch = tf.stack([decode_for_eval(tf.constant(Path(p).read_bytes()), SIZE, 0.875) for p in images])
+    return model(batch, training=False).numpy()
+
+
+def test_export_writes_saved_model_keras_file_and_labels(exported):
+    _, layout, paths, _ = exported
+    assert paths == {"saved_model": layout.saved_model, "keras_model": layout.keras_model, "labels": layout.labels}
+    assert Path(layout.labels).read_text().splitlines() == CLASSES
+    reloaded = keras.models.load_model(layout.keras_model)
+    assert reloaded.output_shape == (None, len(CLASSES))
+
+
+def test_predict_gives_the_in_memory_models_probabilities(exported):
+    model, layout, _, images = exported
+
+    predictions = predict_files(layout.export, images, top_k=3)
+
+    expected = _in_memory_probabilities(model, images)
+    np.testing.assert_allclose(np.stack([p.probabilities for p in predictions]), expected, rtol=1e-5, atol=1e-6)
+    for prediction, probs in zip(predictions, expected, strict=True):
+        assert [label for label, _ in prediction.top] == [CLASSES[i] for i in np.argsort(-probs)]
+
+
+def test_serving_signature_takes_bytes_and_returns_labels(exported):
+    _, layout, _, images = exported
+    serve = load_serving(layout.saved_model)
+
+    out = serve(image_bytes=tf.constant([Path(p).read_bytes() for p in images]))
+
+    probabilities = out["probabilities"].numpy()
+    assert probabilities.shape == (3, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert [label.decode() for label in out["label"].numpy()] == [CLASSES[i] for i in probabilities.argmax(axis=1)]
+
+
+def test_predict_command_prints_top_k(exported, capsys):
+    _, layout, _, images = exported
+
+    assert main(["predict", layout.export, images[0], "--top-k", "2"]) == ExitCode.OK
+
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{images[0]}: ") and line.count("%") == 2
+
+
+def test_predict_on_a_file_that_is_not_an_image_is_a_data_error(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+
+    assert main(["predict", layout.export, str(text)]) == ExitCode.DATA_ERROR
+
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot decode") and "\n" not in err
+
+
+def test_predict_without_an_export_is_a_config_error(tmp_path, capsys):
+    assert main(["predict", str(tmp_path), "x.jpg"]) == ExitCode.CONFIG_ERROR
+    assert "no SavedModel" in capsys.readouterr().err

@@ -1,0 +1,250 @@
+"""trainer.train.phases, .callbacks, .state and .layout: schedules, optimizers, plans, run state, paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from trainer.config import Config, PhaseConfig, load_config
+from trainer.errors import DataError
+from trainer.train.callbacks import current_learning_rate, improved
+from trainer.train.layout import RunLayout
+from trainer.train.phases import PHASE_NAMES, WarmupSchedule, make_optimizer, plan_phase
+from trainer.train.state import PhaseResult, RunState, load_state, save_state
+
+
+def lr_at(schedule: WarmupSchedule, step: int) -> float:
+    return float(schedule(step))
+
+
+# --------------------------------------------------------------------------- WarmupSchedule
+
+
+def test_constant_schedule_without_warmup_is_the_peak_everywhere():
+    schedule = WarmupSchedule(peak=0.1, total_steps=100)
+
+    assert [lr_at(schedule, s) for s in (0, 50, 99, 500)] == pytest.approx([0.1] * 4)
+
+
+def test_warmup_ramps_linearly_to_the_peak_then_stays_constant():
+    schedule = WarmupSchedule(peak=0.1, total_steps=100, warmup_steps=10)
+
+    assert lr_at(schedule, 0) == pytest.approx(0.01)  # the first step already learns a little
+    assert lr_at(schedule, 4) == pytest.approx(0.05)
+    assert lr_at(schedule, 9) == pytest.approx(0.1)
+    assert lr_at(schedule, 10) == pytest.approx(0.1)
+    assert lr_at(schedule, 99) == pytest.approx(0.1)
+
+
+def test_cosine_decays_from_the_peak_to_zero_after_warmup():
+    schedule = WarmupSchedule(peak=0.1, total_steps=110, warmup_steps=10, decay="cosine")
+
+    assert lr_at(schedule, 4) == pytest.approx(0.05)  # still warming up
+    assert lr_at(schedule, 10) == pytest.approx(0.1)  # decay starts at the peak
+    assert lr_at(schedule, 60) == pytest.approx(0.05)  # half-way: half the peak
+    assert lr_at(schedule, 110) == pytest.approx(0.0, abs=1e-9)
+    assert lr_at(schedule, 1000) == pytest.approx(0.0, abs=1e-9)  # clipped, never negative or rising
+    values = [lr_at(schedule, s) for s in range(10, 111, 10)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_cosine_without_warmup_starts_at_the_peak():
+    schedule = WarmupSchedule(peak=0.2, total_steps=4, decay="cosine")
+
+    assert [lr_at(schedule, s) for s in range(5)] == pytest.approx(
+        [0.2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)], abs=1e-7
+    )
+
+
+def test_schedule_config_round_trips():
+    schedule = WarmupSchedule(peak=0.1, total_steps=50, warmup_steps=5, decay="cosine")
+
+    clone = WarmupSchedule(**schedule.get_config())
+
+    assert [lr_at(clone, s) for s in (0, 5, 30)] == [lr_at(schedule, s) for s in (0, 5, 30)]
+
+
+# --------------------------------------------------------------------------- optimizers and plans
+
+
+def phase(**overrides) -> PhaseConfig:
+    items = [f"phases.fine_tuning.{key}={value}" for key, value in overrides.items()]
+    return load_config(overrides=items).phases.fine_tuning
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "momentum"),
+    [
+        ("sgd", keras.optimizers.SGD, 0.8),
+        ("rmsprop", keras.optimizers.RMSprop, 0.5),
+        ("adam", keras.optimizers.Adam, None),
+    ],
+)
+def test_make_optimizer_picks_the_class_and_momentum(name, cls, momentum):
+    cfg = phase(**{"optimizer.name": name, "optimizer.momentum": momentum or 0.9, "epochs": 2})
+
+    optimizer = make_optimizer(cfg, learning_rate=0.05, steps_per_epoch=10)
+
+    assert type(optimizer) is cls
+    if momentum is not None:
+        assert optimizer.momentum == pytest.approx(momentum)
+    assert current_learning_rate(optimizer) == pytest.approx(0.05)
+
+
+def test_make_optimizer_schedule_follows_the_phase_schedule():
+    cfg = phase(**{"epochs": 3, "schedule.name": "cosine", "schedule.warmup_epochs": 0.5})
+    optimizer = make_optimizer(cfg, learning_rate=0.01, steps_per_epoch=20)  # 60 steps, 10 of warm-up
+    weight = tf.Variable(1.0)
+    used = []  # the learning rate of each step, as the metrics log reports it
+    for _ in range(60):
+        optimizer.apply_gradients([(tf.constant(0.0), weight)])
+        used.append(current_learning_rate(optimizer))
+
+    assert used[0] == pytest.approx(0.001)  # warm-up: 1/10 of the peak
+    assert used[9] == pytest.approx(0.01)  # peak at the end of the warm-up
+    assert used[35] == pytest.approx(0.005)  # half-way through the cosine
+    assert used[59] == pytest.approx(0.0, abs=2e-5)  # the phase ends near zero
+    assert used[10:] == sorted(used[10:], reverse=True)
+
+
+def test_make_optimizer_passes_clipnorm_and_weight_decay_only_when_set():
+    plain = make_optimizer(phase(), 0.01, 10)
+    clipped = make_optimizer(phase(**{"optimizer.clipnorm": 1.0, "optimizer.weight_decay": 0.0001}), 0.01, 10)
+
+    assert plain.clipnorm is None and plain.weight_decay is None
+    assert clipped.clipnorm == 1.0
+    assert clipped.weight_decay == pytest.approx(0.0001)
+
+
+def test_plan_phase_scales_the_learning_rate_linearly_to_the_global_batch():
+    cfg = load_config(overrides=["train.reference_batch_size=32", "train.validation_steps=3"])
+
+    plan = plan_phase("fine_tuning", cfg, steps_per_epoch=25, global_batch=128, first_step=100)
+
+    assert plan.learning_rate == pytest.approx(1e-4 * 4)
+    assert plan.config is cfg.phases.fine_tuning
+    assert (plan.name, plan.steps_per_epoch, plan.global_batch, plan.first_global_step) == ("fine_tuning", 25, 128, 100)
+    assert plan.validation_steps == 3
+
+
+def test_plan_phase_without_scaling_and_with_the_whole_validation_split():
+    cfg = load_config(overrides=["train.lr_scaling=none"])
+
+    plan = plan_phase("feature_extraction", cfg, steps_per_epoch=10, global_batch=256, first_step=0)
+
+    assert plan.learning_rate == pytest.approx(1e-3)
+    assert plan.validation_steps is None  # 0 in the config = the whole split
+
+
+def test_phase_names_are_the_config_sections_in_order():
+    assert PHASE_NAMES == ("feature_extraction", "fine_tuning")
+    assert all(isinstance(getattr(Config().phases, name), PhaseConfig) for name in PHASE_NAMES)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+@pytest.mark.parametrize(
+    ("monitor", "value", "best", "expected"),
+    [
+        ("val_loss", 0.4, None, True),  # the first value is always an improvement
+        ("val_loss", 0.3, 0.4, True),
+        ("val_loss", 0.5, 0.4, False),
+        ("val_loss", 0.4, 0.4, False),  # a tie is no improvement
+        ("loss", 0.1, 0.2, True),
+        ("val_accuracy", 0.9, 0.8, True),
+        ("val_accuracy", 0.7, 0.8, False),
+        ("accuracy", 0.8, 0.8, False),
+        ("val_accuracy", float("nan"), None, False),  # a diverged first epoch is never "best"
+    ],
+)
+def test_improved(monitor, value, best, expected):
+    assert improved(monitor, value, best) is expected
+
+
+# --------------------------------------------------------------------------- run state
+
+
+def finished_state() -> RunState:
+    result = PhaseResult(
+        epochs_run=2,
+        best_epoch=2,
+        best_value=0.75,
+        seconds=12.5,
+        history=[{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}],
+    )
+    return RunState(class_names=["cat", "dog"], phases={"feature_extraction": result}, complete=False)
+
+
+def test_run_state_json_round_trip():
+    state = finished_state()
+
+    assert RunState.from_json(state.to_json(), "state.json") == state
+    assert json.loads(state.to_json())["phases"]["feature_extraction"]["best_value"] == 0.75
+
+
+def test_load_state_without_a_file_is_a_fresh_state(tmp_path):
+    state = load_state(str(tmp_path / "state.json"), ("cat", "dog"))
+
+    assert state == RunState(class_names=["cat", "dog"])
+
+
+def test_save_then_load_state(tmp_path):
+    path = str(tmp_path / "run" / "state.json")
+    save_state(path, finished_state())
+
+    assert load_state(path, ["cat", "dog"]) == finished_state()
+
+
+def test_load_state_for_other_classes_is_a_one_line_data_error(tmp_path):
+    path = str(tmp_path / "state.json")
+    save_state(path, finished_state())
+
+    with pytest.raises(DataError) as info:
+        load_state(path, ["cat", "dog", "fox"])
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"the backup in {tmp_path} was made for classes ['cat', 'dog'] but the dataset has")
+    assert "use a new output.dir" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{broken", '{"phases": {}}', '{"class_names": ["a"], "phases": {"x": {"epochs": 1}}}'],
+)
+def test_unreadable_run_state_is_a_one_line_data_error(text):
+    with pytest.raises(DataError, match=r"^out/state\.json: run state is unreadable \(.*\); delete it") as info:
+        RunState.from_json(text, "out/state.json")
+
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_run_layout_paths_locally():
+    layout = RunLayout("/runs/7")
+
+    assert layout.backup("fine_tuning") == "/runs/7/backup/fine_tuning"
+    assert layout.best_weights("fine_tuning") == "/runs/7/best/fine_tuning.weights.h5"
+    assert layout.best_record("fine_tuning") == "/runs/7/best/fine_tuning.json"
+    assert layout.phase_weights("feature_extraction") == "/runs/7/phases/feature_extraction.weights.h5"
+    assert layout.state == "/runs/7/state.json"
+    assert layout.tensorboard == "/runs/7/logs"
+    assert layout.metrics_log == "/runs/7/metrics.jsonl"
+    assert layout.saved_model == "/runs/7/export/saved_model"
+    assert layout.keras_model == "/runs/7/export/model.keras"
+    assert layout.labels == "/runs/7/export/labels.txt"
+    assert layout.summary == "/runs/7/summary.json"
+
+
+def test_run_layout_paths_on_an_object_store():
+    layout = RunLayout("gs://bucket/runs/7/")
+
+    assert layout.state == "gs://bucket/runs/7/state.json"
+    assert layout.saved_model == "gs://bucket/runs/7/export/saved_model"

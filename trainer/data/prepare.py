@@ -1,0 +1,680 @@
+"""`trainer prepare`: turn an image folder into TFRecord shards plus a manifest.
+
+The source is the folder layout Keras' ``flow_from_directory`` reads, either flat
+(``SOURCE/<class>/<images>``) or already split (``SOURCE/train/<class>/...`` with optional
+``validation/`` (or ``val/``) and ``test/``). Splits without a folder are carved out of
+train per class with a seeded, stratified split.
+
+Every file is fully decoded once with PIL in a pool of worker processes, so damaged or
+unusable files are found here, listed in ``prepare-report.json`` and never reach a
+training job. JPEGs are stored as their original bytes (training decodes only the crop
+window); everything else becomes an RGB PNG. Shards are written first and
+``manifest.json`` last, so a dataset with a manifest is complete.
+
+Only the local source folder is read with the standard library; the output goes through
+:mod:`trainer.storage`, so it may be a ``gs://`` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import multiprocessing
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from trainer import storage
+from trainer.config import PrepareConfig
+from trainer.contract import MANIFEST_FILE, PREPARE_REPORT_FILE
+from trainer.data import records
+from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
+from trainer.errors import ConfigError, DataError
+
+T = TypeVar("T")
+Progress = Callable[[str], None]
+
+# Why a file was skipped. The report groups skipped files by these reasons.
+NOT_AN_IMAGE = "not an image"
+CORRUPT = "corrupt"
+TOO_SMALL = "too small"
+TOO_LARGE = "too large"  # beyond PIL's decompression-bomb limit
+UNSUPPORTED = "unsupported"  # decodes, but has no RGB conversion (e.g. an exotic colour mode)
+UNREADABLE = "unreadable"  # the file could not be read at all (permissions, I/O error)
+
+#: Folder names of the split layout; ``val`` is accepted for validation.
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+#: PIL formats whose bytes TensorFlow's JPEG decoder reads as they are (MPO = camera JPEG + extras).
+_JPEG_FORMATS = ("JPEG", "MPO")
+#: JPEG colour modes stored unchanged; CMYK/YCCK JPEGs are re-encoded as RGB.
+_PASSTHROUGH_JPEG_MODES = ("RGB", "L")
+_REENCODED_JPEG_QUALITY = 95
+_PROGRESS_SECONDS = 2.0
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What checking one file found; ``problem`` is None for a usable image."""
+
+    path: str
+    problem: str | None = None
+    detail: str = ""
+    fmt: str = ""  # record format: "jpeg" or "png"
+    reencode: bool = False
+    height: int = 0
+    width: int = 0
+    nbytes: int = 0  # size of the bytes that go into the record
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # local path, as opened
+    rel: str  # relative to the source folder, "/"-separated: used in the report and the records
+    folder_split: str  # the split whose folder holds the file
+    class_name: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A usable image on its way into a shard."""
+
+    file: SourceFile
+    check: ImageCheck
+    label: int
+
+
+@dataclass
+class SourceLayout:
+    split_folders: dict[str, str]  # split -> folder relative to the source ("" = the source itself)
+    class_names: list[str]
+    files: dict[str, dict[str, list[SourceFile]]]  # folder split -> class -> files sorted by path
+
+
+@dataclass
+class PrepareReport:
+    manifest: Manifest
+    skipped: list[tuple[str, str]]  # (path relative to the source, reason)
+    seconds: float
+    images_per_second: float
+    output: str = ""
+
+    def skipped_by_reason(self) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for path, reason in self.skipped:
+            grouped.setdefault(reason, []).append(path)
+        return grouped
+
+    def summary_lines(self, examples: int = 10) -> list[str]:
+        m = self.manifest
+        total = sum(m.split_size(s) for s in SPLITS)
+        lines = [
+            f"prepared {total} images in {m.num_classes} classes from {m.source} "
+            f"in {self.seconds:.1f} s ({self.images_per_second:.0f} img/s)"
+        ]
+        for split in SPLITS:
+            if m.has_split(split):
+                lines.append(
+                    f"  {split}: {m.split_size(split)} images in {len(m.shards[split])} shard(s); "
+                    f"{_describe_class_counts(m.counts[split])}"
+                )
+        if self.skipped:
+            grouped = self.skipped_by_reason()
+            lines.append(f"skipped {len(self.skipped)} file(s): {_count_phrase(grouped)}")
+            for reason, paths in grouped.items():
+                more = f" ... and {len(paths) - examples} more" if len(paths) > examples else ""
+                lines.append(f"  {reason}: {', '.join(paths[:examples])}{more}")
+        else:
+            lines.append("skipped 0 files")
+        where = self.output or "the output directory"
+        lines.append(f"manifest: {manifest_path(where)}; report: {storage.join(where, PREPARE_REPORT_FILE)}")
+        return lines
+
+
+def _describe_class_counts(counts: dict[str, int], limit: int = 10) -> str:
+    if len(counts) <= limit:
+        return ", ".join(f"{name} {n}" for name, n in counts.items())
+    return f"{min(counts.values())}-{max(counts.values())} per class"
+
+
+def _count_phrase(grouped: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(paths)} {reason}" for reason, paths in grouped.items())
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def prepare_dataset(
+    source: str,
+    output: str,
+    cfg: PrepareConfig,
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+) -> PrepareReport:
+    """Check every image under ``source`` and write shards, report and manifest to ``output``.
+
+    Raises DataError for an unusable source and ConfigError when ``output`` already holds
+    a prepared dataset and ``overwrite`` is False.
+    """
+    say = progress or _print_to_stderr
+    started = time.monotonic()
+    _refuse_unsafe_output(source, output, overwrite)
+    layout = discover_source(source)
+    sources = [f for per_class in layout.files.values() for files in per_class.values() for f in files]
+    say(f"found {len(sources)} files in {len(layout.class_names)} classes under {source}")
+
+    with _worker_pool(cfg.processes, len(sources)) as pool:
+        checks = _check_images(pool, sources, cfg.min_image_side, say)
+        splits = _assign_splits(layout, sources, checks, cfg)
+        _remove_previous_dataset(output)
+        storage.makedirs(output)
+        shards = {split: _write_split(pool, output, split, splits[split], cfg, say) for split in SPLITS}
+
+    skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
+    manifest = Manifest(
+        class_names=layout.class_names,
+        counts={split: _class_counts(splits[split], layout.class_names) for split in SPLITS},
+        shards=shards,
+        source=os.path.abspath(source),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        skipped=len(skipped),
+        extra=_provenance(layout, cfg),
+    )
+    manifest.check(manifest_path(output))
+    seconds = time.monotonic() - started
+    report = PrepareReport(manifest, skipped, seconds, len(sources) / max(seconds, 1e-9), output)
+    storage.write_text(storage.join(output, PREPARE_REPORT_FILE), _report_json(report, sources, checks))
+    write_manifest(output, manifest)  # last: its presence marks the dataset complete
+    return report
+
+
+def _print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _provenance(layout: SourceLayout, cfg: PrepareConfig) -> dict[str, Any]:
+    return {
+        "split_from": {s: ("folder" if s in layout.split_folders else "seeded split of train") for s in SPLITS},
+        "seed": cfg.seed,
+        "validation_fraction": cfg.validation_fraction,
+        "test_fraction": cfg.test_fraction,
+        "min_image_side": cfg.min_image_side,
+    }
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def _refuse_unsafe_output(source: str, output: str, overwrite: bool) -> None:
+    if not output:
+        raise ConfigError("no output directory given; pass the directory (or gs:// prefix) for the prepared dataset")
+    if not storage.is_remote(output) and not storage.is_remote(source):
+        src, out = os.path.realpath(source), os.path.realpath(output)
+        if out == src or out.startswith(src + os.sep):
+            # It would be read back as a class folder on the next run.
+            raise ConfigError(f"output {output} is inside the source folder {source}; write it somewhere else")
+    if storage.exists(manifest_path(output)) and not overwrite:
+        raise ConfigError(
+            f"{output} already holds a prepared dataset ({MANIFEST_FILE}); pass --overwrite or choose another directory"
+        )
+
+
+def _remove_previous_dataset(output: str) -> None:
+    """Delete an old manifest first (so the dataset reads as unfinished), then its shards and report.
+
+    Also clears shards left behind by an interrupted run, whose names may differ from
+    the new ones. Only files named like ours are touched.
+    """
+    storage.remove_tree(manifest_path(output))
+    for split in SPLITS:
+        for path in storage.glob(storage.join(output, f"{split}-*-of-*{records.SHARD_SUFFIX}")):
+            storage.remove_tree(path)
+    storage.remove_tree(storage.join(output, PREPARE_REPORT_FILE))
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def discover_source(source: str) -> SourceLayout:
+    """Find the split and class folders and every candidate file; no image is opened here."""
+    if storage.is_remote(source):
+        raise DataError(f"source {source} is not a local folder; copy it locally first (e.g. gsutil -m rsync -r)")
+    if not os.path.exists(source):
+        raise DataError(f"source folder {source} does not exist; pass the folder holding one sub-folder per class")
+    if not os.path.isdir(source):
+        raise DataError(f"source {source} is not a directory; pass the folder holding one sub-folder per class")
+    split_folders = _split_folders(source)
+    files = {split: _files_by_class(source, folder) for split, folder in split_folders.items()}
+    class_names = sorted(files["train"])
+    _check_classes(source, split_folders, files, class_names)
+    return SourceLayout(split_folders, class_names, files)
+
+
+def _split_folders(source: str) -> dict[str, str]:
+    if not os.path.isdir(os.path.join(source, "train")):
+        return {"train": ""}
+    folders: dict[str, str] = {}
+    for name in _visible_subdirs(source):
+        split = SPLIT_FOLDERS.get(name)
+        if split is None:
+            raise DataError(
+                f"unexpected folder {name}/ in {source}, which has train/: use only train/, validation/ (or val/) "
+                "and test/, or move the class folders into train/"
+            )
+        if split in folders:
+            raise DataError(f"{source} has both {folders[split]}/ and {name}/; keep one validation folder")
+        folders[split] = name
+    return folders
+
+
+def _visible_subdirs(folder: str) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _files_by_class(source: str, folder: str) -> dict[str, list[SourceFile]]:
+    split_dir = os.path.join(source, folder)
+    split = SPLIT_FOLDERS.get(folder, "train")
+    return {
+        class_name: [
+            SourceFile(path, os.path.relpath(path, source).replace(os.sep, "/"), split, class_name)
+            for path in _visible_files(os.path.join(split_dir, class_name))
+        ]
+        for class_name in _visible_subdirs(split_dir)
+    }
+
+
+def _visible_files(class_dir: str) -> list[str]:
+    """Every non-hidden file below ``class_dir`` (nested folders included, like Keras), sorted."""
+    found = []
+    for root, dirs, names in os.walk(class_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(root, n) for n in names if not n.startswith("."))
+    return sorted(found)
+
+
+def _check_classes(
+    source: str, split_folders: dict[str, str], files: dict[str, dict[str, list[SourceFile]]], class_names: list[str]
+) -> None:
+    train_dir = os.path.join(source, split_folders["train"])
+    if not class_names:
+        loose = sum(1 for e in os.scandir(train_dir) if e.is_file() and not e.name.startswith("."))
+        hint = f" (it holds {loose} loose file(s))" if loose else ""
+        raise DataError(
+            f"empty dataset: {train_dir} has no class folders{hint}; put each class's images in its own sub-folder"
+        )
+    if len(class_names) == 1:
+        raise DataError(
+            f"{train_dir} has only one class folder ({class_names[0]}); a classifier needs at least 2 class folders"
+        )
+    for split, folder in split_folders.items():
+        if split == "train":
+            continue
+        if not files[split]:
+            raise DataError(f"{os.path.join(source, folder)} has no class folders; add them or remove the folder")
+        unknown = sorted(set(files[split]) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"class folder {folder}/{unknown[0]} has no counterpart in train/; "
+                "add it to train/ or remove it (classes are defined by train/)"
+            )
+
+
+# --------------------------------------------------------------------------- checking images
+
+
+def inspect_image(path: str, min_side: int) -> ImageCheck:
+    """Fully decode one file with PIL and decide how it will be stored (runs in a worker process)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        return ImageCheck(path, UNREADABLE, str(err))
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decodes every pixel: truncated or damaged data fails here
+    except UnidentifiedImageError:
+        return ImageCheck(path, NOT_AN_IMAGE, "PIL cannot identify the file format")
+    except Image.DecompressionBombError as err:
+        return ImageCheck(path, TOO_LARGE, str(err))
+    except Exception as err:  # PIL signals bad data with many exception types
+        return ImageCheck(path, CORRUPT, f"{type(err).__name__}: {err}")
+    width, height = image.size
+    if min(width, height) < min_side:
+        return ImageCheck(path, TOO_SMALL, f"{width}x{height}, shorter side below {min_side}")
+    if image.format in _JPEG_FORMATS and image.mode in _PASSTHROUGH_JPEG_MODES:
+        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=len(data))
+    try:
+        encoded, fmt = reencode(image)
+    except (ValueError, OSError) as err:
+        return ImageCheck(path, UNSUPPORTED, f"mode {image.mode}: {err}")
+    return ImageCheck(path, None, fmt=fmt, reencode=True, height=height, width=width, nbytes=len(encoded))
+
+
+def reencode(image: Any) -> tuple[bytes, str]:
+    """A decoded PIL image as (bytes, record format): CMYK JPEGs -> RGB JPEG, the rest -> RGB PNG."""
+    buffer = io.BytesIO()
+    if image.format in _JPEG_FORMATS:
+        image.convert("RGB").save(buffer, "JPEG", quality=_REENCODED_JPEG_QUALITY)
+        return buffer.getvalue(), "jpeg"
+    to_rgb(image).save(buffer, "PNG")
+    return buffer.getvalue(), "png"
+
+
+def to_rgb(image: Any) -> Any:
+    """RGB for any PIL mode: transparency over white, 16-bit grey scaled down instead of clipped."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        import numpy as np
+
+        grey = (np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _check_images(pool: _Workers, files: list[SourceFile], min_side: int, say: Progress) -> dict[str, ImageCheck]:
+    check = functools.partial(inspect_image, min_side=min_side)
+    meter = _Meter("checked", len(files), say)
+    results: dict[str, ImageCheck] = {}
+    for result in pool.map_unordered(check, [f.path for f in files]):
+        results[result.path] = result
+        meter.update(len(results))
+    return results
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_sizes(count: int, validation_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(validation, test) images for a class of ``count`` images; at least one stays in train.
+
+    A class with >= 2 images gives validation at least one (when asked for), a class
+    with >= 3 gives test at least one, so small classes are still evaluated.
+    """
+    test = 0
+    if test_fraction > 0 and count >= 3:
+        test = min(max(1, _round_half_up(count * test_fraction)), count - 2 if validation_fraction > 0 else count - 1)
+    validation = 0
+    if validation_fraction > 0 and count >= 2:
+        validation = min(max(1, _round_half_up(count * validation_fraction)), count - 1 - test)
+    return validation, test
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def stratified_split(
+    items_by_class: dict[str, Sequence[T]],
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    key: Callable[[T], str] = str,
+) -> dict[str, dict[str, list[T]]]:
+    """Split every class separately: split -> class -> items.
+
+    Items are sorted by ``key`` before a shuffle seeded by (seed, class name), so the
+    result depends on neither listing order nor the other classes.
+    """
+    result: dict[str, dict[str, list[T]]] = {s: {} for s in SPLITS}
+    for class_name, items in items_by_class.items():
+        ordered = sorted(items, key=key)
+        random.Random(f"{seed}/split/{class_name}").shuffle(ordered)
+        validation, test = split_sizes(len(ordered), validation_fraction, test_fraction)
+        result["test"][class_name] = ordered[:test]
+        result["validation"][class_name] = ordered[test : test + validation]
+        result["train"][class_name] = ordered[test + validation :]
+    return result
+
+
+def _assign_splits(
+    layout: SourceLayout, files: list[SourceFile], checks: dict[str, ImageCheck], cfg: PrepareConfig
+) -> dict[str, list[Entry]]:
+    """Usable images per split (sorted by path), with splits lacking a folder carved out of train."""
+    labels = {name: i for i, name in enumerate(layout.class_names)}
+    usable: dict[str, dict[str, list[Entry]]] = {split: {} for split in layout.split_folders}
+    for f in files:
+        check = checks[f.path]
+        if check.problem is None:
+            usable[f.folder_split].setdefault(f.class_name, []).append(Entry(f, check, labels[f.class_name]))
+    _require_usable_images(layout, files, checks, usable)
+
+    fractions = {s: getattr(cfg, f"{s}_fraction") if s not in layout.split_folders else 0.0 for s in SPLITS[1:]}
+    carved = stratified_split(
+        usable["train"], fractions["validation"], fractions["test"], cfg.seed, key=lambda e: e.file.rel
+    )
+    splits: dict[str, list[Entry]] = {}
+    for split in SPLITS:
+        per_class = usable[split] if split in layout.split_folders and split != "train" else carved[split]
+        splits[split] = sorted((e for entries in per_class.values() for e in entries), key=lambda e: e.file.rel)
+        if not splits[split] and fractions.get(split, 0.0) > 0:
+            minimum = 2 if split == "validation" else 3
+            raise DataError(
+                f"the {split} split is empty: no class has {minimum} or more usable images; "
+                f"add images or set prepare.{split}_fraction=0"
+            )
+    return splits
+
+
+def _require_usable_images(
+    layout: SourceLayout,
+    files: list[SourceFile],
+    checks: dict[str, ImageCheck],
+    usable: dict[str, dict[str, list[Entry]]],
+) -> None:
+    if files and not any(usable.values()):
+        reasons = Counter(checks[f.path].problem for f in files)
+        raise DataError(
+            f"all {len(files)} files are unusable ({_reason_phrase(reasons)}; e.g. {files[0].rel}); "
+            "the class folders must hold images PIL can read (JPEG, PNG, ...)"
+        )
+    for split, per_class in layout.files.items():
+        for class_name, class_files in per_class.items():
+            if usable[split].get(class_name):
+                continue
+            folder = "/".join(p for p in (layout.split_folders[split], class_name) if p)
+            if not class_files:
+                raise DataError(f"class folder {folder} is empty; add images or remove the folder")
+            reasons = Counter(checks[f.path].problem for f in class_files)
+            raise DataError(
+                f"class folder {folder} has no usable images ({len(class_files)} file(s) skipped: "
+                f"{_reason_phrase(reasons)}); add valid images or remove the folder"
+            )
+
+
+def _reason_phrase(reasons: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+
+
+def _class_counts(entries: list[Entry], class_names: list[str]) -> dict[str, int]:
+    counts = Counter(e.file.class_name for e in entries)
+    return {name: counts.get(name, 0) for name in class_names}
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_count(total_bytes: int, images: int, shard_size_mb: float, min_shards: int) -> int:
+    """Shards for a split: enough to keep each near ``shard_size_mb``, at least ``min_shards``,
+    never more than one per image (an empty shard would give a reader nothing)."""
+    if images <= 0:
+        return 0
+    by_size = math.ceil(total_bytes / (shard_size_mb * 1e6))
+    return max(1, min(max(by_size, min_shards), images))
+
+
+def assign_to_shards(count: int, shards: int, seed: int | str) -> list[list[int]]:
+    """Item indices per shard: a seeded shuffle cut into runs whose lengths differ by at most one.
+
+    The shuffle mixes classes within every shard, so a worker reading a few shards still
+    sees all classes.
+    """
+    if count == 0:
+        return []
+    order = list(range(count))
+    random.Random(f"{seed}").shuffle(order)
+    base, extra = divmod(count, shards)
+    cuts, start = [], 0
+    for i in range(shards):
+        end = start + base + (1 if i < extra else 0)
+        cuts.append(order[start:end])
+        start = end
+    return cuts
+
+
+def _write_split(
+    pool: _Workers, output: str, split: str, entries: list[Entry], cfg: PrepareConfig, say: Progress
+) -> list[Shard]:
+    import tensorflow as tf
+
+    n = shard_count(sum(e.check.nbytes for e in entries), len(entries), cfg.shard_size_mb, cfg.min_shards)
+    plan = [[entries[i] for i in shard] for shard in assign_to_shards(len(entries), n, f"{cfg.seed}/shards/{split}")]
+    meter = _Meter(f"wrote {split}", len(entries), say)
+    written: list[Shard] = []
+    done = 0
+    for index, shard_entries in enumerate(plan):
+        name = records.shard_name(split, index, n)
+        path = storage.join(output, name)
+        # One shard's payloads at a time keeps memory near one shard, however large the split.
+        payloads = pool.map_ordered(_record_payload, [(e.file.path, e.check.reencode) for e in shard_entries])
+        with tf.io.TFRecordWriter(path) as writer:
+            for entry, payload in zip(shard_entries, payloads, strict=True):
+                writer.write(_example(entry, payload).SerializeToString())
+                done += 1
+                meter.update(done)
+        written.append(Shard(path=name, records=len(shard_entries), bytes=storage.size(path)))
+    return written
+
+
+def _record_payload(job: tuple[str, bool]) -> bytes:
+    """The bytes stored for one checked image (runs in a worker process)."""
+    from PIL import Image
+
+    path, needs_reencode = job
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if not needs_reencode:
+            return data
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return reencode(image)[0]
+    except Exception as err:
+        raise DataError(f"{path} changed while prepare was running ({err}); run prepare again") from None
+
+
+def _example(entry: Entry, payload: bytes) -> Any:
+    c = entry.check
+    return records.make_example(payload, c.fmt, c.height, c.width, entry.label, entry.file.class_name, entry.file.rel)
+
+
+# --------------------------------------------------------------------------- report file
+
+
+def _report_json(report: PrepareReport, files: list[SourceFile], checks: dict[str, ImageCheck]) -> str:
+    import json
+
+    m = report.manifest
+    skipped = [
+        {"path": f.rel, "reason": checks[f.path].problem, "detail": checks[f.path].detail}
+        for f in files
+        if checks[f.path].problem
+    ]
+    body = {
+        "source": m.source,
+        "output": report.output,
+        "created": m.created,
+        "seconds": round(report.seconds, 3),
+        "images_per_second": round(report.images_per_second, 1),
+        "files": len(files),
+        "images": {split: m.split_size(split) for split in SPLITS},
+        "skipped_count": len(skipped),
+        "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
+        "skipped": skipped,
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+# --------------------------------------------------------------------------- processes and progress
+
+
+class _Workers:
+    """A process pool, or this process alone when one worker is enough (a pool of one is only overhead)."""
+
+    def __init__(self, pool: Any, workers: int) -> None:
+        self._pool = pool
+        self.workers = workers
+
+    def map_unordered(self, fn: Callable[[Any], T], items: Sequence[Any]) -> Iterator[T]:
+        if self._pool is None:
+            return map(fn, items)
+        return self._pool.imap_unordered(fn, items, self._chunksize(len(items)))
+
+    def map_ordered(self, fn: Callable[[Any], T], items: Sequence[Any]) -> Iterator[T]:
+        if self._pool is None:
+            return map(fn, items)
+        return self._pool.imap(fn, items, self._chunksize(len(items)))
+
+    def _chunksize(self, jobs: int) -> int:
+        # Big enough to amortise inter-process overhead, small enough to balance the load.
+        return max(1, min(64, jobs // (self.workers * 8)))
+
+
+@contextlib.contextmanager
+def _worker_pool(processes: int, jobs: int) -> Iterator[_Workers]:
+    workers = min(processes or os.cpu_count() or 1, max(jobs, 1))
+    if workers <= 1:
+        yield _Workers(None, 1)
+        return
+    with multiprocessing.get_context(_start_method()).Pool(workers) as pool:
+        yield _Workers(pool, workers)
+
+
+def _start_method() -> str:
+    """fork while it is safe, spawn once TensorFlow runs in this process.
+
+    fork is fast and works from scripts without an ``if __name__ == "__main__"`` guard, but
+    it would copy TensorFlow's threads in an undefined state; spawned workers import only
+    this module and PIL (they need the guard in the calling script).
+    """
+    return "spawn" if "tensorflow" in sys.modules else "fork"
+
+
+@dataclass
+class _Meter:
+    """Reports ``done/total`` every 2 seconds or every 10%, whichever comes first."""
+
+    verb: str
+    total: int
+    say: Progress
+    started: float = field(default_factory=time.monotonic)
+    last_time: float = field(default_factory=time.monotonic)
+    last_decile: int = 0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        decile = done * 10 // max(self.total, 1)
+        if decile > self.last_decile or now - self.last_time >= _PROGRESS_SECONDS or done == self.total:
+            self.last_decile, self.last_time = decile, now
+            rate = done / max(now - self.started, 1e-9)
+            self.say(f"{self.verb} {done}/{self.total} images ({100 * done // max(self.total, 1)}%), {rate:.0f} img/s")
