@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from trainer.contract import Env, ExitCode
-from trainer.errors import ConfigError, DataError, TrainerError, TransientError
+from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
 
 log = logging.getLogger("trainer")
 
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(_run(args) or ExitCode.OK)
     except TrainerError as err:
@@ -89,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug: keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
         print(f"error: {classified}", file=sys.stderr, flush=True)
         return int(classified.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Kubernetes sends SIGTERM before killing a pod. The run resumes from its last backup.
+    raise Preempted("received SIGTERM; stopping (the run resumes from its last backup when restarted)")
 
 
 def classify(err: Exception) -> TrainerError | None:

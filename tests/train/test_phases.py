@@ -11,7 +11,7 @@ import tf_keras as keras
 
 from trainer.config import Config, PhaseConfig, load_config
 from trainer.errors import DataError
-from trainer.train.callbacks import current_learning_rate, improved
+from trainer.train.callbacks import current_learning_rate, score
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, WarmupSchedule, make_optimizer, plan_phase
 from trainer.train.state import PhaseResult, RunState, load_state, save_state
@@ -149,21 +149,28 @@ def test_phase_names_are_the_config_sections_in_order():
 
 
 @pytest.mark.parametrize(
-    ("monitor", "value", "best", "expected"),
+    ("monitor", "logs", "expected"),
     [
-        ("val_loss", 0.4, None, True),  # the first value is always an improvement
-        ("val_loss", 0.3, 0.4, True),
-        ("val_loss", 0.5, 0.4, False),
-        ("val_loss", 0.4, 0.4, False),  # a tie is no improvement
-        ("loss", 0.1, 0.2, True),
-        ("val_accuracy", 0.9, 0.8, True),
-        ("val_accuracy", 0.7, 0.8, False),
-        ("accuracy", 0.8, 0.8, False),
-        ("val_accuracy", float("nan"), None, False),  # a diverged first epoch is never "best"
+        ("val_loss", {"val_loss": 0.4}, (-0.4, 0.0)),  # losses count negated: higher is better
+        ("val_accuracy", {"val_accuracy": 0.9, "val_loss": 0.3}, (0.9, -0.3)),
+        ("accuracy", {"accuracy": 0.8}, (0.8, 0.0)),  # no matching loss: no tie-break
+        ("val_accuracy", {"val_accuracy": float("nan")}, None),  # a diverged epoch is never "best"
+        ("val_accuracy", {"loss": 0.3}, None),  # not measured
     ],
 )
-def test_improved(monitor, value, best, expected):
-    assert improved(monitor, value, best) is expected
+def test_score(monitor, logs, expected):
+    assert score(monitor, logs) == expected
+
+
+def test_score_orders_epochs_as_a_person_would():
+    def better(a: dict, b: dict, monitor="val_accuracy") -> bool:
+        return score(monitor, a) > score(monitor, b)
+
+    assert better({"val_accuracy": 0.9, "val_loss": 0.5}, {"val_accuracy": 0.8, "val_loss": 0.1})
+    # Saturated accuracy: the lower loss (a more confident model) breaks the tie.
+    assert better({"val_accuracy": 1.0, "val_loss": 0.2}, {"val_accuracy": 1.0, "val_loss": 0.9})
+    assert not better({"val_accuracy": 1.0, "val_loss": 0.9}, {"val_accuracy": 1.0, "val_loss": 0.9})
+    assert better({"val_loss": 0.3}, {"val_loss": 0.4}, monitor="val_loss")
 
 
 # --------------------------------------------------------------------------- run state

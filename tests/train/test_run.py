@@ -112,7 +112,7 @@ def _epochs_logged(metrics_log) -> list[tuple[str, int]]:
     return [(row["phase"], row["epoch"]) for row in map(json.loads, metrics_log.read_text().splitlines())]
 
 
-def test_killed_run_resumes_from_its_backup_without_repeating_epochs(tiny_dataset, tmp_path):
+def test_stopped_run_resumes_from_its_backup_without_repeating_epochs(tiny_dataset, tmp_path):
     output = tmp_path / "run"
     args = _settings(tiny_dataset, str(output), "phases.fine_tuning.epochs=3")
     metrics_log = output / "metrics.jsonl"
@@ -123,8 +123,8 @@ def test_killed_run_resumes_from_its_backup_without_repeating_epochs(tiny_datase
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the first run never reached fine-tuning epoch 1"
         time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    first.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills a pod
+    assert first.wait(timeout=60) == ExitCode.PREEMPTED
     assert (output / "backup" / "fine_tuning").exists()
 
     second = _start_worker(args, tmp_path / "second.log")

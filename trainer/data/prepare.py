@@ -642,12 +642,17 @@ class _Workers:
 
 @contextlib.contextmanager
 def _worker_pool(processes: int, jobs: int) -> Iterator[_Workers]:
-    workers = min(processes or os.cpu_count() or 1, max(jobs, 1))
+    workers = min(processes or _usable_cpus(), max(jobs, 1))
     if workers <= 1:
         yield _Workers(None, 1)
         return
     with multiprocessing.get_context(_start_method()).Pool(workers) as pool:
         yield _Workers(pool, workers)
+
+
+def _usable_cpus() -> int:
+    # The CPUs this process may run on (a container's cpuset), not every core of the host.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _start_method() -> str:
@@ -662,19 +667,18 @@ def _start_method() -> str:
 
 @dataclass
 class _Meter:
-    """Reports ``done/total`` every 2 seconds or every 10%, whichever comes first."""
+    """Reports ``done/total`` every 2 seconds; quick runs (under 2 s) stay quiet."""
 
     verb: str
     total: int
     say: Progress
     started: float = field(default_factory=time.monotonic)
     last_time: float = field(default_factory=time.monotonic)
-    last_decile: int = 0
 
     def update(self, done: int) -> None:
         now = time.monotonic()
-        decile = done * 10 // max(self.total, 1)
-        if decile > self.last_decile or now - self.last_time >= _PROGRESS_SECONDS or done == self.total:
-            self.last_decile, self.last_time = decile, now
+        finished_slowly = done == self.total and now - self.started >= _PROGRESS_SECONDS
+        if now - self.last_time >= _PROGRESS_SECONDS or finished_slowly:
+            self.last_time = now
             rate = done / max(now - self.started, 1e-9)
             self.say(f"{self.verb} {done}/{self.total} images ({100 * done // max(self.total, 1)}%), {rate:.0f} img/s")

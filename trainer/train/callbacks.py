@@ -27,10 +27,19 @@ def current_learning_rate(optimizer) -> float:
     return float(keras.backend.get_value(lr))
 
 
-def improved(monitor: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return not math.isnan(value)
-    return value < best if monitor.endswith("loss") else value > best
+def score(monitor: str, logs: dict[str, Any]) -> tuple[float, float] | None:
+    """How good an epoch was, as a tuple where higher is better; None when not measured.
+
+    Losses count negated. Accuracy ties (common on small validation sets, where accuracy
+    saturates at 1.0) are broken by the matching loss, so the more confident model wins.
+    """
+    value = logs.get(monitor)
+    if value is None or math.isnan(float(value)):
+        return None
+    if monitor.endswith("loss"):
+        return (-float(value), 0.0)
+    loss = logs.get(monitor.replace("accuracy", "loss"))
+    return (float(value), -float(loss) if loss is not None and not math.isnan(float(loss)) else 0.0)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -112,15 +121,22 @@ class KeepBest(keras.callbacks.Callback):
         record_path: str,
         is_chief: bool,
         save_weights,
-        baseline: float | None = None,
+        baseline: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.monitor, self.weights_path, self.record_path = monitor, weights_path, record_path
         self.is_chief, self._save_weights = is_chief, save_weights
-        self.baseline = baseline
-        self.best: float | None = baseline
+        self.baseline = tuple(baseline) if baseline is not None else None
+        self.best_score: tuple[float, float] | None = self.baseline
         self.best_epoch: int | None = None  # None: no epoch of this phase beat the baseline
         self.best_weights: list[np.ndarray] | None = None
+
+    @property
+    def best(self) -> float | None:
+        """The monitored value of the best epoch (as logged, not negated)."""
+        if self.best_score is None:
+            return None
+        return -self.best_score[0] if self.monitor.endswith("loss") else self.best_score[0]
 
     def start(self, model: keras.Model, load_weights) -> None:
         """Call before fit (before any backup is restored): the model holds the phase's start weights.
@@ -134,24 +150,23 @@ class KeepBest(keras.callbacks.Callback):
         if not storage.exists(self.record_path):
             return
         record = json.loads(storage.read_text(self.record_path))
-        current = self.model.get_weights()
-        load_weights(self.model, self.weights_path)
-        self.best_weights = self.model.get_weights()
-        self.model.set_weights(current)
-        self.best, self.best_epoch = record["value"], record["epoch"]
+        current = model.get_weights()
+        load_weights(model, self.weights_path)
+        self.best_weights = model.get_weights()
+        model.set_weights(current)
+        self.best_score, self.best_epoch = tuple(record["score"]), record["epoch"]
         log.info("restored best-so-far of this phase: %s=%.4f at epoch %d", self.monitor, self.best, self.best_epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not improved(self.monitor, float(value), self.best):
+        current = score(self.monitor, logs or {})
+        if current is None or (self.best_score is not None and current <= self.best_score):
             return
-        self.best, self.best_epoch = float(value), epoch + 1
+        self.best_score, self.best_epoch = current, epoch + 1
         self.best_weights = self.model.get_weights()
         if self.is_chief:
             self._save_weights(self.model, self.weights_path)
-            storage.write_text(
-                self.record_path, json.dumps({"monitor": self.monitor, "value": self.best, "epoch": self.best_epoch})
-            )
+            record = {"monitor": self.monitor, "value": self.best, "score": list(current), "epoch": self.best_epoch}
+            storage.write_text(self.record_path, json.dumps(record))
 
     def on_train_end(self, logs=None):
         if self.best_weights is None:

@@ -123,7 +123,7 @@ def run_phase(
     validation_data,
     is_chief: bool,
     class_names: list[str],
-    baseline: float | None = None,
+    baseline: tuple[float, float] | None = None,
 ) -> PhaseResult:
     """Fit one phase with backups, best-weights tracking, early stopping and logs."""
     monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
@@ -173,6 +173,7 @@ def run_phase(
         epochs_run=len(rows),
         best_epoch=keep_best.best_epoch,
         best_value=keep_best.best,
+        best_score=list(keep_best.best_score) if keep_best.best_score is not None else None,
         seconds=round(time.perf_counter() - started, 2),
         history=rows,
     )

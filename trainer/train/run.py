@@ -148,9 +148,9 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     return summary
 
 
-def _best_so_far(state: RunState) -> float | None:
-    """The best monitored score of the completed phases (the model starts the next phase with it)."""
-    scores = [r.best_value for r in state.phases.values() if r.best_value is not None]
+def _best_so_far(state: RunState) -> tuple[float, float] | None:
+    """The best score of the completed phases (the model starts the next phase with it)."""
+    scores = [tuple(r.best_score) for r in state.phases.values() if r.best_score is not None]
     return scores[-1] if scores else None
 
 

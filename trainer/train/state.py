@@ -20,9 +20,10 @@ STATE_VERSION = 1
 class PhaseResult:
     epochs_run: int
     best_epoch: int | None
-    best_value: float | None
+    best_value: float | None  # train.monitor at the best epoch
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: list[float] | None = None  # callbacks.score() of the best epoch: the next phase's baseline
 
 
 @dataclass
