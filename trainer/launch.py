@@ -63,13 +63,16 @@ def _pump(stream, prefix: str, sink) -> None:
     stream.close()
 
 
-def launch_local(num_workers: int, args: Sequence[str], sink=None) -> int:
-    """Run the workers to completion; 0 when all succeed, else the first failure's code."""
+def launch_local(num_workers: int, args: Sequence[str], sink=None, command: Sequence[str] | None = None) -> int:
+    """Run the workers to completion; 0 when all succeed, else the first failure's code.
+
+    ``command`` replaces the trainer entrypoint (tests use it to run other programs).
+    """
     if num_workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {num_workers}")
     sink = sink or sys.stdout
     workers = [f"localhost:{port}" for port in free_ports(num_workers)] if num_workers > 1 else []
-    command = entrypoint_command() + list(args)
+    command = list(command or entrypoint_command()) + list(args)
     procs, pumps = [], []
     for index in range(num_workers):
         env = worker_env(workers, index)
