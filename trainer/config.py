@@ -179,7 +179,6 @@ class RuntimeConfig:
 @dataclass
 class OutputConfig:
     dir: str = _f("", "Run directory (local path or gs://bucket/prefix): backups, logs, best model, export, summary.")
-    keep_backup: bool = _f(False, "Keep the resumable backup after a successful run (default: delete it).")
 
 
 @dataclass

@@ -40,6 +40,14 @@ class Env(enum.StrEnum):
     CONFIG_FILE = "TRAINER_CONFIG"  # path of the YAML configuration (the chart's ConfigMap)
     LOG_PREFIX = "TRAINER_LOG_PREFIX"  # set by the local launcher; informational
     LEGACY_KERAS = "TF_USE_LEGACY_KERAS"  # must be "1": tf-keras (Keras 2) runs MWMS
+    # Set by the Helm chart on an Indexed Job's pods; the trainer derives TF_CONFIG from them.
+    COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes for Indexed Jobs
+    NUM_WORKERS = "TRAINER_NUM_WORKERS"
+    JOB_NAME = "TRAINER_JOB_NAME"
+    SERVICE_NAME = "TRAINER_SERVICE_NAME"  # the headless Service (the pods' subdomain)
+    NAMESPACE = "TRAINER_NAMESPACE"
+    WORKER_PORT = "TRAINER_WORKER_PORT"
+    SCRATCH_DIR = "TRAINER_SCRATCH_DIR"  # writable local scratch (emptyDir) for staging and caches
 
 
 #: Port each worker listens on for tf.distribute collectives (the chart's worker port).
@@ -49,6 +57,14 @@ METRICS_PORT = 9090
 
 #: The console script installed by pyproject and used as the container entrypoint.
 ENTRYPOINT = "trainer"
+#: Fixed non-root user and group of the container image; the chart's securityContext uses it.
+CONTAINER_UID = 10001
+CONTAINER_GID = 10001
+#: Where the chart mounts the ConfigMap holding the trainer's configuration.
+CONFIG_MOUNT_DIR = "/etc/trainer"
+CONFIG_FILE_NAME = "config.yaml"
+#: Writable scratch directory in the container (an emptyDir in the chart).
+SCRATCH_MOUNT_DIR = "/scratch"
 
 # File names inside a prepared dataset and a run's output directory.
 MANIFEST_FILE = "manifest.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +31,11 @@ def saved_model_dir(path: str) -> str:
     raise ConfigError(f"no SavedModel at {path}; pass the run's export directory (<output.dir>/export)")
 
 
-def read_labels(export_dir: str) -> list[str]:
-    path = storage.join(export_dir, LABELS_FILE)
+def read_labels(saved_model: str, num_classes: int) -> list[str]:
+    """Class names from ``labels.txt`` beside the SavedModel; indices when it is missing."""
+    path = storage.join(saved_model.rstrip("/").rsplit("/", 1)[0], LABELS_FILE)
     if not storage.exists(path):
-        path = storage.join(export_dir, "..", LABELS_FILE)
+        return [str(i) for i in range(num_classes)]
     return storage.read_text(path).splitlines()
 
 
@@ -46,7 +46,8 @@ def predict_files(model_path: str, images: list[str], top_k: int = 3) -> list[Pr
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
-    serve = load_serving(saved_model_dir(model_path))
+    saved_model = saved_model_dir(model_path)
+    serve = load_serving(saved_model)
     labels = None
     results: list[Prediction] = []
     for start in range(0, len(images), BATCH):
@@ -59,18 +60,11 @@ def predict_files(model_path: str, images: list[str], top_k: int = 3) -> list[Pr
                 f"cannot decode one of {batch} ({str(err).splitlines()[0]}); pass JPEG or PNG files"
             ) from None
         probabilities = outputs["probabilities"].numpy()
-        labels = labels or _labels_from(probabilities, model_path)
+        labels = labels or read_labels(saved_model, probabilities.shape[-1])
         for path, probs in zip(batch, probabilities, strict=True):
             order = np.argsort(-probs)[:top_k]
             results.append(Prediction(path, [(labels[i], float(probs[i])) for i in order], probs))
     return results
-
-
-def _labels_from(probabilities, model_path: str) -> list[str]:
-    try:
-        return read_labels(os.path.dirname(saved_model_dir(model_path).rstrip("/")))
-    except FileNotFoundError:
-        return [str(i) for i in range(probabilities.shape[-1])]
 
 
 def _read_image(path: str) -> bytes:

@@ -66,6 +66,7 @@ class Preflight:
     manifest: Manifest
     state: RunState
     weights_file: model_lib.WeightsFile | None
+    train_files: list[str]  # every training shard, in order
 
 
 def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
@@ -81,7 +82,7 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
     state = load_state(layout.state, manifest.class_names)
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
-    return Preflight(layout, manifest, state, _checked_weights_file(cfg, manifest))
+    return Preflight(layout, manifest, state, _checked_weights_file(cfg, manifest), train_files)
 
 
 def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]:
@@ -91,9 +92,8 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     layout, manifest, state, weights_file = checked.layout, checked.manifest, checked.state, checked.weights_file
 
     global_batch = cfg.train.batch_size_per_replica * dist.replicas
-    train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
-    train_data = _distributed_training_data(cfg, dist, manifest, train_files)
+    train_data = _distributed_training_data(cfg, dist, manifest, checked.train_files)
     validation_data = _evaluation_data(cfg, manifest, "validation", global_batch)
 
     with dist.strategy.scope():
@@ -141,8 +141,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
         state.complete = True
         save_state(layout.state, state)
-        if not cfg.output.keep_backup:
-            storage.remove_tree(storage.join(layout.root, "backup"))
+        storage.remove_tree(storage.join(layout.root, "backup"))  # each phase's backup is gone already
         log.info("run summary written to %s", layout.summary)
     barrier(dist)
     return summary
