@@ -134,6 +134,9 @@ def _run(args: argparse.Namespace) -> int | None:
         print(config_lib.reference_markdown(), end="")
         return None
     cfg = config_lib.load_config(args.config, args.overrides)
+    from trainer import gcs
+
+    gcs.set_retry_budget(cfg.storage.retry_budget_seconds)
     if args.command == "config":
         print(config_lib.to_yaml(cfg), end="")
         return None
@@ -160,7 +163,9 @@ def _train_args(args: argparse.Namespace) -> list[str]:
 def _prepare(args: argparse.Namespace, cfg) -> None:
     from trainer.data.prepare import prepare_dataset
 
-    report = prepare_dataset(args.source, args.dataset, cfg.prepare, overwrite=args.overwrite)
+    report = prepare_dataset(
+        args.source, args.dataset, cfg.prepare, overwrite=args.overwrite, upload_workers=cfg.storage.upload_workers
+    )
     for line in report.summary_lines():
         print(line)
 

@@ -182,6 +182,14 @@ class OutputConfig:
 
 
 @dataclass
+class StorageConfig:
+    retry_budget_seconds: float = _f(
+        120.0, "Seconds one storage operation may spend retrying transient failures (429, 5xx, timeouts).", gt=0
+    )
+    upload_workers: int = _f(8, "Parallel uploads when `prepare` writes to gs://.", ge=1)
+
+
+@dataclass
 class Config:
     data: DataConfig = _section(DataConfig, "Input data and the tf.data pipeline.")
     prepare: PrepareConfig = _section(PrepareConfig, "How `trainer prepare` turns an image folder into shards.")
@@ -190,6 +198,7 @@ class Config:
     train: TrainConfig = _section(TrainConfig, "Settings shared by both phases.")
     runtime: RuntimeConfig = _section(RuntimeConfig, "Devices, precision and determinism.")
     output: OutputConfig = _section(OutputConfig, "Where results go.")
+    storage: StorageConfig = _section(StorageConfig, "Object storage (gs://) behaviour.")
 
 
 # --------------------------------------------------------------------------- loading

@@ -72,3 +72,20 @@ PREPARE_REPORT_FILE = "prepare-report.json"
 RUN_SUMMARY_FILE = "summary.json"
 METRICS_LOG_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.txt"
+
+# Packaging: the Helm chart, the plain manifests and the container image use these.
+#: Name of the Helm chart (helm/<CHART_NAME>/) and of the container image.
+CHART_NAME = "vgg-trainer"
+IMAGE_NAME = "vgg-trainer"
+#: Name of the trainer container in the chart's Job (the podFailurePolicy rules name it).
+CONTAINER_NAME = "trainer"
+#: Names of the worker and metrics ports on the pods and the headless Service.
+WORKER_PORT_NAME = "worker"
+METRICS_PORT_NAME = "metrics"
+#: The Keras VGG16 "notop" ImageNet weights file, baked into the image at build time; the chart's
+#: default ``model.weights``. tf-keras caches downloads under ~/.keras only when it is writable,
+#: which a read-only root filesystem rules out, so the image keeps the file at a fixed path.
+VGG16_NOTOP_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+BAKED_WEIGHTS_PATH = "/opt/vgg-trainer/weights/" + VGG16_NOTOP_WEIGHTS_FILE
+#: Prefix of every Prometheus metric the trainer exports (the chart's dashboard and rules use it).
+METRIC_PREFIX = "trainer_"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 
 import tensorflow as tf
@@ -68,24 +67,11 @@ def export_model(
         tf.saved_model.save(module, saved, signatures={SIGNATURE: module.serve})
         keras_file = os.path.join(tmp, "model.keras")
         model.save(keras_file)
-        _copy_tree(saved, layout.saved_model)
+        storage.upload_tree(saved, layout.saved_model)
         storage.copy(keras_file, layout.keras_model)
     storage.write_text(layout.labels, "".join(name + "\n" for name in class_names))
     log.info("exported SavedModel to %s", layout.saved_model)
     return {"saved_model": layout.saved_model, "keras_model": layout.keras_model, "labels": layout.labels}
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    storage.remove_tree(dst)
-    if not storage.is_remote(dst):
-        shutil.copytree(src, dst)
-        return
-    for directory, _, files in os.walk(src):
-        rel = os.path.relpath(directory, src)
-        target = dst if rel == "." else storage.join(dst, *rel.split(os.sep))
-        storage.makedirs(target)
-        for name in files:
-            storage.copy(os.path.join(directory, name), storage.join(target, name))
 
 
 def load_serving(path: str):

@@ -1,7 +1,10 @@
-"""File access for local paths and object-store URIs (gs://...).
+"""File access for local paths and object-store URIs.
 
-Local paths use the standard library; URIs go through TensorFlow's filesystem layer
-(``tf.io.gfile``), imported only when needed so light commands stay fast.
+- local paths: the standard library (writes are atomic: temporary file + rename);
+- ``gs://``: google-cloud-storage (:mod:`trainer.gcs`), with retries and clear errors;
+- other URIs (``s3://``, ``hdfs://`` ... where TensorFlow supports them): ``tf.io.gfile``.
+
+TensorFlow is imported only when needed, so light commands stay fast.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import tempfile
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+def is_gcs(path: str) -> bool:
+    return path.startswith("gs://")
 
 
 def join(base: str, *parts: str) -> str:
@@ -28,10 +35,18 @@ def _gfile():
 
 
 def exists(path: str) -> bool:
+    if is_gcs(path):
+        from trainer import gcs
+
+        return gcs.exists(path)
     return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
 
 
 def read_bytes(path: str) -> bytes:
+    if is_gcs(path):
+        from trainer import gcs
+
+        return gcs.read_bytes(path)
     if is_remote(path):
         gfile = _gfile()
         if not gfile.exists(path):
@@ -47,9 +62,14 @@ def read_text(path: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file; local writes are atomic (temp file + rename)."""
+    """Write a whole file; atomic locally (temp file + rename) and on GCS (one object)."""
+    if is_gcs(path):
+        from trainer import gcs
+
+        gcs.write_bytes(path, data)
+        return
     if is_remote(path):
-        with _gfile().GFile(path, "wb") as fh:  # one object upload: atomic on GCS
+        with _gfile().GFile(path, "wb") as fh:
             fh.write(data)
         return
     directory = os.path.dirname(path) or "."
@@ -70,6 +90,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def makedirs(path: str) -> None:
+    if is_gcs(path):
+        return  # object stores have no directories
     if is_remote(path):
         _gfile().makedirs(path)
     else:
@@ -77,6 +99,13 @@ def makedirs(path: str) -> None:
 
 
 def glob(pattern: str) -> list[str]:
+    if is_gcs(pattern):
+        import fnmatch
+
+        from trainer import gcs
+
+        prefix = pattern.split("*", 1)[0]
+        return sorted(uri for uri in gcs.list_names(prefix) if fnmatch.fnmatchcase(uri, pattern))
     if is_remote(pattern):
         return sorted(_gfile().glob(pattern))
     import glob as _glob
@@ -85,13 +114,22 @@ def glob(pattern: str) -> list[str]:
 
 
 def size(path: str) -> int:
+    if is_gcs(path):
+        from trainer import gcs
+
+        return gcs.size(path)
     return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
 
 
 def remove_tree(path: str) -> None:
-    if is_remote(path):
+    """Remove a file or a directory (for URIs: the object and everything under the prefix)."""
+    if is_gcs(path):
+        from trainer import gcs
+
+        gcs.delete_prefix(path)
+    elif is_remote(path):
         if _gfile().exists(path):
-            _gfile().rmtree(path)
+            _gfile().rmtree(path) if _gfile().isdir(path) else _gfile().remove(path)
     elif os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
@@ -99,7 +137,30 @@ def remove_tree(path: str) -> None:
 
 
 def copy(src: str, dst: str) -> None:
-    if is_remote(src) or is_remote(dst):
+    """Copy one file; local -> gs:// uploads, gs:// -> local downloads."""
+    if is_gcs(dst) and not is_remote(src):
+        from trainer import gcs
+
+        gcs.upload_file(src, dst)
+    elif is_gcs(src) and not is_remote(dst):
+        from trainer import gcs
+
+        gcs.download_file(src, dst)
+    elif is_remote(src) or is_remote(dst):
         _gfile().copy(src, dst, overwrite=True)
     else:
         shutil.copyfile(src, dst)
+
+
+def upload_tree(local_dir: str, dst: str) -> None:
+    """Copy a local directory tree to ``dst`` (replacing what was there)."""
+    remove_tree(dst)
+    if not is_remote(dst):
+        shutil.copytree(local_dir, dst)
+        return
+    for directory, _, files in os.walk(local_dir):
+        rel = os.path.relpath(directory, local_dir)
+        target = dst if rel == "." else join(dst, *rel.split(os.sep))
+        makedirs(target)
+        for name in files:
+            copy(os.path.join(directory, name), join(target, name))

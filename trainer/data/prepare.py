@@ -24,10 +24,14 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -161,6 +165,7 @@ def prepare_dataset(
     progress: Progress | None = None,
     *,
     overwrite: bool = False,
+    upload_workers: int = 8,
 ) -> PrepareReport:
     """Check every image under ``source`` and write shards, report and manifest to ``output``.
 
@@ -177,9 +182,11 @@ def prepare_dataset(
     with _worker_pool(cfg.processes, len(sources)) as pool:
         checks = _check_images(pool, sources, cfg.min_image_side, say)
         splits = _assign_splits(layout, sources, checks, cfg)
-        _remove_previous_dataset(output)
+        _remove_previous_dataset(output, keep_shards=storage.is_gcs(output))
         storage.makedirs(output)
-        shards = {split: _write_split(pool, output, split, splits[split], cfg, say) for split in SPLITS}
+        with ShardSink(output, upload_workers, say) as sink:
+            shards = {split: _write_split(pool, sink, split, splits[split], cfg, say) for split in SPLITS}
+        sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
 
     skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
     manifest = Manifest(
@@ -230,17 +237,94 @@ def _refuse_unsafe_output(source: str, output: str, overwrite: bool) -> None:
         )
 
 
-def _remove_previous_dataset(output: str) -> None:
+def _remove_previous_dataset(output: str, keep_shards: bool = False) -> None:
     """Delete an old manifest first (so the dataset reads as unfinished), then its shards and report.
 
     Also clears shards left behind by an interrupted run, whose names may differ from
-    the new ones. Only files named like ours are touched.
+    the new ones. Only files named like ours are touched. ``keep_shards`` (object stores)
+    leaves shards in place: a re-run skips those already uploaded intact and deletes
+    stale ones at the end.
     """
     storage.remove_tree(manifest_path(output))
-    for split in SPLITS:
-        for path in storage.glob(storage.join(output, f"{split}-*-of-*{records.SHARD_SUFFIX}")):
+    if not keep_shards:
+        for path in _existing_shards(output):
             storage.remove_tree(path)
     storage.remove_tree(storage.join(output, PREPARE_REPORT_FILE))
+
+
+def _existing_shards(output: str) -> list[str]:
+    return [p for split in SPLITS for p in storage.glob(storage.join(output, f"{split}-*-of-*{records.SHARD_SUFFIX}"))]
+
+
+class ShardSink:
+    """Where `prepare` writes shards: in place locally; for gs://, a local staging file per
+
+    shard, uploaded in parallel (while later shards are built) and skipped when an intact
+    copy (same size and crc32c) is already there, which makes an interrupted run resumable.
+    """
+
+    def __init__(self, output: str, upload_workers: int, say: Progress):
+        self.output, self.say = output, say
+        self.remote = storage.is_gcs(output)
+        self._staging: tempfile.TemporaryDirectory | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._uploads: list[Future] = []
+        self.uploaded = self.skipped = 0
+        self.bytes_uploaded = 0
+        self._count_lock = threading.Lock()
+        self.upload_workers = upload_workers
+
+    def __enter__(self) -> ShardSink:
+        if self.remote:
+            self._staging = tempfile.TemporaryDirectory(prefix="prepare-")
+            self._pool = ThreadPoolExecutor(self.upload_workers, thread_name_prefix="upload")
+        return self
+
+    def path_for(self, name: str) -> str:
+        """Where the TFRecord writer writes shard ``name``."""
+        return os.path.join(self._staging.name, name) if self._staging else storage.join(self.output, name)
+
+    def finished(self, name: str) -> int:
+        """The shard is written: start its upload; returns its size in bytes."""
+        path = self.path_for(name)
+        nbytes = os.path.getsize(path) if self.remote else storage.size(path)
+        if self._pool:
+            self._uploads.append(self._pool.submit(self._upload, path, storage.join(self.output, name)))
+        return nbytes
+
+    def _upload(self, path: str, uri: str) -> None:
+        from trainer import gcs
+
+        sent = gcs.upload_file(path, uri)
+        with self._count_lock:
+            if sent:
+                self.uploaded += 1
+                self.bytes_uploaded += os.path.getsize(path)
+            else:
+                self.skipped += 1
+        os.remove(path)  # keep local disk use near the shards in flight
+
+    def __exit__(self, *exc_info) -> None:
+        if not self._pool:
+            return
+        try:
+            for future in self._uploads:
+                future.result()  # the first failed upload raises here
+            self.say(
+                f"uploaded {self.uploaded} shard(s) ({self.bytes_uploaded / 1e6:.1f} MB), "
+                f"{self.skipped} already there intact"
+            )
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._staging.cleanup()
+
+    def remove_stale_shards(self, keep: set[str]) -> None:
+        """Delete shards of an earlier, different run (names not in ``keep``)."""
+        if not self.remote:
+            return
+        for uri in _existing_shards(self.output):
+            if uri.rsplit("/", 1)[-1] not in keep:
+                storage.remove_tree(uri)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -543,7 +627,7 @@ def assign_to_shards(count: int, shards: int, seed: int | str) -> list[list[int]
 
 
 def _write_split(
-    pool: _Workers, output: str, split: str, entries: list[Entry], cfg: PrepareConfig, say: Progress
+    pool: _Workers, sink: ShardSink, split: str, entries: list[Entry], cfg: PrepareConfig, say: Progress
 ) -> list[Shard]:
     import tensorflow as tf
 
@@ -554,15 +638,17 @@ def _write_split(
     done = 0
     for index, shard_entries in enumerate(plan):
         name = records.shard_name(split, index, n)
-        path = storage.join(output, name)
+        path = sink.path_for(name)
         # One shard's payloads at a time keeps memory near one shard, however large the split.
         payloads = pool.map_ordered(_record_payload, [(e.file.path, e.check.reencode) for e in shard_entries])
         with tf.io.TFRecordWriter(path) as writer:
             for entry, payload in zip(shard_entries, payloads, strict=True):
-                writer.write(_example(entry, payload).SerializeToString())
+                # deterministic: protobuf map order otherwise varies between processes, and shards must be
+                # byte-identical across runs (reproducible datasets; resumable uploads skip intact shards).
+                writer.write(_example(entry, payload).SerializeToString(deterministic=True))
                 done += 1
                 meter.update(done)
-        written.append(Shard(path=name, records=len(shard_entries), bytes=storage.size(path)))
+        written.append(Shard(path=name, records=len(shard_entries), bytes=sink.finished(name)))
     return written
 
 
@@ -646,8 +732,13 @@ def _worker_pool(processes: int, jobs: int) -> Iterator[_Workers]:
     if workers <= 1:
         yield _Workers(None, 1)
         return
-    with multiprocessing.get_context(_start_method()).Pool(workers) as pool:
+    with multiprocessing.get_context(_start_method()).Pool(workers, initializer=_reset_signals) as pool:
         yield _Workers(pool, workers)
+
+
+def _reset_signals() -> None:
+    # Forked workers inherit the CLI's SIGTERM handler; the pool stops them with SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _usable_cpus() -> int:

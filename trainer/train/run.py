@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,7 +83,21 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
     state = load_state(layout.state, manifest.class_names)
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
-    return Preflight(layout, manifest, state, _checked_weights_file(cfg, manifest), train_files)
+    weights_file = _checked_weights_file(cfg, manifest)
+    probe_writable(layout.root, cluster.worker_index)
+    return Preflight(layout, manifest, state, weights_file, train_files)
+
+
+def probe_writable(root: str, worker_index: int) -> None:
+    """Write and delete a small object under ``root``: fails now, not after hours of training."""
+    probe = storage.join(root, f".probe-worker-{worker_index}-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_text(probe, "probe\n")
+        storage.remove_tree(probe)
+    except PermissionError:
+        raise ConfigError(
+            f"cannot write to output.dir {root} (permission denied); choose a writable location"
+        ) from None
 
 
 def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]:
