@@ -51,6 +51,14 @@ class AugmentConfig:
 
 
 @dataclass
+class StagingConfig:
+    enabled: bool = _f(False, "Copy this worker's shards to local disk in the background and read them from there.")
+    dir: str = _f("", "Local directory for the copies; empty = $TRAINER_SCRATCH_DIR, else the system temp dir.")
+    budget_gb: float = _f(50.0, "Disk the copies may use; shards beyond it are read remotely.", ge=0)
+    parallel_downloads: int = _f(4, "Concurrent shard downloads per worker.", ge=1)
+
+
+@dataclass
 class DataConfig:
     dataset: str = _f("", "Prepared dataset directory (local path or gs://bucket/prefix) holding manifest.json.")
     image_size: int = _f(224, "Side of the square model input in pixels (VGG16 needs >= 32).", ge=MIN_IMAGE_SIZE)
@@ -61,6 +69,7 @@ class DataConfig:
     read_parallelism: int = _f(0, "Shards read concurrently per worker; 0 = tf.data AUTOTUNE.", ge=0)
     prefetch_batches: int = _f(0, "Batches prefetched ahead of training; 0 = AUTOTUNE.", ge=0)
     augment: AugmentConfig = _section(AugmentConfig, "Training-time augmentation.")
+    staging: StagingConfig = _section(StagingConfig, "Optional local copies of remote (gs://) training shards.")
 
 
 @dataclass

@@ -152,6 +152,24 @@ def copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+def copy_verified(src: str, local_path: str, expected_size: int) -> None:
+    """Copy ``src`` to a local file, verified: crc32c on gs://, size everywhere; atomic rename."""
+    if is_gcs(src):
+        from trainer import gcs
+
+        gcs.download_file(src, local_path, expected_size)
+        return
+    tmp = f"{local_path}.partial"
+    copy(src, tmp)
+    got = os.path.getsize(tmp)
+    if got != expected_size:
+        os.remove(tmp)
+        from trainer.errors import DataError
+
+        raise DataError(f"{src} has {got} bytes, the manifest says {expected_size}; re-run `trainer prepare`")
+    os.replace(tmp, local_path)
+
+
 def upload_tree(local_dir: str, dst: str) -> None:
     """Copy a local directory tree to ``dst`` (replacing what was there)."""
     remove_tree(dst)

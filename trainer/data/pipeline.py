@@ -143,8 +143,14 @@ def _options(deterministic: bool, shard_policy: tf.data.experimental.AutoShardPo
     return options
 
 
-def _read(files: Sequence[str], cfg: DataConfig, deterministic: bool, shuffle_seed: int | None) -> tf.data.Dataset:
-    files_ds = tf.data.Dataset.from_tensor_slices(list(files))
+def _read(
+    files: Sequence[str], cfg: DataConfig, deterministic: bool, shuffle_seed: int | None, stager=None
+) -> tf.data.Dataset:
+    if stager is not None:
+        # Re-evaluated every epoch: a shard is read from its local copy once that is complete.
+        files_ds = tf.data.Dataset.from_generator(stager.paths, output_signature=tf.TensorSpec([], tf.string))
+    else:
+        files_ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle_seed is not None:
         files_ds = files_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
     parallel = cfg.read_parallelism or AUTOTUNE
@@ -157,10 +163,20 @@ def _read(files: Sequence[str], cfg: DataConfig, deterministic: bool, shuffle_se
 
 
 def training_dataset(
-    files: Sequence[str], cfg: DataConfig, num_classes: int, batch_size: int, seed: int, deterministic: bool
+    files: Sequence[str],
+    cfg: DataConfig,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    deterministic: bool,
+    stager=None,
 ) -> tf.data.Dataset:
-    """An endless stream of augmented training batches from this worker's ``files``."""
-    ds = _read(files, cfg, deterministic, shuffle_seed=seed)
+    """An endless stream of augmented training batches from this worker's ``files``.
+
+    ``stager`` (a :class:`trainer.data.staging.ShardStager` over the same files) makes
+    later epochs read local copies.
+    """
+    ds = _read(files, cfg, deterministic, shuffle_seed=seed, stager=stager)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     # One independent seed pair per record drives the stateless augmentation ops.
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)

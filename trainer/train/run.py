@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -27,6 +29,7 @@ from trainer import model as model_lib
 from trainer import storage
 from trainer.cluster import ClusterSpec
 from trainer.config import Config
+from trainer.contract import Env
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest, read_manifest
 from trainer.errors import ConfigError, DataError
@@ -186,9 +189,12 @@ def _resume_after_completed_phases(model: keras.Model, state: RunState, layout: 
 
 def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manifest, files: list[str]):
     """Each worker's input pipeline reads its own shards (sharded here, not by tf.data)."""
+    stagers = []  # kept alive as long as the datasets
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         own = pipeline.shards_for_worker(files, context.num_input_pipelines, context.input_pipeline_id)
+        stager = _stager(cfg, manifest, files, own)
+        stagers.append(stager)
         return pipeline.training_dataset(
             own,
             cfg.data,
@@ -196,9 +202,24 @@ def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manife
             context.get_per_replica_batch_size(cfg.train.batch_size_per_replica * dist.replicas),
             seed=cfg.runtime.seed + context.input_pipeline_id,
             deterministic=cfg.runtime.deterministic,
+            stager=stager,
         )
 
     return dist.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _stager(cfg: Config, manifest: Manifest, files: list[str], own: list[str]):
+    staging = cfg.data.staging
+    if not staging.enabled or not all(storage.is_remote(f) for f in own):
+        return None
+    from trainer.data.staging import ShardStager
+
+    sizes = dict(zip(files, (s.bytes for s in manifest.shards["train"]), strict=True))
+    directory = staging.dir or os.path.join(os.environ.get(Env.SCRATCH_DIR.value) or tempfile.gettempdir(), "shards")
+    log.info("staging %d shard(s) to %s in the background", len(own), directory)
+    return ShardStager(
+        own, [sizes[f] for f in own], directory, int(staging.budget_gb * 1e9), staging.parallel_downloads
+    )
 
 
 def _evaluation_data(cfg: Config, manifest: Manifest, split: str, global_batch: int) -> tf.data.Dataset | None:
