@@ -164,7 +164,8 @@ class TrainConfig:
     )
     steps_per_epoch: int = _f(0, "Training steps per epoch; 0 = train images // global batch.", ge=0)
     validation_steps: int = _f(0, "Validation batches per epoch; 0 = the whole validation split.", ge=0)
-    backup_every_steps: int = _f(50, "Write a resumable backup every this many steps (and at each epoch end).", ge=1)
+    backup_every_steps: int = _f(50, "Write a resumable backup every this many steps.", ge=1)
+    backups_to_keep: int = _f(2, "Complete backups kept per phase (older ones are deleted).", ge=1)
     monitor: Literal["val_accuracy", "val_loss"] = _f(
         "val_accuracy", "Metric that selects the best model and drives early stopping."
     )

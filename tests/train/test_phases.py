@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
@@ -255,3 +256,22 @@ def test_run_layout_paths_on_an_object_store():
 
     assert layout.state == "gs://bucket/runs/7/state.json"
     assert layout.saved_model == "gs://bucket/runs/7/export/saved_model"
+
+
+# --------------------------------------------------------------------------- backups
+
+
+def test_backups_keep_the_last_k_complete_checkpoints(tmp_path):
+    from trainer.train.callbacks import BackupAndRestore
+
+    model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((10, 3), "float32"), np.zeros((10, 2), "float32")
+    backup = BackupAndRestore(str(tmp_path / "backup"), save_freq=1, keep=2)
+
+    model.fit(x, y, batch_size=2, epochs=1, callbacks=[backup], verbose=0)
+
+    chief = tmp_path / "backup" / "chief"
+    assert sorted(p.name for p in chief.glob("ckpt-*.index")) == ["ckpt-4.index", "ckpt-5.index"]
+    # The commit marker names the newest backup; an unfinished one would never be named.
+    assert 'model_checkpoint_path: "ckpt-5"' in (chief / "checkpoint").read_text()

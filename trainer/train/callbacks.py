@@ -180,3 +180,25 @@ class KeepBest(keras.callbacks.Callback):
             )
         else:
             log.info("phase ends with its best epoch %d (%s=%.4f)", self.best_epoch, self.monitor, self.best)
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' resumable backups, keeping the last ``keep`` complete ones.
+
+    Each backup is a TensorFlow checkpoint; the small ``checkpoint`` state object, written
+    after all of a backup's files, is its commit marker. A restart restores the newest
+    backup the marker names, so a backup interrupted mid-write (on GCS, where a
+    checkpoint's "rename" is a copy + delete of many objects) is never restored; keeping
+    more than one leaves an older complete backup even if the newest is damaged later.
+    """
+
+    def __init__(self, backup_dir: str, save_freq: int, keep: int):
+        # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
+        self.keep = keep
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        state = self._training_state
+        for manager in {id(m): m for m in (state.read_checkpoint_manager, state.write_checkpoint_manager)}.values():
+            manager._max_to_keep = self.keep  # CheckpointManager has no public setter

@@ -19,7 +19,7 @@ from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
 from trainer.strategy import scaled_learning_rate
-from trainer.train.callbacks import EpochTimer, KeepBest, MetricsLog
+from trainer.train.callbacks import BackupAndRestore, EpochTimer, KeepBest, MetricsLog
 from trainer.train.layout import RunLayout
 from trainer.train.state import PhaseResult
 
@@ -140,10 +140,7 @@ def run_phase(
     )
     keep_best.start(model, model_lib.load_weights)
     callbacks = [
-        # delete_checkpoint=False: the backup is removed only after the phase's completion is recorded.
-        keras.callbacks.BackupAndRestore(
-            layout.backup(plan.name), save_freq=cfg.train.backup_every_steps, delete_checkpoint=False
-        ),
+        BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep),
         timer,
         keep_best,
         metrics_log,
