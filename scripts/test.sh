@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # README command 2: set up, lint, then run the whole test suite (slow multi-process tests included).
+# Needs root or unprivileged user namespaces (for scripts/sandbox.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Real helm and kubectl for the chart tests (tests/chart), into the git-ignored .tools/bin.
+PYTHON=.venv/bin/python scripts/tools.sh
+export PATH="$PWD/.tools/bin:$PATH"
 .venv/bin/ruff check trainer tests
-exec .venv/bin/python -m pytest "$@"
+# The tests run in a private network namespace where the GCS host names resolve to the
+# emulator on loopback (TensorFlow's gs:// has fixed endpoints); see scripts/sandbox.sh.
+exec scripts/sandbox.sh .venv/bin/python -m pytest "$@"

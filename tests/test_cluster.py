@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from trainer.cluster import make_tf_config, parse_tf_config
+from trainer.cluster import make_tf_config, parse_tf_config, tf_config_from_env
 from trainer.errors import ConfigError
 
 WORKERS = ["w0:2222", "w1:2222", "w2:2222"]
@@ -104,3 +105,53 @@ def test_make_tf_config_round_trips():
         assert spec.workers == tuple(WORKERS)
         assert spec.worker_index == index
         assert spec.task_type == "worker"
+
+
+# --------------------------------------------------------------------------- Indexed Job
+
+
+def indexed_job_env(index: int, workers: int = 3, **extra: str) -> dict[str, str]:
+    """What the Helm chart and Kubernetes set on an Indexed Job's pod."""
+    return {
+        "TRAINER_NUM_WORKERS": str(workers),
+        "TRAINER_JOB_NAME": "flowers-7f9c",
+        "TRAINER_SERVICE_NAME": "flowers",
+        "TRAINER_NAMESPACE": "ml",
+        "TRAINER_WORKER_PORT": "2222",
+        "JOB_COMPLETION_INDEX": str(index),
+        **extra,
+    }
+
+
+def test_tf_config_is_derived_from_the_indexed_job_environment():
+    spec = parse_tf_config(tf_config_from_env(indexed_job_env(2)))
+
+    assert spec.workers == (
+        "flowers-7f9c-0.flowers.ml.svc:2222",
+        "flowers-7f9c-1.flowers.ml.svc:2222",
+        "flowers-7f9c-2.flowers.ml.svc:2222",
+    )
+    assert spec.worker_index == 2 and not spec.is_chief
+
+
+def test_an_explicit_tf_config_wins_and_one_worker_needs_none():
+    explicit = make_tf_config(["a:1", "b:2"], 1)
+    assert tf_config_from_env(indexed_job_env(0, TF_CONFIG=explicit)) == explicit
+    assert tf_config_from_env(indexed_job_env(0, workers=1)) is None
+    assert tf_config_from_env({}) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TRAINER_NUM_WORKERS": "2"},
+            "TRAINER_JOB_NAME, TRAINER_SERVICE_NAME, TRAINER_NAMESPACE, JOB_COMPLETION_INDEX",
+        ),
+        (indexed_job_env(3), "JOB_COMPLETION_INDEX=3 is outside 0..2"),
+        (indexed_job_env(0, TRAINER_NUM_WORKERS="two"), "TRAINER_NUM_WORKERS='two' is not a whole number"),
+    ],
+)
+def test_an_incomplete_job_environment_is_a_config_error(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tf_config_from_env(env)

@@ -175,7 +175,7 @@ def _train(cfg) -> None:
     from trainer.strategy import build_distribution
     from trainer.train.run import preflight, train
 
-    cluster = cluster_lib.parse_tf_config(os.environ.get(Env.TF_CONFIG.value))
+    cluster = cluster_lib.parse_tf_config(cluster_lib.tf_config_from_env(os.environ))
     checked = preflight(cfg, cluster)  # bad input fails here, before waiting for peers
     if checked.state.complete:
         log.info("the run in %s is already complete; nothing to do", checked.layout.root)
@@ -184,6 +184,8 @@ def _train(cfg) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    if cluster.is_multi_worker and Env.TF_CONFIG.value not in os.environ:
+        os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
     train(cfg, dist, checked)
 

@@ -8,8 +8,10 @@ Worker 0 is the chief unless the cluster names an explicit ``chief`` task.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from trainer.contract import WORKER_PORT, Env
 from trainer.errors import ConfigError
 
 
@@ -79,3 +81,47 @@ def parse_tf_config(text: str | None) -> ClusterSpec:
 def make_tf_config(workers: list[str], index: int) -> str:
     """TF_CONFIG for worker ``index`` of a worker-only cluster (what the launcher sets)."""
     return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}})
+
+
+def tf_config_from_env(env: Mapping[str, str]) -> str | None:
+    """TF_CONFIG for this process: the explicit variable, else derived from the Indexed Job.
+
+    The Helm chart runs one pod per worker in an Indexed Job whose pods are reachable at
+    ``<job>-<index>.<service>.<namespace>.svc`` (the headless Service is their subdomain);
+    it sets TRAINER_NUM_WORKERS, TRAINER_JOB_NAME, TRAINER_SERVICE_NAME, TRAINER_NAMESPACE
+    and TRAINER_WORKER_PORT, and Kubernetes sets JOB_COMPLETION_INDEX. One worker needs no
+    TF_CONFIG (and so never uses MultiWorkerMirroredStrategy).
+    """
+    explicit = env.get(Env.TF_CONFIG.value, "").strip()
+    if explicit:
+        return explicit
+    workers = _int_env(env, Env.NUM_WORKERS, default=1)
+    if workers <= 1:
+        return None
+    missing = [
+        v.value for v in (Env.JOB_NAME, Env.SERVICE_NAME, Env.NAMESPACE, Env.COMPLETION_INDEX) if not env.get(v.value)
+    ]
+    if missing:
+        raise ConfigError(
+            f"{Env.NUM_WORKERS.value}={workers} but {', '.join(missing)} not set; "
+            "run through the Helm chart's Job, or set TF_CONFIG"
+        )
+    index = _int_env(env, Env.COMPLETION_INDEX, default=0)
+    if not 0 <= index < workers:
+        raise ConfigError(
+            f"{Env.COMPLETION_INDEX.value}={index} is outside 0..{workers - 1}; fix the Job's parallelism"
+        )
+    job, service, namespace = (env[v.value] for v in (Env.JOB_NAME, Env.SERVICE_NAME, Env.NAMESPACE))
+    port = _int_env(env, Env.WORKER_PORT, default=WORKER_PORT)
+    peers = [f"{job}-{i}.{service}.{namespace}.svc:{port}" for i in range(workers)]
+    return make_tf_config(peers, index)
+
+
+def _int_env(env: Mapping[str, str], name: Env, default: int) -> int:
+    text = env.get(name.value, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name.value}={text!r} is not a whole number; fix the pod's environment") from None

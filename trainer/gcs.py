@@ -103,25 +103,14 @@ def identity() -> str:
 
 
 def _retry():
-    from google.api_core import exceptions, retry
+    """google-cloud-storage's own notion of transient (429, 5xx, connection resets, timeouts,
 
-    transient = (
-        exceptions.TooManyRequests,
-        exceptions.InternalServerError,
-        exceptions.BadGateway,
-        exceptions.ServiceUnavailable,
-        exceptions.GatewayTimeout,
-        exceptions.RequestRangeNotSatisfiable,
-        ConnectionError,
-        TimeoutError,
-    )
+    including the download layer's InvalidResponse), with our budget, backoff and logging.
+    """
+    from google.api_core import retry
+    from google.cloud.storage.retry import DEFAULT_RETRY
 
-    import requests
-
-    transient += (requests.ConnectionError, requests.Timeout)
-
-    def is_transient(err: BaseException) -> bool:
-        return isinstance(err, transient) or getattr(err, "code", 0) == 408
+    is_transient = DEFAULT_RETRY._predicate  # the library's predicate; no public accessor
 
     def on_error(err: BaseException) -> None:
         log.warning("storage: transient %s, retrying", type(err).__name__)

@@ -1,0 +1,91 @@
+# syntax=docker/dockerfile:1.7
+# The trainer's container image: GPU TensorFlow, the trainer installed with the pinned versions of
+# constraints.txt, the VGG16 "notop" ImageNet weights baked in (pods start without downloads;
+# air-gapped clusters work), a fixed non-root user, `trainer` as the entrypoint.
+#
+#   docker build -t REGISTRY/vgg-trainer:0.1.0 .
+#   docker run --rm --gpus all REGISTRY/vgg-trainer:0.1.0 config
+#
+# tests/chart/test_chart_image.py keeps this file in step with pyproject.toml, constraints.txt,
+# trainer/contract.py and the Helm chart (versions, user id, entrypoint, ports, weights path).
+
+# The TensorFlow version of the base image must equal the tensorflow pin in constraints.txt.
+ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
+
+# --------------------------------------------------------------------------- weights
+FROM ${BASE_IMAGE} AS weights
+# The file and the hash tf_keras.applications.vgg16 uses for include_top=False (Keras publishes an
+# MD5 for it). Pass --build-arg VGG16_NOTOP_SHA256=<hex> to also pin its SHA-256 (the build
+# prints it); a mismatch of either fails the build.
+ARG VGG16_NOTOP_URL=https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
+ARG VGG16_NOTOP_MD5=6d6bbae143d832006294945121d1f1fc
+ARG VGG16_NOTOP_SHA256=
+ARG VGG16_NOTOP_SIZE=58889256
+RUN mkdir -p /weights && python3 - <<'PY'
+import hashlib, os, sys, urllib.request
+
+url = os.environ["VGG16_NOTOP_URL"]
+target = "/weights/" + url.rsplit("/", 1)[1]
+urllib.request.urlretrieve(url, target)
+data = open(target, "rb").read()
+md5, sha256 = hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest()
+print(f"{target}: {len(data)} bytes, md5 {md5}, sha256 {sha256}")
+problems = []
+if len(data) != int(os.environ["VGG16_NOTOP_SIZE"]):
+    problems.append(f"size {len(data)} != {os.environ['VGG16_NOTOP_SIZE']}")
+if md5 != os.environ["VGG16_NOTOP_MD5"]:
+    problems.append(f"md5 {md5} != {os.environ['VGG16_NOTOP_MD5']}")
+if os.environ.get("VGG16_NOTOP_SHA256") and sha256 != os.environ["VGG16_NOTOP_SHA256"]:
+    problems.append(f"sha256 {sha256} != {os.environ['VGG16_NOTOP_SHA256']}")
+if problems:
+    sys.exit(f"error: {url} failed verification: {'; '.join(problems)}")
+PY
+
+# --------------------------------------------------------------------------- image
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
+LABEL org.opencontainers.image.title="vgg-trainer" \
+      org.opencontainers.image.description="Distributed VGG16 transfer learning with tf.distribute (MultiWorkerMirroredStrategy), run as a Kubernetes Indexed Job" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    TF_USE_LEGACY_KERAS=1 \
+    TF_CPP_MIN_LOG_LEVEL=1 \
+    HOME=/home/trainer
+
+# The fixed non-root user the chart's securityContext runs as (trainer/contract.py CONTAINER_UID/GID).
+RUN groupadd --gid 10001 trainer \
+ && useradd --uid 10001 --gid 10001 --no-log-init --create-home --home-dir /home/trainer \
+      --shell /usr/sbin/nologin trainer
+
+# Install the project as pyproject.toml says, with the pinned versions (the same way as scripts/setup.sh,
+# without the dev extra; the base image brings TensorFlow's CUDA libraries).
+WORKDIR /tmp/vgg-trainer-src
+COPY pyproject.toml constraints.txt README.md ./
+COPY trainer ./trainer
+RUN python3 -c "import sys; sys.exit(None if sys.version_info >= (3, 11) else 'error: the base image has Python ' + sys.version.split()[0] + '; the trainer needs >= 3.11')" \
+ && python3 -m pip install -c constraints.txt . \
+ && python3 -c "import tensorflow as tf, tf_keras; v = tf.__version__; print('tensorflow', v, 'tf_keras', tf_keras.__version__); assert tf_keras.__version__.split('.')[:2] == v.split('.')[:2], 'tf_keras does not match tensorflow'" \
+ && trainer config > /dev/null \
+ && cd / && rm -rf /tmp/vgg-trainer-src
+
+# The weights at the fixed path the chart's default model.weights names (contract BAKED_WEIGHTS_PATH),
+# and in the Keras cache, so `model.weights: imagenet` finds them too where $HOME is writable.
+COPY --from=weights /weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 /opt/vgg-trainer/weights/
+RUN chmod 0444 /opt/vgg-trainer/weights/*.h5 \
+ && mkdir -p /home/trainer/.keras/models \
+ && ln -s /opt/vgg-trainer/weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 /home/trainer/.keras/models/ \
+ && chown -R 10001:10001 /home/trainer
+
+WORKDIR /home/trainer
+USER 10001:10001
+# Worker port (tf.distribute collectives) and Prometheus metrics port (trainer/contract.py).
+EXPOSE 2222 9090
+ENTRYPOINT ["trainer"]
+CMD ["--help"]
