@@ -27,7 +27,7 @@ def gcs_module_reset() -> None:
 
 def test_parse_uris():
     assert gcs_lib.GcsPath.parse("gs://bucket/a/b.txt") == gcs_lib.GcsPath("bucket", "a/b.txt")
-    assert str(gcs_lib.GcsPath.parse("gs://bucket/prefix/")) == "gs://bucket/prefix"
+    assert str(gcs_lib.GcsPath.parse("gs://bucket/prefix/")) == "gs://bucket/prefix/"  # a "dir/" marker object
     for bad in ("bucket/a", "gs://", "s3://bucket/a"):
         with pytest.raises(ConfigError, match="is not a gs://bucket/path URI"):
             gcs_lib.GcsPath.parse(bad)

@@ -50,7 +50,7 @@ class GcsPath:
         if not uri.startswith(SCHEME) or not uri[len(SCHEME) :].split("/", 1)[0]:
             raise ConfigError(f"{uri!r} is not a gs://bucket/path URI; write it as gs://BUCKET/PREFIX")
         bucket, _, name = uri[len(SCHEME) :].partition("/")
-        return cls(bucket, name.strip("/") if name.endswith("/") else name.lstrip("/"))
+        return cls(bucket, name.lstrip("/"))  # kept as is: "dir/" marker objects end with a slash
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.name}"
