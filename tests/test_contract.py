@@ -97,3 +97,24 @@ def test_cli_train_on_missing_dataset_exits_65_with_one_error_line(clean_env, ca
     assert err.startswith("error: no manifest.json in /nonexistent; run `trainer prepare")
     assert err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_tensorflow_errors_are_summarised_by_their_informative_line():
+    from trainer.cli import tf_error_summary
+
+    message = (
+        "Graph execution error:\n\nDetected at node IteratorGetNext defined at (most recent call last):\n"
+        '  File "train.py", line 6, in <module>\n\n'
+        "gs://bucket/data/train-00001-of-00004.tfrecord; No such file or directory\n"
+        "\t [[{{node IteratorGetNext}}]] [Op:__inference_train_function_31]"
+    )
+
+    assert tf_error_summary(message) == "gs://bucket/data/train-00001-of-00004.tfrecord; No such file or directory"
+    assert tf_error_summary("Collective ops is aborted by: peer died") == "Collective ops is aborted by: peer died"
+    gcs_404 = (
+        "Error executing an HTTP request: HTTP response code 404 with body '{\"error\": {}}'\n"
+        "\t when reading gs://bucket/data/train-00001-of-00004.tfrecord"
+    )
+    assert tf_error_summary(gcs_404) == (
+        "Error executing an HTTP request: HTTP response code 404 at gs://bucket/data/train-00001-of-00004.tfrecord"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -106,7 +107,7 @@ def classify(err: Exception) -> TrainerError | None:
         return None
     import tensorflow as tf
 
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first_line = tf_error_summary(str(err)) or type(err).__name__
     if isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
         return TransientError(f"{type(err).__name__}: {first_line} (a peer or the storage is unreachable; retry)")
     if isinstance(err, tf.errors.DataLossError):
@@ -116,6 +117,19 @@ def classify(err: Exception) -> TrainerError | None:
     if isinstance(err, tf.errors.PermissionDeniedError):
         return DataError(f"permission denied ({first_line}); grant access to the dataset and output locations")
     return None
+
+
+def tf_error_summary(message: str) -> str:
+    """The informative line of a TensorFlow error (not "Graph execution error:" or a traceback)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
+    useful = [line for line in lines if not line.startswith(noise)]
+    line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", (useful or lines or [""])[0])
+    line = re.sub(r" with body '.*$", "", line)  # an HTTP error body: long, and says the same
+    uri = re.search(r"gs://[^\s'\"]+", message)
+    if uri and uri.group(0).rstrip(".,;:") not in line:
+        line += f" at {uri.group(0).rstrip('.,;:')}"
+    return line
 
 
 def _run(args: argparse.Namespace) -> int | None:

@@ -72,7 +72,8 @@ def test_two_workers_train_and_export_on_gcs_through_storage_faults(gcs, gcs_buc
     gcs.fail_next(2, status=503, path_contains="manifest.json")
     gcs.fail_next(3, status=503, path_contains="train-0000")
     settings = [*RUN, f"data.dataset={bucket}/data", f"model.weights={bucket}/weights/vgg16_notop.h5",
-                f"output.dir={bucket}/run"]  # fmt: skip
+                f"output.dir={bucket}/run", "data.staging.enabled=true"]  # fmt: skip
+    monkeypatch.setenv("TRAINER_SCRATCH_DIR", str(tmp_path / "scratch"))
     log = Lines()
 
     code = launch_local(2, ["train", *(arg for s in settings for arg in ("--set", s))], sink=log)
@@ -81,6 +82,10 @@ def test_two_workers_train_and_export_on_gcs_through_storage_faults(gcs, gcs_buc
     fingerprints = set(re.findall(r"weights fingerprint (\w+)", log.text))
     assert len(fingerprints) == 1 and len(re.findall(r"weights fingerprint", log.text)) == 2
     assert "loaded VGG16 base weights from gs://" in log.text
+    # Each worker staged its own 2 of the 4 training shards to local disk.
+    assert sorted(p.name for p in (tmp_path / "scratch" / "shards").iterdir()) == [
+        f"train-0000{i}-of-00004.tfrecord" for i in range(4)
+    ]
     assert len(gcs.requests(path_contains="manifest.json", status=503)) == 2
     assert len(gcs.requests(path_contains="train-0000", status=503)) == 3
 
