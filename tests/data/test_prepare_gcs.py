@@ -27,8 +27,9 @@ def images(tmp_path_factory) -> str:
 
 def _prepare(images: str, dataset: str, env: dict, *extra: str) -> subprocess.Popen:
     args = ["prepare", images, dataset, "--set", "prepare.min_shards=6", "--set", "prepare.processes=1", *extra]
-    return subprocess.Popen(entrypoint_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        entrypoint_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _objects(gcs, bucket: str, prefix: str) -> dict[str, int]:
