@@ -198,8 +198,12 @@ def _train(cfg) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    if cluster.is_multi_worker and Env.TF_CONFIG.value not in os.environ:
-        os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
+    if cluster.is_multi_worker:
+        from trainer.rendezvous import wait_for_peers
+
+        if Env.TF_CONFIG.value not in os.environ:
+            os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
+        wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
     train(cfg, dist, checked)
 

@@ -180,6 +180,9 @@ class RuntimeConfig:
     jit_compile: bool = _f(False, "Compile the training step with XLA.")
     deterministic: bool = _f(False, "Deterministic ops and input order (for tests; slower).")
     seed: int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
+    peer_wait_seconds: float = _f(
+        600.0, "Multi-worker: how long a worker waits at start for every peer to answer before giving up.", gt=0
+    )
     collective_timeout_seconds: float = _f(
         300.0, "Multi-worker: a collective that takes longer than this fails instead of hanging.", gt=0
     )
