@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from tests.support.training import LogSink
 from trainer.contract import ExitCode
 from trainer.launch import free_ports, launch_local, worker_env
 
@@ -22,19 +23,8 @@ time.sleep(float(behaviour))
 """
 
 
-class Lines:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, text):
-        self.text += text
-
-    def flush(self):
-        pass
-
-
 def run(behaviours: list[str]) -> tuple[int, str, float]:
-    sink = Lines()
+    sink = LogSink()
     started = time.monotonic()
     code = launch_local(len(behaviours), behaviours, sink=sink, command=[sys.executable, "-c", WORKER])
     return code, sink.text, time.monotonic() - started

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.support.training import TINY_RUN, LogSink, set_args
 from trainer.cluster import make_tf_config
 from trainer.config import PrepareConfig
 from trainer.contract import ExitCode
@@ -25,20 +26,6 @@ from trainer.data.synthetic import make_demo_images
 from trainer.launch import entrypoint_command, free_ports, launch_local
 
 pytestmark = pytest.mark.slow
-
-TINY_RUN = [
-    "model.weights=none",
-    "model.head.dense_units=[16]",
-    "data.image_size=32",
-    "data.shuffle_buffer=64",
-    "train.batch_size_per_replica=4",
-    "train.steps_per_epoch=4",
-    "train.backup_every_steps=2",
-    "phases.feature_extraction.epochs=1",
-    "phases.fine_tuning.epochs=2",
-    "runtime.verbose=0",
-    "runtime.collective_timeout_seconds=120",
-]
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +38,12 @@ def tiny_dataset(tmp_path_factory) -> str:
 
 
 def _settings(dataset: str, output: str, *extra: str) -> list[str]:
-    args = ["train"]
-    for item in [*TINY_RUN, f"data.dataset={dataset}", f"output.dir={output}", *extra]:
-        args += ["--set", item]
-    return args
-
-
-class _Capture:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.lines.append(text)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
+    return ["train", *set_args(*TINY_RUN, f"data.dataset={dataset}", f"output.dir={output}", *extra)]
 
 
 def test_two_workers_end_with_identical_weights_and_exit_cleanly(tiny_dataset, tmp_path):
     output = tmp_path / "run"
-    log = _Capture()
+    log = LogSink()
 
     code = launch_local(2, _settings(tiny_dataset, str(output)), sink=log)
 

@@ -13,35 +13,14 @@ import subprocess
 
 import pytest
 
+from tests.support.training import TINY_RUN, LogSink, set_args
 from trainer.contract import ExitCode
 from trainer.data.synthetic import make_demo_images
 from trainer.launch import entrypoint_command, launch_local
 
 pytestmark = pytest.mark.slow
 
-RUN = [
-    "model.head.dense_units=[16]",
-    "data.image_size=32",
-    "data.shuffle_buffer=64",
-    "train.batch_size_per_replica=4",
-    "train.steps_per_epoch=4",
-    "train.backup_every_steps=2",
-    "phases.feature_extraction.epochs=1",
-    "phases.fine_tuning.epochs=1",
-    "runtime.verbose=0",
-    "runtime.collective_timeout_seconds=120",
-]
-
-
-class Lines:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, text):
-        self.text += text
-
-    def flush(self):
-        pass
+RUN = [*TINY_RUN, "phases.fine_tuning.epochs=1"]
 
 
 def _vgg16_notop_weights(path) -> None:
@@ -74,9 +53,9 @@ def test_two_workers_train_and_export_on_gcs_through_storage_faults(gcs, gcs_buc
     settings = [*RUN, f"data.dataset={bucket}/data", f"model.weights={bucket}/weights/vgg16_notop.h5",
                 f"output.dir={bucket}/run", "data.staging.enabled=true"]  # fmt: skip
     monkeypatch.setenv("TRAINER_SCRATCH_DIR", str(tmp_path / "scratch"))
-    log = Lines()
+    log = LogSink()
 
-    code = launch_local(2, ["train", *(arg for s in settings for arg in ("--set", s))], sink=log)
+    code = launch_local(2, ["train", *set_args(*settings)], sink=log)
 
     assert code == ExitCode.OK, log.text[-4000:]
     fingerprints = set(re.findall(r"weights fingerprint (\w+)", log.text))

@@ -1,0 +1,36 @@
+"""Shared pieces of the tests that run real training processes."""
+
+from __future__ import annotations
+
+#: A run small enough for 2 CPU cores: random-weight VGG16 at 32x32, a few steps per phase.
+TINY_RUN = [
+    "model.weights=none",
+    "model.head.dense_units=[16]",
+    "data.image_size=32",
+    "data.shuffle_buffer=64",
+    "train.batch_size_per_replica=4",
+    "train.steps_per_epoch=4",
+    "train.backup_every_steps=2",
+    "phases.feature_extraction.epochs=1",
+    "phases.fine_tuning.epochs=2",
+    "runtime.verbose=0",
+    "runtime.collective_timeout_seconds=120",
+]
+
+
+def set_args(*settings: str) -> list[str]:
+    """``--set`` arguments for each ``key=value``."""
+    return [arg for item in settings for arg in ("--set", item)]
+
+
+class LogSink:
+    """Collects what the launcher writes (it takes any object with write/flush)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
