@@ -107,3 +107,15 @@ def test_download_checks_the_size_the_manifest_promised(bucket, tmp_path):
     with pytest.raises(DataError, match="has 100 bytes, the manifest says 120"):
         gcs_lib.download_file(uri, str(tmp_path / "bad"), expected_size=120)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_missing_credentials_are_a_config_error_with_the_ways_to_fix_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    gcs_module_reset()
+    try:
+        with pytest.raises(ConfigError, match="no Google Cloud credentials found; use Workload Identity") as raised:
+            storage.read_text("gs://bucket/manifest.json")
+        assert raised.value.exit_code == 64
+    finally:
+        gcs_module_reset()

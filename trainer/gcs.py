@@ -21,7 +21,6 @@ import base64
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,31 +63,28 @@ def set_retry_budget(seconds: float) -> None:
 # --------------------------------------------------------------------------- client and identity
 
 
-_lock = threading.Lock()
-
-
 @functools.cache
 def client():
     """One client per process (it is thread-safe and pools connections)."""
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
-    with _lock:
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
 
-            return storage.Client(project="emulator", credentials=AnonymousCredentials())
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    try:
         return storage.Client()
+    except DefaultCredentialsError:
+        raise ConfigError(
+            "no Google Cloud credentials found; use Workload Identity, set GOOGLE_APPLICATION_CREDENTIALS "
+            "to a key file, or run `gcloud auth application-default login`"
+        ) from None
 
 
 def identity() -> str:
     """Who the storage calls run as, for error messages: an e-mail or a kind, never a secret."""
-    try:
-        credentials = client()._credentials
-    except Exception as err:  # no credentials at all
-        raise ConfigError(
-            f"no Google Cloud credentials found ({type(err).__name__}); use Workload Identity, "
-            "set GOOGLE_APPLICATION_CREDENTIALS to a key file, or run `gcloud auth application-default login`"
-        ) from None
+    credentials = client()._credentials
     email = getattr(credentials, "service_account_email", None)
     if email and email != "default":
         return f"service account {email}"
