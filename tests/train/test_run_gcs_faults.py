@@ -63,15 +63,20 @@ def test_an_unwritable_output_fails_at_once_naming_identity_and_role(gcs, gcs_bu
     assert "roles/storage.objectUser" in line and "test-token" not in out
 
 
-def test_a_shard_deleted_after_prepare_is_a_clear_data_error(gcs, gcs_bucket, gcs_env, dataset):
-    gcs.delete_object(gcs_bucket, "data/train-00001-of-00004.tfrecord")
+def test_a_shard_deleted_mid_run_is_a_clear_data_error(gcs, gcs_bucket, gcs_env, dataset):
     run = _train(gcs_env, f"data.dataset={dataset}", f"output.dir=gs://{gcs_bucket}/run")
-
-    out, _ = run.communicate(timeout=180)
+    output = []
+    for line in run.stdout:  # training has started: validation shards are opened after epoch 1
+        output.append(line)
+        if "phase feature_extraction:" in line:
+            gcs.delete_object(gcs_bucket, "data/validation-00001-of-00004.tfrecord")
+            break
+    rest, _ = run.communicate(timeout=180)
+    out = "".join(output) + rest
 
     assert run.returncode == ExitCode.DATA_ERROR, out[-3000:]
     line = _error_line(out)
-    assert line.startswith("error: a file is missing") and "train-00001-of-00004.tfrecord" in line
+    assert line.startswith("error: a file is missing") and "validation-00001-of-00004.tfrecord" in line
 
 
 def test_a_worker_killed_while_writing_a_backup_restarts_from_the_previous_complete_one(
