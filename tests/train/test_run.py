@@ -83,7 +83,8 @@ def _epochs_logged(metrics_log) -> list[tuple[str, int]]:
 
 def test_stopped_run_resumes_from_its_backup_without_repeating_epochs(tiny_dataset, tmp_path):
     output = tmp_path / "run"
-    args = _settings(tiny_dataset, str(output), "phases.fine_tuning.epochs=3")
+    # Periodic backups only at epoch ends, so what survives a mid-epoch stop is the SIGTERM backup.
+    args = _settings(tiny_dataset, str(output), "phases.fine_tuning.epochs=3", "train.backup_every_steps=4")
     metrics_log = output / "metrics.jsonl"
 
     first = _start_worker(args, tmp_path / "first.log")
@@ -92,9 +93,11 @@ def test_stopped_run_resumes_from_its_backup_without_repeating_epochs(tiny_datas
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the first run never reached fine-tuning epoch 1"
         time.sleep(0.2)
+    time.sleep(1.5)  # into fine-tuning epoch 2
     first.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills a pod
     assert first.wait(timeout=60) == ExitCode.PREEMPTED
-    assert (output / "backup" / "fine_tuning").exists()
+    first_log = (tmp_path / "first.log").read_text()
+    assert re.search(r"SIGTERM: backup written in [\d.]+ s at epoch \d, step \d", first_log), first_log[-2000:]
 
     second = _start_worker(args, tmp_path / "second.log")
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]

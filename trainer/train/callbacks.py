@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import numpy as np
 import tf_keras as keras
 
 from trainer import storage
+from trainer.errors import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +195,42 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     more than one leaves an older complete backup even if the newest is damaged later.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, keep: int):
+    def __init__(self, backup_dir: str, save_freq: int, keep: int, backup_on_sigterm: bool = False):
         # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self.keep = keep
+        self.backup_on_sigterm = backup_on_sigterm
+        self._sigterm = threading.Event()
+        self._previous_handler = None
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         state = self._training_state
         for manager in {id(m): m for m in (state.read_checkpoint_manager, state.write_checkpoint_manager)}.values():
             manager._max_to_keep = self.keep  # CheckpointManager has no public setter
+        if self.backup_on_sigterm:
+            # Note the signal and finish the current step; the backup is written between steps.
+            self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._sigterm.set())
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self._sigterm.is_set():
+            started = time.perf_counter()
+            self._backup(epoch=self._current_epoch, batch=batch)
+            log.warning(
+                "SIGTERM: backup written in %.1f s at epoch %d, step %d; stopping",
+                time.perf_counter() - started,
+                self._current_epoch + 1,
+                batch + 1,
+            )
+            self._restore_handler()
+            raise Preempted("received SIGTERM; backup written, the run resumes from it when restarted")
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None

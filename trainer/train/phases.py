@@ -140,7 +140,13 @@ def run_phase(
     )
     keep_best.start(model, model_lib.load_weights)
     callbacks = [
-        BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep),
+        # A backup on SIGTERM needs every worker to save together: single-process runs only, for now.
+        BackupAndRestore(
+            layout.backup(plan.name),
+            cfg.train.backup_every_steps,
+            cfg.train.backups_to_keep,
+            backup_on_sigterm=not isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy),
+        ),
         timer,
         keep_best,
         metrics_log,
