@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
+    p = sub.add_parser("job", help="run the chart's Indexed Job on this machine (`helm template` output)")
+    job_sub = p.add_subparsers(dest="job_command", required=True)
+    p = job_sub.add_parser("run", help="one process per pod, with the Job controller's behaviour")
+    p.add_argument("manifests", help="rendered manifests (multi-document YAML, e.g. `helm template` output); - = stdin")
+    p.add_argument("--timeout", type=float, default=None, help="stop the Job after S seconds (default: no limit)")
+    p.add_argument("--namespace", "-n", default=None, help="the pods' namespace (default: the Job's, else default)")
+    p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the pods' volume directories")
+
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
     p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
@@ -137,6 +147,10 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.predict import predict_command
 
         return predict_command(args.model, args.images, args.top_k, args.json)
+    if args.command == "job":
+        from trainer.jobrunner import run_job_file
+
+        return run_job_file(args.manifests, args.timeout, args.namespace, args.network, args.volume, args.keep_workdir)
     if args.command == "demo":
         from trainer.demo import run_demo
 

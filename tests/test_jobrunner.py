@@ -1,0 +1,525 @@
+"""The local Job runner (trainer.jobrunner) on the real chart's rendered manifests.
+
+The fast tests render helm/vgg-trainer with real `helm template` and run the Job with the
+`trainer` entrypoint mapped to a stand-in script (written below) that records its environment,
+arguments and mounted config file, then does what a per-index plan says: exit 0/65/75/76, sleep
+until signalled (optionally ignoring SIGTERM), or talk to its peers on port 2222. They check the
+pod environment (fieldRefs, index, namespace, TF_CONFIG), the ConfigMap as a file, the
+podFailurePolicy (FailJob, Count up to backoffLimit, Ignore), pod replacement (never two live
+pods per index), grace periods, deadlines, conditions and the CLI. No TensorFlow.
+
+The slow test runs the real trainer, 2 workers, through the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+
+from trainer.cluster import parse_tf_config, tf_config_from_env
+from trainer.contract import WORKER_PORT
+from trainer.errors import ConfigError
+from trainer.jobrunner import JobRunner, load_manifests
+from trainer.jobrunner.network import PodNetwork, namespace_mode, pod_address
+from trainer.jobrunner.podspec import expand, rewrite_path
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "vgg-trainer"
+RELEASE = "flowers"
+NAMESPACE = "ml"
+ISOLATED = namespace_mode()[0] is not None
+needs_namespaces = pytest.mark.skipif(
+    not ISOLATED, reason=f"per-pod network namespaces unavailable: {namespace_mode()[1]}"
+)
+
+
+def _userns_available() -> bool:
+    flags = ["--user", "--map-root-user", "--net", "--mount", "--uts"]
+    return ISOLATED and subprocess.run(["unshare", *flags, "true"], capture_output=True).returncode == 0
+
+
+STANDIN = textwrap.dedent(
+    """
+    import json, os, signal, socket, sys, time
+    from pathlib import Path
+
+    plan_file = Path(os.environ["STANDIN_PLAN"])
+    state = plan_file.parent
+    index = os.environ["JOB_COMPLETION_INDEX"]
+    with open(state / f"attempts-{index}", "a") as f:
+        f.write("x")
+    attempt = len((state / f"attempts-{index}").read_text()) - 1
+    plan = json.loads(plan_file.read_text())
+    steps = plan.get(index, plan.get("*", ["ok"]))
+    step = steps[min(attempt, len(steps) - 1)]
+    record = {
+        "argv": sys.argv[1:], "env": dict(os.environ), "hostname": socket.gethostname(),
+        "attempt": attempt, "step": step, "peers": {},
+    }
+    if "--config" in sys.argv:
+        record["config"] = Path(sys.argv[sys.argv.index("--config") + 1]).read_text()
+
+    def save():
+        (state / f"record-{os.environ['STANDIN_POD']}.json").write_text(json.dumps(record))
+
+    def resolve_peers():
+        from trainer.cluster import parse_tf_config, tf_config_from_env
+        cluster = parse_tf_config(tf_config_from_env(os.environ))
+        return [w.rsplit(":", 1) for w in cluster.workers]
+
+    if os.environ.get("TRAINER_NUM_WORKERS", "1") != "1":
+        for host, _ in resolve_peers():
+            try:
+                record["peers"][host] = socket.gethostbyname(host)
+            except OSError as err:
+                record["peers"][host] = f"unresolved: {err}"
+    save()
+    print(f"step {step} attempt {attempt}", flush=True)
+    if step == "ok":
+        sys.exit(0)
+    if step.startswith("exit:"):
+        sys.exit(int(step[5:]))
+    if step == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if step == "term76":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(76))
+    if step == "listen":  # like TensorFlow's gRPC server: every address of the pod, one port
+        import threading
+
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("0.0.0.0", int(os.environ["TRAINER_WORKER_PORT"])))
+        server.listen(16)
+
+        def serve():
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(index.encode())
+
+        threading.Thread(target=serve, daemon=True).start()
+        answers, pending = {}, [(h, int(p)) for h, p in resolve_peers()]
+        deadline = time.monotonic() + 20
+        while pending and time.monotonic() < deadline:
+            for host, port in list(pending):
+                try:
+                    with socket.create_connection((host, port), timeout=2) as c:
+                        answers[host] = c.recv(16).decode()
+                    pending.remove((host, port))
+                except OSError:
+                    time.sleep(0.05)
+        record["answers"] = answers
+        save()
+        time.sleep(2)  # keep answering peers that are still asking
+        sys.exit(0 if not pending else 1)
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def helm() -> str:
+    local = ROOT / ".tools" / "bin" / "helm"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("helm")
+    if found is None:
+        pytest.fail("helm not found in .tools/bin or on PATH; run scripts/tools.sh (fetches helm and kubectl)")
+    return found
+
+
+def render(tmp_path: pathlib.Path, values: dict[str, Any], skip_schema: bool = False) -> str:
+    """`helm template` of the real chart with ``values`` (a values file)."""
+    base = {"workers": 2, "gpusPerWorker": 0, "dataset": "/data/flowers", "output": "/runs/flowers"}
+    values_file = tmp_path / "values.json"
+    values_file.write_text(json.dumps({**base, **values}))
+    cmd = [helm(), "template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(values_file)]
+    if skip_schema:
+        cmd.append("--skip-schema-validation")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+class Capture:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+class Harness:
+    """Renders the chart with the stand-in wired in and runs the Job."""
+
+    def __init__(self, tmp_path: pathlib.Path):
+        self.dir = tmp_path
+        self.standin = tmp_path / "standin.py"
+        self.standin.write_text(STANDIN)
+        self.sink = Capture()
+
+    def manifests(self, plan: dict[str, list[str]], skip_schema: bool = False, **values: Any) -> str:
+        plan_file = self.dir / "plan.json"
+        plan_file.write_text(json.dumps(plan))
+        extra_env = [
+            {"name": "STANDIN_PLAN", "value": str(plan_file)},
+            {"name": "STANDIN_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "STANDIN_CONFIG_COPY", "value": "$(TRAINER_CONFIG)"},
+        ]
+        return render(self.dir, {"extraEnv": extra_env, **values}, skip_schema=skip_schema)
+
+    def runner(self, manifests: str, **kwargs: Any) -> JobRunner:
+        kwargs.setdefault("namespace", NAMESPACE)
+        return JobRunner(
+            manifests,
+            executables={"trainer": [sys.executable, str(self.standin)]},
+            sink=self.sink,
+            **kwargs,
+        )
+
+    def records(self) -> dict[str, dict]:
+        return {p.name[len("record-") : -len(".json")]: json.loads(p.read_text()) for p in self.dir.glob("record-*")}
+
+
+@pytest.fixture
+def harness(tmp_path) -> Harness:
+    return Harness(tmp_path)
+
+
+def starts(runner: JobRunner, index: int) -> list[str]:
+    return [e.pod for e in runner.events if e.reason == "PodStarted" and e.index == index]
+
+
+def assert_one_live_pod_per_index(runner: JobRunner) -> None:
+    """From the events: a pod of an index starts only after the previous one has terminated."""
+    live: dict[int, str] = {}
+    for event in runner.events:
+        if event.reason == "PodStarted":
+            assert event.index not in live, f"{event.pod} started while {live[event.index]} was alive"
+            live[event.index] = event.pod
+        elif event.reason in ("PodSucceeded", "PodFailed"):
+            assert live.pop(event.index) == event.pod
+    assert not live
+
+
+def condition_types(status) -> list[tuple[str, str]]:
+    return [(c.type, c.reason) for c in status.conditions]
+
+
+# --- unit ----------------------------------------------------------------------------------
+
+
+def test_env_expansion_and_mount_path_rewriting():
+    env = {"A": "x", "B": "/etc/trainer/config.yaml"}
+    assert expand("$(A)-$(B)", env) == "x-/etc/trainer/config.yaml"
+    assert expand("$$(A) $(MISSING) $$", env) == "$(A) $(MISSING) $"
+    mounts = [("/etc/trainer", "/w/config"), ("/tmp", "/w/tmp")]
+    assert rewrite_path("/etc/trainer/config.yaml", mounts) == "/w/config/config.yaml"
+    assert rewrite_path("/etc/trainer", mounts) == "/w/config"
+    assert rewrite_path("/etc/trainerx", mounts) == "/etc/trainerx"
+    assert rewrite_path("/tmp/a", mounts) == "/tmp/a"  # the machine's /tmp stays reachable
+
+
+def test_manifests_are_read_into_typed_models(tmp_path):
+    from kubernetes.client import V1ConfigMap, V1Job, V1Service
+
+    manifests = load_manifests(render(tmp_path, {"workers": 3}))
+    job = manifests.job
+    assert isinstance(job, V1Job)
+    assert job.spec.completion_mode == "Indexed" and job.spec.completions == 3 and job.spec.parallelism == 3
+    assert job.spec.pod_replacement_policy == "Failed"
+    rules = job.spec.pod_failure_policy.rules
+    assert [r.action for r in rules] == ["Ignore", "Ignore", "FailJob"]
+    assert rules[2].on_exit_codes.values == [64, 65]
+    assert all(isinstance(cm, V1ConfigMap) for cm in manifests.config_maps.values())
+    service = manifests.headless_service()
+    assert isinstance(service, V1Service) and service.metadata.name == job.spec.template.spec.subdomain
+    assert any(name.startswith("ServiceAccount/") for name in manifests.ignored)
+
+
+# --- the Job ---------------------------------------------------------------------------------
+
+
+def test_pods_get_the_resolved_env_args_config_file_and_peer_names(harness):
+    text = harness.manifests({"*": ["ok"]}, workers=3)
+    manifests = load_manifests(text)
+    job = manifests.job.metadata.name
+    service = manifests.pod_spec.subdomain
+    config_text = next(iter(manifests.config_maps.values())).data["config.yaml"]
+
+    with harness.runner(text, keep_workdir=True) as runner:
+        status = runner.run(timeout=30)
+        workdir = runner.workdir
+        assert condition_types(status) == [
+            ("SuccessCriteriaMet", "CompletionsReached"),
+            ("Complete", "CompletionsReached"),
+        ]
+        assert status.succeeded == 3 and status.failed == 0 and status.completed_indexes == "0-2"
+        assert runner.exit_code == 0
+        names = {e.index: e.pod for e in runner.events if e.reason == "PodStarted"}
+
+    records = harness.records()
+    assert set(records) == set(names.values())
+    expected_peers = [f"{job}-{i}.{service}.{NAMESPACE}.svc:{WORKER_PORT}" for i in range(3)]
+    scratch_dirs = set()
+    for index, pod in names.items():
+        rec, env = records[pod], records[pod]["env"]
+        assert re.fullmatch(rf"{job}-{index}-[bcdfghjklmnpqrstvwxz2456789]{{5}}", pod)
+        assert env["STANDIN_POD"] == pod  # fieldRef metadata.name
+        assert env["JOB_COMPLETION_INDEX"] == str(index)  # fieldRef on the index annotation
+        assert env["TRAINER_NAMESPACE"] == NAMESPACE  # fieldRef metadata.namespace
+        assert env["TRAINER_JOB_NAME"] == job and env["TRAINER_NUM_WORKERS"] == "3"
+        assert env["HOSTNAME"] == f"{job}-{index}"
+        # The ConfigMap volume is a per-pod directory; args and env point into it.
+        config_path = rec["argv"][2]
+        assert rec["argv"][:2] == ["train", "--config"]
+        assert config_path == os.path.join(workdir, pod, "volumes", "config", "config.yaml")
+        assert env["TRAINER_CONFIG"] == config_path == env["STANDIN_CONFIG_COPY"]  # $(VAR) expanded too
+        assert rec["config"] == config_text
+        scratch_dirs.add(env["TRAINER_SCRATCH_DIR"])
+        assert env["TRAINER_SCRATCH_DIR"] == os.path.join(workdir, pod, "volumes", "scratch")
+        assert env["TMPDIR"] == os.path.join(workdir, pod, "volumes", "tmp")
+        cluster = parse_tf_config(tf_config_from_env(env))
+        assert list(cluster.workers) == expected_peers and cluster.task_index == index
+        if ISOLATED:
+            assert rec["hostname"] == f"{job}-{index}"
+            assert rec["peers"] == {p.rsplit(":", 1)[0]: pod_address(i) for i, p in enumerate(expected_peers)}
+    assert len(scratch_dirs) == 3
+    shutil.rmtree(workdir)
+    assert f"[{names[0]}] step ok attempt 0" in harness.sink.text
+
+
+def test_non_retriable_exit_fails_the_job_at_once_and_stops_the_others(harness):
+    text = harness.manifests({"0": ["exit:65"], "*": ["sleep"]}, job={"backoffLimit": 5})
+    with harness.runner(text) as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status) == [("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy")]
+        assert "failed with exit code 65 matching FailJob rule" in status.conditions[-1].message
+        assert len(starts(runner, 0)) == 1 and len(starts(runner, 1)) == 1  # no replacement
+        failed = {e.index: e for e in runner.events if e.reason == "PodFailed"}
+        assert failed[0].exit_code == 65 and failed[0].action == "FailJob"
+        assert failed[1].exit_code == 128 + signal.SIGTERM and failed[1].action is None  # stopped with the Job
+        assert status.active == 0 and status.succeeded == 0
+        assert runner.exit_code == 65
+
+
+def test_retriable_exit_is_counted_and_replaced_until_the_backoff_limit(harness):
+    text = harness.manifests({"0": ["exit:75", "exit:75", "ok"], "1": ["ok"]}, job={"backoffLimit": 2})
+    with harness.runner(text) as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+        assert status.failed == 2 and status.succeeded == 2
+        assert len(set(starts(runner, 0))) == 3  # every replacement has a new name
+        replaced = [e.replaces for e in runner.events if e.reason == "PodStarted" and e.index == 0]
+        assert replaced == [None, *starts(runner, 0)[:2]]
+        assert [e.action for e in runner.events if e.reason == "PodFailed"] == ["Count", "Count"]
+        assert_one_live_pod_per_index(runner)
+
+    for attempts in harness.dir.glob("attempts-*"):
+        attempts.unlink()
+    text = harness.manifests({"0": ["exit:75"], "1": ["ok"]}, job={"backoffLimit": 2})
+    with harness.runner(text) as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status)[-1] == ("Failed", "BackoffLimitExceeded")
+        assert status.failed == 3 and len(starts(runner, 0)) == 3  # failures > backoffLimit
+        assert runner.exit_code == 75
+        assert_one_live_pod_per_index(runner)
+
+
+def test_preempted_exit_is_ignored_and_replaced_without_spending_the_budget(harness):
+    text = harness.manifests({"0": ["exit:76", "exit:76", "ok"], "1": ["ok"]}, job={"backoffLimit": 0})
+    with harness.runner(text) as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+        assert status.failed == 0
+        assert len(set(starts(runner, 0))) == 3
+        assert [e.action for e in runner.events if e.reason == "PodFailed"] == ["Ignore", "Ignore"]
+        assert_one_live_pod_per_index(runner)
+
+
+def test_deleted_pod_is_a_disruption_and_a_crash_is_counted(harness):
+    text = harness.manifests({"0": ["sleep", "sleep", "ok"], "1": ["ok"]}, job={"backoffLimit": 1})
+    with harness.runner(text) as runner:
+        runner.start()
+        first = runner.wait_for_log(0, "ready", timeout=15).name
+        assert runner.delete_pod(0) == first  # eviction: SIGTERM -> exit 143, DisruptionTarget -> Ignore
+        second = runner.wait_for(
+            lambda: (p := runner.live_pod(0)) and p.name != first and "ready" in "".join(p.log) and p, 15
+        ).name
+        assert runner.status().failed == 0
+        runner.kill_pod(0, signal.SIGKILL)  # a crash: exit 137, counted
+        status = runner.wait(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+        assert status.failed == 1
+        failed = [(e.pod, e.exit_code, e.action) for e in runner.events if e.reason == "PodFailed"]
+        assert failed == [(first, 143, "Ignore"), (second, 137, "Count")]
+        assert "step sleep attempt 0" in runner.pod_log(0, attempt=0)
+        assert "step ok attempt 2" in runner.pod_log(0)
+        assert_one_live_pod_per_index(runner)
+
+
+def test_sigkill_after_the_grace_period_and_replacement_only_after_termination(harness):
+    # The schema wants >= 30 s (a real backup needs it); the runner takes any value.
+    text = harness.manifests(
+        {"0": ["ignore-term", "ok"], "1": ["ok"]}, skip_schema=True, job={"terminationGracePeriodSeconds": 2}
+    )
+    assert "terminationGracePeriodSeconds: 2" in text
+    with harness.runner(text) as runner:
+        runner.start()
+        runner.wait_for_log(0, "ready", timeout=15)
+        runner.delete_pod(0)
+        status = runner.wait(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+        events = runner.events
+        deleting = next(e for e in events if e.reason == "PodDeleting")
+        killed = next(e for e in events if e.reason == "PodFailed")
+        replacement = [e for e in events if e.reason == "PodStarted" and e.index == 0][1]
+        assert killed.exit_code == 128 + signal.SIGKILL and killed.action == "Ignore"
+        assert 1.9 <= killed.time - deleting.time <= 4.0  # SIGTERM ignored, SIGKILL after 2 s
+        assert replacement.time >= killed.time  # podReplacementPolicy: Failed
+        assert status.failed == 0
+        assert_one_live_pod_per_index(runner)
+
+
+def test_active_deadline_fails_the_job_and_stops_its_pods(harness):
+    text = harness.manifests({"*": ["sleep"]}, job={"activeDeadlineSeconds": 1})
+    with harness.runner(text) as runner:
+        start = time.monotonic()
+        status = runner.run(timeout=30)
+        assert condition_types(status) == [("FailureTarget", "DeadlineExceeded"), ("Failed", "DeadlineExceeded")]
+        assert time.monotonic() - start < 10
+        assert {e.exit_code for e in runner.events if e.reason == "PodFailed"} == {128 + signal.SIGTERM}
+        assert runner.exit_code == 128 + signal.SIGTERM
+
+
+@needs_namespaces
+@pytest.mark.parametrize("workers, mode", [(3, None), (2, "userns")], ids=["default", "unprivileged"])
+def test_every_pod_listens_on_the_worker_port_of_its_own_hostname(harness, workers, mode):
+    # "unprivileged": the namespaces belong to a user namespace, as when the runner is not root.
+    if mode == "userns" and not _userns_available():
+        pytest.skip("unprivileged user namespaces are unavailable")
+    text = harness.manifests({"*": ["listen"]}, workers=workers)
+    network = PodNetwork(mode=mode) if mode else "auto"
+    with harness.runner(text, network=network) as runner:
+        status = runner.run(timeout=60)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), harness.sink.text[-3000:]
+        job = runner.name
+    records = harness.records()
+    assert len(records) == workers
+    for rec in records.values():
+        # Every pod reached every pod (itself included) on port 2222 and got that pod's index back.
+        assert rec["answers"] == {host: host.split(".")[0].rsplit("-", 1)[1] for host in rec["peers"]}, rec["answers"]
+        assert sorted(rec["answers"]) == sorted(
+            f"{job}-{i}.{runner.manifests.pod_spec.subdomain}.ml.svc" for i in range(workers)
+        )
+
+
+def test_parallelism_limits_the_running_pods(harness):
+    manifests = load_manifests(harness.manifests({"*": ["ok"]}, workers=3))
+    manifests.job.spec.parallelism = 1  # the chart always runs all workers at once
+    with harness.runner(manifests) as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+        order = [(e.reason, e.index) for e in runner.events if e.reason in ("PodStarted", "PodSucceeded")]
+    assert order == [(reason, i) for i in range(3) for reason in ("PodStarted", "PodSucceeded")]
+
+
+def test_missing_config_map_is_refused_before_any_pod_starts(harness):
+    text = harness.manifests({"*": ["ok"]})
+    manifests = load_manifests(text)
+    manifests.config_maps.clear()
+    with pytest.raises(
+        ConfigError, match=r"volume 'config' needs ConfigMap '\S+-config', which is not in the manifests"
+    ):
+        harness.runner(manifests)
+
+
+def test_host_network_runs_a_one_pod_job(harness):
+    text = harness.manifests({"*": ["ok"]}, workers=1)
+    with harness.runner(text, network="host") as runner:
+        status = runner.run(timeout=30)
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached")
+    (record,) = harness.records().values()
+    assert record["env"]["TRAINER_NUM_WORKERS"] == "1" and tf_config_from_env(record["env"]) is None
+    assert record["hostname"] == socket.gethostname()  # the machine's network and names
+
+
+def test_cli_runs_the_job_and_exits_with_the_failing_code(harness, monkeypatch, capsys):
+    from trainer import cli, launch
+
+    text = harness.manifests({"0": ["exit:65"], "*": ["ok"]})
+    path = harness.dir / "manifests.yaml"
+    path.write_text(text)
+    monkeypatch.setattr(launch, "entrypoint_command", lambda: [sys.executable, str(harness.standin)])
+
+    code = cli.main(["job", "run", str(path), "--namespace", NAMESPACE, "--timeout", "30"])
+
+    out = capsys.readouterr().out
+    assert code == 65
+    assert re.search(
+        r"^job \S+: Failed \(PodFailurePolicy\): Container trainer for pod ml/\S+-0-\w{5} failed", out, re.M
+    )
+    assert re.search(r"^\[\S+-0-\w{5}\] step exit:65 attempt 0$", out, re.M)
+
+
+# --- the real trainer ------------------------------------------------------------------------
+
+TINY_TRAINER = {
+    "model": {"weights": "none", "head": {"dense_units": [16]}},
+    "data": {"image_size": 32, "shuffle_buffer": 64},
+    "train": {"batch_size_per_replica": 4, "steps_per_epoch": 4, "backup_every_steps": 2},
+    "phases": {"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 2}},
+    "runtime": {"verbose": 0, "collective_timeout_seconds": 120},
+}
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_real_trainer_two_workers_complete_with_identical_weights(tmp_path):
+    from trainer.config import PrepareConfig
+    from trainer.data.prepare import prepare_dataset
+    from trainer.data.synthetic import make_demo_images
+
+    make_demo_images(str(tmp_path / "images"), classes=3, per_class=12, size=40, seed=1)
+    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
+    prepare_dataset(str(tmp_path / "images"), str(tmp_path / "dataset"), cfg, progress=lambda _: None)
+    output = tmp_path / "run"
+    text = render(
+        tmp_path,
+        {"workers": 2, "dataset": str(tmp_path / "dataset"), "output": str(output), "trainer": TINY_TRAINER},
+    )
+    sink = Capture()
+    with JobRunner(text, namespace=NAMESPACE, sink=sink) as runner:  # `trainer` = this venv's console script
+        status = runner.run(timeout=600)
+        log = sink.text
+        assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), log[-5000:]
+        assert status.succeeded == 2 and status.failed == 0
+        fingerprints = {index: re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(2)}
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
+    assert "multi_worker: 2 replica(s) over 2 worker(s)" in log
+    assert "CoordinationServiceError" not in log
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["weights_fingerprint"] == fingerprints[0][0]

@@ -1,0 +1,715 @@
+"""The Job controller, locally: pods as processes, podFailurePolicy, backoffLimit, replacement.
+
+A controller thread polls the pods every ``poll_interval`` seconds and applies the batch/v1 Job
+rules (Kubernetes 1.31+ behaviour):
+
+- Indexed Job: one pod per index 0..completions-1, at most ``parallelism`` running; the Job
+  succeeds when every index has a succeeded pod (conditions SuccessCriteriaMet, then Complete).
+- A failed pod (exit code != 0; a signal N counts as exit code 128+N) is matched against the
+  ``podFailurePolicy`` rules in order; the first match decides: ``FailJob`` fails the Job at once
+  (reason PodFailurePolicy), ``Ignore`` replaces the pod without counting it, ``Count`` (also
+  when no rule matches) adds one to ``failed``; ``failed > backoffLimit`` fails the Job (reason
+  BackoffLimitExceeded). ``onPodConditions: DisruptionTarget`` matches pods removed by
+  :meth:`JobRunner.delete_pod` (an eviction or preemption); ``onExitCodes`` matches the exit
+  code of the named container (0 never matches).
+- ``podReplacementPolicy: Failed`` (the default when a podFailurePolicy is set): a replacement
+  for an index starts only after the old pod's processes are all gone, so an index never has
+  two live pods; ``TerminatingOrFailed`` replaces a pod as soon as its deletion starts.
+- Deleting a pod: SIGTERM to its main process, SIGKILL to its process group after
+  ``terminationGracePeriodSeconds``. When the main process exits, the rest of its process group
+  is killed (a container's processes end with it).
+- When the Job succeeds or fails (also on ``activeDeadlineSeconds``, reason DeadlineExceeded),
+  the remaining pods are deleted the same way; the terminal condition (Complete / Failed) is
+  added once they are gone, after the interim one (SuccessCriteriaMet / FailureTarget).
+
+Pods the Job itself stops count in status.failed (as on Kubernetes) but are never matched
+against the policy. Not emulated: the exponential delay before re-creating failed pods
+(``backoff_delay_seconds``, default 0; Kubernetes uses 10 s doubling), scheduling, resources,
+probes and securityContext (the pods run as the runner's user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.errors import ConfigError
+from trainer.jobrunner import podspec
+from trainer.jobrunner.manifests import Manifests, load_manifests
+from trainer.jobrunner.network import HostNetwork, PodNetwork, hosts_file, make_network
+
+DISRUPTION_REASON = "EvictionByEvictionAPI"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the runner did or saw; ``time`` is seconds since the Job started."""
+
+    time: float
+    reason: str  # PodStarted, PodSucceeded, PodFailed, PodDeleting, PodSignalled, JobCondition, Warning
+    message: str
+    pod: str | None = None
+    index: int | None = None
+    exit_code: int | None = None
+    action: str | None = None  # PodFailed: FailJob | Ignore | Count | (none: stopped with the Job)
+    replaces: str | None = None  # PodStarted: the pod of the same index this one replaces
+
+
+@dataclass
+class Pod:
+    name: str
+    index: int
+    plan: podspec.PodPlan
+    proc: subprocess.Popen
+    started: float
+    log: list[str] = field(default_factory=list)
+    deleting_since: float | None = None
+    kill_at: float | None = None
+    disruption: bool = False  # DisruptionTarget condition
+    by_job: bool = False  # deleted because the Job finished
+    finished: float | None = None
+    exit_code: int | None = None
+    pump: threading.Thread | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.finished is None
+
+    @property
+    def phase(self) -> str:
+        if self.finished is None:
+            return "Running"
+        return "Succeeded" if self.exit_code == 0 else "Failed"
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process group still has a process that is not a zombie."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def _index_ranges(indexes: Sequence[int]) -> str | None:
+    """Kubernetes' completedIndexes format: "0-2,4"."""
+    out, items = [], sorted(indexes)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(out) or None
+
+
+class JobRunner:
+    """Run one Indexed Job from rendered manifests on this machine.
+
+    ``executables`` maps a command name (the container's ``command[0]``, e.g. ``trainer``) to the
+    argv that replaces it; by default ``trainer`` is the console script next to this Python.
+    ``network``: ``auto`` (per-pod namespaces when possible), ``pod``, ``host`` or a network object. ``base_env``:
+    the environment pods inherit (default: this process's, minus TF_CONFIG, JOB_COMPLETION_INDEX
+    and TRAINER_*); the container's env is applied on top. ``volume_dirs`` maps volume names of
+    other types (e.g. a PersistentVolumeClaim) to local directories.
+    """
+
+    def __init__(
+        self,
+        manifests: str | Manifests,
+        *,
+        namespace: str | None = None,
+        job_name: str | None = None,
+        executables: Mapping[str, Sequence[str]] | None = None,
+        network: str | HostNetwork | PodNetwork = "auto",
+        base_env: Mapping[str, str] | None = None,
+        volume_dirs: Mapping[str, str] | None = None,
+        sink: Any = None,
+        announce: bool = True,
+        workdir: str | None = None,
+        keep_workdir: bool = False,
+        backoff_delay_seconds: float = 0.0,
+        poll_interval: float = 0.05,
+    ):
+        self.manifests = manifests if isinstance(manifests, Manifests) else load_manifests(manifests, job_name)
+        job = self.manifests.job
+        self.name = job.metadata.name
+        self.namespace = namespace or job.metadata.namespace or "default"
+        if job.spec.suspend:
+            raise ConfigError(f"Job {self.name} is suspended (spec.suspend); a suspended Job starts no pods")
+        if executables is None:
+            from trainer.launch import entrypoint_command
+
+            executables = {"trainer": entrypoint_command()}
+        self.executables = {k: list(v) for k, v in executables.items()}
+        self.base_env = podspec.inherited_env(base_env)
+        self.volume_dirs = dict(volume_dirs or {})
+        self.network: HostNetwork | PodNetwork = make_network(network)
+        self.sink = sink or sys.stdout
+        self.announce = announce
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix=f"jobrunner-{self.name}-")
+        self.keep_workdir = keep_workdir
+        self.backoff_delay_seconds = backoff_delay_seconds
+        self.poll_interval = poll_interval
+
+        spec = job.spec
+        self.completions = int(spec.completions)
+        self.parallelism = int(spec.parallelism if spec.parallelism is not None else 1)
+        self.backoff_limit = int(spec.backoff_limit if spec.backoff_limit is not None else 6)
+        self.active_deadline = spec.active_deadline_seconds
+        self.rules = list(spec.pod_failure_policy.rules) if spec.pod_failure_policy else []
+        default_replacement = "Failed" if spec.pod_failure_policy else "TerminatingOrFailed"
+        self.replacement_policy = spec.pod_replacement_policy or default_replacement
+
+        self._lock = threading.RLock()
+        self._sink_lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._rng = random.SystemRandom()
+        self._seq = 0
+        self._t0 = 0.0
+        self._start_wall: datetime.datetime | None = None
+        self._completion_wall: datetime.datetime | None = None
+        self.pods: list[Pod] = []
+        self._events: list[Event] = []
+        self._conditions: list[Any] = []  # V1JobCondition
+        self._succeeded: set[int] = set()
+        self._failed = 0
+        self._ignored = 0
+        self._not_before: dict[int, float] = {}
+        self._finishing: tuple[str, str, str] | None = None  # (terminal type, reason, message)
+        self._failure_exit_code: int | None = None
+        self._last_failed_code: int | None = None
+        self._service_ok = self._check_service()
+        self._check_plan()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> JobRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the Job was already started")
+        self.network.start()
+        self._t0 = time.monotonic()
+        self._start_wall = datetime.datetime.now(datetime.UTC)
+        mode = getattr(self.network, "mode", "")
+        self._say(
+            f"Job {self.name}: {self.completions} index(es), parallelism {self.parallelism}, "
+            f"backoffLimit {self.backoff_limit}, network {self.network.name}{f' ({mode})' if mode else ''}"
+        )
+        if not self.network.isolated and self.completions > 1:
+            self._event("Warning", "pods share the host network: peer names do not resolve, ports may collide")
+        if not self._service_ok:
+            self._event("Warning", f"no headless Service named {self.manifests.pod_spec.subdomain!r} selects the pods")
+        self._thread = threading.Thread(target=self._loop, name=f"jobrunner-{self.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the Job has a terminal condition; its V1JobStatus. TimeoutError if not."""
+        if self._thread is None:
+            raise RuntimeError("start() the Job first")
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"Job {self.name} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self.status()
+
+    def run(self, timeout: float | None = None) -> Any:
+        """start(), wait(); past ``timeout`` the Job is stopped (Failed, reason RunnerTimeout)."""
+        self.start()
+        try:
+            return self.wait(timeout)
+        except TimeoutError:
+            self.stop("RunnerTimeout", f"the runner's timeout of {timeout} s passed")
+            return self.wait()
+
+    def stop(self, reason: str = "Stopped", message: str = "stopped by the runner") -> None:
+        """Fail the Job now (like deleting it): its pods get SIGTERM, then SIGKILL after the grace."""
+        with self._lock:
+            self._fail(reason, message)
+
+    def close(self, grace_seconds: float | None = None) -> None:
+        """Stop the Job if it still runs, wait for its pods, remove the network and work files."""
+        if self._thread is not None:
+            if not self._done.is_set():
+                with self._lock:
+                    self._fail("Stopped", "the runner was closed")
+                    if grace_seconds is not None:
+                        for pod in self.pods:
+                            if pod.live:
+                                pod.kill_at = min(pod.kill_at or float("inf"), time.monotonic() + grace_seconds)
+            self._done.wait()
+            self._thread.join(timeout=10)
+        self.network.close()
+        if self._own_workdir and not self.keep_workdir:
+            import shutil
+
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def delete_pod(self, index: int, grace_seconds: float | None = None) -> str:
+        """Evict the live pod of ``index``: DisruptionTarget, SIGTERM, SIGKILL after the grace."""
+        with self._lock:
+            pod = self._live_pod(index)
+            self._delete(pod, grace_seconds, disruption=True)
+            return pod.name
+
+    def kill_pod(self, index: int, sig: int = signal.SIGKILL) -> str:
+        """Send ``sig`` to the main process of the live pod of ``index`` (a crash, not a disruption)."""
+        with self._lock:
+            pod = self._live_pod(index)
+            self._event("PodSignalled", f"sent {signal.Signals(sig).name}", pod)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pod.proc.pid, sig)
+            return pod.name
+
+    def pod_log(self, index: int, attempt: int = -1) -> str:
+        """Output of a pod of ``index`` (the newest by default; 0 = the first one)."""
+        with self._lock:
+            pods = [p for p in self.pods if p.index == index]
+            if not pods:
+                raise KeyError(f"no pod of index {index} was started")
+            return "".join(pods[attempt].log)
+
+    def pods_of(self, index: int) -> list[Pod]:
+        with self._lock:
+            return [p for p in self.pods if p.index == index]
+
+    def live_pod(self, index: int) -> Pod | None:
+        with self._lock:
+            return next((p for p in self.pods if p.index == index and p.live), None)
+
+    @property
+    def events(self) -> list[Event]:
+        with self._lock:
+            return list(self._events)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def succeeded(self) -> bool:
+        return any(c.type == "Complete" for c in self.conditions)
+
+    @property
+    def conditions(self) -> list[Any]:
+        with self._lock:
+            return list(self._conditions)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when Complete; else the exit code of the pod that failed the Job, the last failure's, or 1."""
+        if self.succeeded:
+            return 0
+        code = self._failure_exit_code if self._failure_exit_code is not None else self._last_failed_code
+        return code if code else 1
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+        """Poll ``predicate`` until truthy (returned); TimeoutError naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not reached within {timeout} s")
+            time.sleep(0.05)
+
+    def wait_for_log(self, index: int, text: str, timeout: float) -> Pod:
+        """The live pod of ``index`` once its output contains ``text``."""
+
+        def check():
+            pod = self.live_pod(index)
+            return pod if pod is not None and text in "".join(pod.log) else None
+
+        return self.wait_for(check, timeout, f"{text!r} in the log of index {index}")
+
+    def status(self) -> Any:
+        """The Job's status as the kubernetes package's V1JobStatus."""
+        from kubernetes.client import V1JobStatus
+
+        with self._lock:
+            live = [p for p in self.pods if p.live]
+            active = [p for p in live if p.deleting_since is None]
+            complete = any(c.type == "Complete" for c in self._conditions)
+            return V1JobStatus(
+                active=len(active),
+                ready=len(active),
+                terminating=len(live) - len(active),
+                succeeded=len(self._succeeded),
+                failed=self._failed,
+                completed_indexes=_index_ranges(sorted(self._succeeded)),
+                conditions=list(self._conditions) or None,
+                start_time=self._start_wall,
+                completion_time=self._completion_wall if complete else None,
+            )
+
+    # --- the controller ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._tick():
+                        break
+                time.sleep(self.poll_interval)
+        except BaseException as err:  # surface in wait(); stop what we started
+            self._error = err
+            with self._lock:
+                for pod in self.pods:
+                    if pod.live:
+                        self._signal_group(pod, signal.SIGKILL)
+        finally:
+            self._done.set()
+
+    def _tick(self) -> bool:
+        now = time.monotonic()
+        for pod in self.pods:
+            if not pod.live:
+                continue
+            if pod.proc.poll() is not None:
+                self._terminated(pod)
+            elif pod.kill_at is not None and now >= pod.kill_at:
+                self._signal_group(pod, signal.SIGKILL)
+                pod.kill_at = None
+        if self._finishing is None:
+            if self.active_deadline is not None and now - self._t0 >= self.active_deadline:
+                self._fail("DeadlineExceeded", "Job was active longer than specified deadline")
+            elif len(self._succeeded) == self.completions:
+                self._set_finishing("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+            else:
+                self._create_pods(now)
+        if self._finishing is not None and not any(p.live for p in self.pods):
+            kind, reason, message = self._finishing
+            if kind == "Complete":
+                self._completion_wall = datetime.datetime.now(datetime.UTC)
+            self._condition(kind, reason, message)
+            return True
+        return False
+
+    def _busy(self, index: int) -> bool:
+        # Failed: wait until the old pod is gone; TerminatingOrFailed: a deleted pod does not count.
+        return any(
+            p.index == index and p.live and (self.replacement_policy == "Failed" or p.deleting_since is None)
+            for p in self.pods
+        )
+
+    def _create_pods(self, now: float) -> None:
+        running = sum(1 for p in self.pods if p.live and p.deleting_since is None)
+        for index in range(self.completions):
+            if running >= self.parallelism:
+                return
+            if index in self._succeeded or self._busy(index) or now < self._not_before.get(index, 0.0):
+                continue
+            self._create_pod(index)
+            running += 1
+
+    def _create_pod(self, index: int) -> None:
+        name = podspec.pod_name(self.name, index, self._rng)
+        replaces = next((p.name for p in reversed(self.pods) if p.index == index), None)
+        meta = podspec.pod_meta(self.manifests, index, name, self.namespace, self.network.address(index))
+        root = os.path.join(self.workdir, name)
+        plan = podspec.plan_pod(self.manifests, meta, root, self.executables, self.base_env, self.volume_dirs)
+        hosts = os.path.join(root, "etc-hosts")
+        with open(hosts, "w") as f:
+            f.write(hosts_file(self._host_entries(index, plan.hostname), f"hosts file of pod {name} (jobrunner)"))
+        self._seq += 1
+        spec = {
+            "index": index,
+            "argv": plan.argv,
+            "cwd": plan.cwd,
+            "parent_pid": os.getpid(),
+            "hostname": plan.hostname,
+            "hosts_file": hosts,
+        }
+        proc = subprocess.Popen(
+            self.network.command(spec, self._seq),
+            env=plan.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the pod's processes end together
+        )
+        pod = Pod(name=name, index=index, plan=plan, proc=proc, started=time.monotonic())
+        pod.pump = threading.Thread(target=self._pump, args=(pod,), name=f"log-{name}", daemon=True)
+        pod.pump.start()
+        self.pods.append(pod)
+        message = f"created pod {name}" + (f" (replaces {replaces})" if replaces else "")
+        self._event("PodStarted", message, pod, replaces=replaces)
+
+    def _host_entries(self, own: int, hostname: str) -> list[tuple[str, list[str]]]:
+        subdomain = self.manifests.pod_spec.subdomain
+        entries = []
+        for index in range(self.completions):
+            names = []
+            if subdomain and self._service_ok:
+                names = podspec.peer_names(self.name, index, subdomain, self.namespace)
+            if index == own:
+                names.append(hostname)
+            if self.network.isolated or index == own:
+                entries.append((self.network.address(index), names))
+        for alias in self.manifests.pod_spec.host_aliases or []:
+            entries.append((alias.ip, list(alias.hostnames or [])))
+        return entries
+
+    def _check_plan(self) -> None:
+        """Fail now, not in the first pod, on what no pod could get (a missing ConfigMap, a bad fieldRef)."""
+        import shutil
+
+        check = os.path.join(self.workdir, ".check")
+        meta = podspec.pod_meta(self.manifests, 0, f"{self.name}-0-check", self.namespace)
+        try:
+            podspec.plan_pod(self.manifests, meta, check, self.executables, self.base_env, self.volume_dirs)
+        except BaseException:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(check, ignore_errors=True)
+
+    def _check_service(self) -> bool:
+        service = self.manifests.headless_service()
+        if service is None:
+            return False
+        meta = podspec.pod_meta(self.manifests, 0, f"{self.name}-0-check", self.namespace)
+        return podspec.selector_matches(service.spec.selector, meta.labels)
+
+    def _pump(self, pod: Pod) -> None:
+        stream = pod.proc.stdout
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if not line.endswith("\n"):
+                line += "\n"
+            pod.log.append(line)
+            self._write(f"[{pod.name}] {line}")
+        stream.close()
+
+    def _terminated(self, pod: Pod) -> None:
+        """The pod's main process exited: end its other processes, then judge the exit."""
+        self._signal_group(pod, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _group_alive(pod.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if pod.pump is not None:
+            pod.pump.join(timeout=2)
+        pod.exit_code = _exit_code(pod.proc.returncode)
+        pod.finished = time.monotonic()
+        pod.kill_at = None
+        self._not_before.pop(pod.index, None)
+        if pod.exit_code == 0:
+            if self._finishing is None or not pod.by_job:
+                self._succeeded.add(pod.index)
+            self._event("PodSucceeded", "exited 0", pod, exit_code=0)
+            return
+        self._last_failed_code = pod.exit_code
+        if pod.by_job or self._finishing is not None:
+            self._failed += 1
+            self._event("PodFailed", f"exit code {pod.exit_code} (stopped with the Job)", pod, pod.exit_code)
+            return
+        action, rule = self._match(pod)
+        self._event("PodFailed", f"exit code {pod.exit_code}: {action} ({rule})", pod, pod.exit_code, action)
+        if action == "Ignore":
+            self._ignored += 1
+        elif action == "FailJob":
+            self._failed += 1
+            self._failure_exit_code = pod.exit_code
+            container = self.manifests.container.name
+            self._fail(
+                "PodFailurePolicy",
+                f"Container {container} for pod {self.namespace}/{pod.name} failed with exit code "
+                f"{pod.exit_code} matching FailJob rule at index {rule.split()[-1]}",
+            )
+        else:
+            self._failed += 1
+            if self._failed > self.backoff_limit:
+                self._failure_exit_code = pod.exit_code
+                self._fail("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            elif self.backoff_delay_seconds > 0:
+                delay = min(self.backoff_delay_seconds * 2 ** (self._failed - 1), 360.0)
+                self._not_before[pod.index] = time.monotonic() + delay
+
+    def _match(self, pod: Pod) -> tuple[str, str]:
+        """(action, which rule) of the podFailurePolicy for a failed pod; Count when none matches."""
+        container = self.manifests.container.name
+        for i, rule in enumerate(self.rules):
+            if rule.on_exit_codes is not None:
+                req = rule.on_exit_codes
+                if req.container_name and req.container_name != container:
+                    continue
+                inside = pod.exit_code in set(req.values or [])
+                if pod.exit_code != 0 and (inside if req.operator == "In" else not inside):
+                    return rule.action, f"podFailurePolicy rule {i}"
+            elif rule.on_pod_conditions:
+                for pattern in rule.on_pod_conditions:
+                    status = (pattern.status or "True") == "True"
+                    if pattern.type == "DisruptionTarget" and pod.disruption == status:
+                        return rule.action, f"podFailurePolicy rule {i}"
+        return "Count", "no podFailurePolicy rule matched"
+
+    def _delete(self, pod: Pod, grace_seconds: float | None, disruption: bool = False, by_job: bool = False) -> None:
+        if not pod.live:
+            return
+        grace = pod.plan.grace_seconds if grace_seconds is None else grace_seconds
+        pod.disruption = pod.disruption or disruption
+        pod.by_job = pod.by_job or by_job
+        if pod.deleting_since is None:
+            pod.deleting_since = time.monotonic()
+            pod.kill_at = pod.deleting_since + grace
+            why = DISRUPTION_REASON + " (DisruptionTarget)" if disruption else "the Job is ending"
+            self._event("PodDeleting", f"deleting: {why}; SIGTERM, SIGKILL after {grace:g} s", pod)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pod.proc.pid, signal.SIGTERM)
+        else:
+            pod.kill_at = min(pod.kill_at or float("inf"), time.monotonic() + grace)
+
+    def _signal_group(self, pod: Pod, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pod.proc.pid, sig)
+
+    def _live_pod(self, index: int) -> Pod:
+        pod = next((p for p in self.pods if p.index == index and p.live and p.deleting_since is None), None)
+        if pod is None:
+            raise LookupError(f"index {index} of Job {self.name} has no running pod")
+        return pod
+
+    def _set_finishing(self, kind: str, reason: str, message: str) -> None:
+        interim = "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget"
+        self._finishing = (kind, reason, message)
+        self._condition(interim, reason, message)
+
+    def _fail(self, reason: str, message: str) -> None:
+        if self._finishing is not None:
+            return
+        self._set_finishing("Failed", reason, message)
+        for pod in self.pods:
+            if pod.live:
+                self._delete(pod, None, by_job=True)
+
+    # --- output --------------------------------------------------------------------------------
+
+    def _condition(self, kind: str, reason: str, message: str) -> None:
+        from kubernetes.client import V1JobCondition
+
+        now = datetime.datetime.now(datetime.UTC)
+        self._conditions.append(
+            V1JobCondition(
+                type=kind,
+                status="True",
+                reason=reason,
+                message=message,
+                last_probe_time=now,
+                last_transition_time=now,
+            )
+        )
+        self._event("JobCondition", f"{kind} ({reason}): {message}")
+
+    def _event(
+        self,
+        reason: str,
+        message: str,
+        pod: Pod | None = None,
+        exit_code: int | None = None,
+        action: str | None = None,
+        replaces: str | None = None,
+    ) -> None:
+        event = Event(
+            time=round(time.monotonic() - self._t0, 3),
+            reason=reason,
+            message=message,
+            pod=pod.name if pod else None,
+            index=pod.index if pod else None,
+            exit_code=exit_code,
+            action=action,
+            replaces=replaces,
+        )
+        self._events.append(event)
+        self._say(f"{pod.name}: {message}" if pod else message, reason)
+
+    def _say(self, message: str, reason: str = "") -> None:
+        if self.announce:
+            self._write(f"[jobrunner] {f'{reason}: ' if reason else ''}{message}\n")
+
+    def _write(self, text: str) -> None:
+        with self._sink_lock:
+            self.sink.write(text)
+            self.sink.flush()
+
+
+def run_job_file(
+    path: str,
+    timeout: float | None = None,
+    namespace: str | None = None,
+    network: str = "auto",
+    volumes: Mapping[str, str] | Sequence[str] | None = None,
+    keep_workdir: bool = False,
+) -> int:
+    """`trainer job run`: run the Job of a manifests file ("-" = stdin); its exit code.
+
+    ``volumes``: volume name -> local directory, or ``NAME=DIR`` strings (the --volume option).
+    """
+    volume_dirs: dict[str, str] = {}
+    if isinstance(volumes, Mapping):
+        volume_dirs.update(volumes)
+    else:
+        for item in volumes or []:
+            name, sep, directory = item.partition("=")
+            if not sep or not name or not directory:
+                raise ConfigError(f"--volume {item!r} is not NAME=DIR")
+            volume_dirs[name] = os.path.abspath(directory)
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None
+    with JobRunner(
+        text, namespace=namespace, network=network, volume_dirs=volume_dirs, keep_workdir=keep_workdir
+    ) as runner:
+        status = runner.run(timeout)
+        final = status.conditions[-1]
+        print(f"job {runner.name}: {final.type} ({final.reason}): {final.message}", flush=True)
+        print(
+            f"job {runner.name}: succeeded {status.succeeded}/{runner.completions}, failed {status.failed}, "
+            f"ignored {runner._ignored}",
+            flush=True,
+        )
+        if keep_workdir:
+            print(f"job {runner.name}: pod files kept in {runner.workdir}", flush=True)
+        return runner.exit_code
