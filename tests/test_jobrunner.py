@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from trainer.cluster import parse_tf_config, tf_config_from_env
-from trainer.contract import WORKER_PORT
+from trainer.contract import WORKER_PORT, ExitCode
 from trainer.errors import ConfigError
 from trainer.jobrunner import JobRunner, load_manifests
 from trainer.jobrunner.network import PodNetwork, namespace_mode, pod_address
@@ -523,3 +523,23 @@ def test_real_trainer_two_workers_complete_with_identical_weights(tmp_path):
     assert "CoordinationServiceError" not in log
     summary = json.loads((output / "summary.json").read_text())
     assert summary["weights_fingerprint"] == fingerprints[0][0]
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_real_trainer_on_a_corrupt_manifest_fails_the_job_once_without_retries(tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text('{"schema_version": 1, "class_names": [')  # cut off mid-write
+    text = render(
+        tmp_path,
+        {"workers": 2, "dataset": str(dataset), "output": str(tmp_path / "run"), "trainer": TINY_TRAINER},
+    )
+    with JobRunner(text, namespace=NAMESPACE, sink=Capture()) as runner:
+        status = runner.run(timeout=300)
+        logs = [runner.pod_log(index) for index in range(2)]
+
+    assert condition_types(status)[-1] == ("Failed", "PodFailurePolicy")
+    assert runner.exit_code == ExitCode.DATA_ERROR
+    assert not [e for e in runner.events if e.reason == "PodStarted" and e.replaces]  # no retry
+    assert any("manifest is not valid JSON" in log for log in logs), logs
