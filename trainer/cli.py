@@ -180,12 +180,9 @@ def _run(args: argparse.Namespace) -> int | None:
 
 
 def _train_args(args: argparse.Namespace) -> list[str]:
-    out = ["train"]
-    if args.config:
-        out += ["--config", args.config]
-    for item in args.overrides:
-        out += ["--set", item]
-    return out
+    from trainer.config import set_args
+
+    return ["train", *(["--config", args.config] if args.config else []), *set_args(*args.overrides)]
 
 
 def _prepare(args: argparse.Namespace, cfg) -> None:

@@ -263,6 +263,11 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def set_args(*settings: str) -> list[str]:
+    """Command-line ``--set`` arguments for ``key=value`` settings (what another `trainer` process takes)."""
+    return [arg for item in settings for arg in ("--set", item)]
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():

@@ -60,7 +60,7 @@ def run_demo(workdir: str, workers: int = 2) -> int:
     for line in report.summary_lines():
         print("    " + line)
     _say(f"3/4 training with {workers} local workers (MultiWorkerMirroredStrategy), both phases")
-    code = launch_local(workers, ["train", *(arg for item in settings for arg in ("--set", item))])
+    code = launch_local(workers, ["train", *config_lib.set_args(*settings)])
     if code != ExitCode.OK:
         _say(f"training failed with exit code {code}")
         return code

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from trainer.config import set_args  # re-exported for the tests
+
+__all__ = ["TINY_RUN", "LogSink", "set_args"]
+
 #: A run small enough for 2 CPU cores: random-weight VGG16 at 32x32, a few steps per phase.
 TINY_RUN = [
     "model.weights=none",
@@ -16,11 +20,6 @@ TINY_RUN = [
     "runtime.verbose=0",
     "runtime.collective_timeout_seconds=120",
 ]
-
-
-def set_args(*settings: str) -> list[str]:
-    """``--set`` arguments for each ``key=value``."""
-    return [arg for item in settings for arg in ("--set", item)]
 
 
 class LogSink:

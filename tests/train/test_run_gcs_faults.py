@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from trainer.config import set_args
 from trainer.contract import ExitCode
 from trainer.data.synthetic import make_demo_images
 from trainer.launch import entrypoint_command
@@ -40,7 +41,7 @@ def dataset(gcs_bucket, gcs_env, tmp_path) -> str:
 
 
 def _train(env: dict, *settings: str) -> subprocess.Popen:
-    args = ["train", *(arg for s in [*RUN, *settings] for arg in ("--set", s))]
+    args = ["train", *set_args(*RUN, *settings)]
     return subprocess.Popen([*entrypoint_command(), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
