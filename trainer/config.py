@@ -186,6 +186,12 @@ class RuntimeConfig:
     collective_timeout_seconds: float = _f(
         300.0, "Multi-worker: a collective that takes longer than this fails instead of hanging.", gt=0
     )
+    heartbeat_timeout_seconds: float = _f(
+        60.0,
+        "Multi-worker: a worker silent this long (dead, frozen, node gone) is declared failed and every "
+        "worker stops with an error (exit 75) instead of hanging.",
+        gt=0,
+    )
     verbose: int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)
 
 
