@@ -196,9 +196,11 @@ class StopRequest:
     stop" at the same step. Single-process runs just read the flag.
     """
 
-    def __init__(self, strategy, multi_worker: bool):
+    def __init__(self, strategy, multi_worker: bool, every_steps: int = 1):
         self._signalled = threading.Event()
         self._any_worker = _any_worker_fn(strategy) if multi_worker else None
+        self._every_steps = every_steps if multi_worker else 1
+        self._steps = 0
         self._previous_handler = None
 
     def install(self) -> None:
@@ -209,6 +211,11 @@ class StopRequest:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+    def agreed_after_step(self) -> bool:
+        """``agreed()`` every ``every_steps`` steps (the check costs an all-reduce); else False."""
+        self._steps += 1
+        return self._steps % self._every_steps == 0 and self.agreed()
 
     def agreed(self) -> bool:
         """True on every worker at once when at least one of them got SIGTERM. Collective."""
@@ -266,7 +273,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if batch == self.params["steps"] - 1:
             self._due_at_epoch_end = due
             return
-        stopping = self.stop is not None and self.stop.agreed()
+        stopping = self.stop is not None and self.stop.agreed_after_step()
         if due or stopping:
             seconds = self._timed_backup(self._current_epoch, batch)
         if stopping:

@@ -155,7 +155,8 @@ def run_phase(
         )
     # Last, so an epoch-end backup records an epoch whose end the other callbacks have handled.
     strategy = model.distribute_strategy
-    stop = StopRequest(strategy, isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps)
     callbacks.append(
         BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop)
     )
