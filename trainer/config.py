@@ -170,6 +170,12 @@ class TrainConfig:
         "val_accuracy", "Metric that selects the best model and drives early stopping."
     )
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", ge=0.0, lt=1.0)
+    cache_frozen_features: bool = _f(
+        False,
+        "A phase with the whole base frozen runs each image through the base once, caches the features on "
+        "local scratch disk and trains the head on them (epochs many times faster). Cached images are "
+        "unaugmented, so such a phase ignores data.augment; phases that unfreeze blocks are never cached.",
+    )
 
 
 @dataclass
