@@ -184,6 +184,17 @@ class RuntimeConfig:
         "auto", "mixed_float16 compute: auto = on when training on GPUs, off on CPU."
     )
     jit_compile: bool = _f(False, "Compile the training step with XLA.")
+    all_reduce: Literal["auto", "nccl", "ring"] = _f(
+        "auto",
+        "Multi-worker gradient all-reduce: auto (TensorFlow picks NCCL on GPUs), nccl (GPUs), or ring "
+        "(TensorFlow's own ring over gRPC; CPU or GPU).",
+    )
+    all_reduce_pack_mb: float = _f(
+        0.0,
+        "Multi-worker: all-reduce the gradients in packs of this many MiB, so communication overlaps "
+        "the rest of the step; 0 = TensorFlow decides.",
+        ge=0,
+    )
     deterministic: bool = _f(False, "Deterministic ops and input order (for tests; slower).")
     seed: int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
     peer_wait_seconds: float = _f(
