@@ -12,6 +12,7 @@ skips the two-worker run: its figures mean nothing, only its shape does.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 
 from trainer.bench import runs
 from trainer.bench.images import make_image_set
-from trainer.errors import TrainerError
+from trainer.errors import ConfigError, TrainerError
 
 SCHEMA_VERSION = 1
 
@@ -70,6 +71,11 @@ class BenchError(TrainerError):
 
 
 def run_bench(out_json: str, out_table: str, quick: bool, workdir: str | None, say: Callable[[str], None]) -> dict:
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError(
+            "trainer bench needs SciPy for its baseline (Keras' ImageDataGenerator imports it); "
+            "install it with: pip install 'vgg-trainer[bench]'"
+        )
     settings = QUICK if quick else FULL
     started = time.time()
     root = workdir or tempfile.mkdtemp(prefix="trainer-bench-")
