@@ -58,3 +58,14 @@ def test_goals_say_what_is_met_and_by_how_much_one_is_missed():
 )
 def test_first_step_marker_is_the_first_progress_bar_update(output, found):
     assert bool(runs.FIRST_STEP.search(output)) is found
+
+
+def test_a_goal_without_its_measurement_is_not_met_and_says_so():
+    result = _result(product_vs_baseline=3.0)
+    del result["input_pipeline"]["2"]  # a one-core machine
+
+    verdicts = {g["goal"]: g for g in report.evaluate_goals(result)}
+
+    missing = verdicts["input pipeline (c) vs the baseline (a), 2 cores"]
+    assert (missing["measured"], missing["met"], missing["short_by"]) == (None, False, None)
+    assert verdicts["input pipeline (c) vs the limit (d), 1 core"]["met"]

@@ -66,14 +66,18 @@ GOALS = [
 def evaluate_goals(result: dict) -> list[dict]:
     verdicts = []
     for goal in GOALS:
-        measured = goal.measured(result)
+        try:
+            measured = goal.measured(result)
+        except KeyError:  # e.g. no second core to measure on
+            measured = None
+        met = measured is not None and measured >= goal.target
         verdicts.append(
             {
                 "goal": goal.name,
                 "target": f">= {goal.target}{goal.unit}",
                 "measured": measured,
-                "met": measured >= goal.target,
-                "short_by": 0.0 if measured >= goal.target else round(goal.target - measured, 3),
+                "met": met,
+                "short_by": None if measured is None else 0.0 if met else round(goal.target - measured, 3),
                 "why_they_differ": goal.why_they_differ,
             }
         )
@@ -123,10 +127,13 @@ def _header(r: dict) -> list[str]:
 def _goals(r: dict) -> list[str]:
     lines = ["## Goals", "", "| goal | target | measured | met |", "|---|---|---|---|"]
     for g in r["goals"]:
+        if g["measured"] is None:
+            lines.append(f"| {g['goal']} | {g['target']} | not measured | - |")
+            continue
         verdict = "yes" if g["met"] else f"**no**, short by {g['short_by']}"
         lines.append(f"| {g['goal']} | {g['target']} | {g['measured']:.2f}x | {verdict} |")
     lines.append("")
-    misses = [g for g in r["goals"] if not g["met"]]
+    misses = [g for g in r["goals"] if not g["met"] and g["measured"] is not None]
     for g in misses:
         lines.append(f"- Missed: {g['goal']} ({g['measured']:.2f}x). What separates the two: {g['why_they_differ']}")
     if misses:

@@ -115,29 +115,38 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
     image_dir, dataset_dir = _prepare_images(settings, root)
     result["image_set"] = _describe_images(image_dir)
     cores = [c for c in CORE_COUNTS if c <= len(os.sched_getaffinity(0))]
-    # One process per core count; the training step and the model counts run after the 2-core inputs.
+    jobs = _worker_jobs(settings, image_dir, dataset_dir, cores)
+    trainer_runs = _trainer_run_starters(settings, dataset_dir, root)
+    if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
+        say("bench: all measurements at once (quick mode)")
+        started_runs = {name: start() for name, start in trainer_runs.items()}
+        started_jobs = {name: _start_worker(name, *job, root) for name, job in jobs.items()}
+        results = {name: _finish_worker(handle, settings.timeout_seconds) for name, handle in started_jobs.items()}
+        outcomes = {name: _finish_run(name, workers, settings) for name, workers in started_runs.items()}
+    else:  # one measurement at a time, each with the machine to itself
+        results, outcomes = {}, {}
+        for name, job in jobs.items():
+            say(f"bench: {name} ({', '.join(task for task, _ in job[1])})")
+            results[name] = _finish_worker(_start_worker(name, *job, root), settings.timeout_seconds)
+        for name, start in trainer_runs.items():
+            say(f"bench: trainer {name}")
+            outcomes[name] = _finish_run(name, start(), settings)
+    last = f"cores-{cores[-1]}"
+    result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0]) for c in cores}
+    result["training_step"] = _summarize_training(results[last][1])
+    result["communication"] = results[last][2]
+    result.update(_summarize_runs(outcomes, settings, root))
+    return result
+
+
+def _worker_jobs(settings: Settings, image_dir: str, dataset_dir: str, cores: list[int]) -> dict:
+    """name -> (cores to pin, tasks): one process per core count; the training step and the model
+    counts run in the last one (all cores), after its input measurements."""
     jobs = {
         f"cores-{count}": (count, [("inputs", _input_args(settings, image_dir, dataset_dir, count))]) for count in cores
     }
     jobs[f"cores-{cores[-1]}"][1].extend([("training", _training_args(settings, dataset_dir)), ("comms", {})])
-    if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
-        say("bench: all measurements at once (quick mode)")
-        trainer_runs = _start_trainer_runs(settings, dataset_dir, root)
-        started = {name: _start_worker(name, *job, root) for name, job in jobs.items()}
-        results = {name: _finish_worker(handle, settings.timeout_seconds) for name, handle in started.items()}
-        runs_result = _finish_trainer_runs(trainer_runs, settings, root)
-    else:  # one measurement at a time, each with the machine to itself
-        results = {}
-        for name, job in jobs.items():
-            say(f"bench: {name} ({', '.join(task for task, _ in job[1])})")
-            results[name] = _finish_worker(_start_worker(name, *job, root), settings.timeout_seconds)
-        say("bench: trainer runs (feature cache off and on, start-up, memory, two workers)")
-        runs_result = _finish_trainer_runs(_start_trainer_runs(settings, dataset_dir, root), settings, root)
-    result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0]) for c in cores}
-    result["training_step"] = _summarize_training(results[f"cores-{cores[-1]}"][1])
-    result["communication"] = results[f"cores-{cores[-1]}"][2]
-    result.update(runs_result)
-    return result
+    return jobs
 
 
 # --------------------------------------------------------------------------- data
@@ -290,8 +299,8 @@ def _run_settings(settings: Settings, dataset_dir: str, output_dir: str, *extra:
     ]
 
 
-def _start_trainer_runs(settings: Settings, dataset_dir: str, root: str) -> dict:
-    """Start the runs (all at once in quick mode); returns name -> started workers or a starter."""
+def _trainer_run_starters(settings: Settings, dataset_dir: str, root: str) -> dict[str, Callable[[], list]]:
+    """name -> a function that starts that run's worker processes."""
 
     def run_settings(name: str, *extra: str) -> list[str]:
         return _run_settings(settings, dataset_dir, os.path.join(root, name), *extra)
@@ -299,36 +308,38 @@ def _start_trainer_runs(settings: Settings, dataset_dir: str, root: str) -> dict
     def log(name: str) -> str:
         return os.path.join(root, f"{name}.log")
 
-    starts = {
+    starters = {
         "run-uncached": lambda: [runs.single_worker(run_settings("run-uncached"), log("run-uncached"))],
         "run-cached": lambda: [
             runs.single_worker(run_settings("run-cached", "train.cache_frozen_features=true"), log("run-cached"))
         ],
     }
     if settings.two_worker_run:
-        starts["run-2w"] = lambda: runs.multi_worker(
+        starters["run-2w"] = lambda: runs.multi_worker(
             run_settings("run-2w", "train.steps_per_epoch=2"), os.path.join(root, "run-2w"), 2
         )
-    if settings.concurrent_runs:
-        return {name: start() for name, start in starts.items()}
-    return starts
+    return starters
 
 
-def _finish_trainer_runs(started: dict, settings: Settings, root: str) -> dict:
-    outcomes = {}
-    for name, workers in started.items():
-        workers = workers() if callable(workers) else workers  # sequential: each run starts when the last ended
-        outcomes[name] = [runs.finish(worker, settings.timeout_seconds) for worker in workers]
-        for index, outcome in enumerate(outcomes[name]):
-            _require(outcome, f"{name} worker {index}")
-    (plain,), (cached,), two = outcomes["run-uncached"], outcomes["run-cached"], outcomes.get("run-2w", [])
+def _finish_run(name: str, workers: list, settings: Settings) -> list[dict]:
+    outcomes = [runs.finish(worker, settings.timeout_seconds) for worker in workers]
+    for index, outcome in enumerate(outcomes):
+        _require(outcome, f"{name} worker {index}")
+    return outcomes
+
+
+def _summarize_runs(outcomes: dict[str, list[dict]], settings: Settings, root: str) -> dict:
+    (plain,), (cached,) = outcomes["run-uncached"], outcomes["run-cached"]
 
     def path(name: str) -> str:
         return os.path.join(root, name)
 
     return {
         "feature_cache": _cache_summary(settings, path, cached),
-        "startup": {"single_worker": _startup(plain), "two_workers": [_startup(r) for r in two]},
+        "startup": {
+            "single_worker": _startup(plain),
+            "two_workers": [_startup(r) for r in outcomes.get("run-2w", [])],
+        },
     }
 
 
