@@ -124,6 +124,7 @@ def run_phase(
     is_chief: bool,
     class_names: list[str],
     baseline: tuple[float, float] | None = None,
+    telemetry=None,
 ) -> PhaseResult:
     """Fit one phase with backups, best-weights tracking, early stopping and logs."""
     monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
@@ -160,6 +161,8 @@ def run_phase(
                 mode="min" if monitor.endswith("loss") else "max",
             )
         )
+    if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
+        telemetry.instrument(callbacks, model, plan)
     started = time.perf_counter()
     history = model.fit(
         train_data,
