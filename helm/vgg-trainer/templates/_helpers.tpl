@@ -283,6 +283,9 @@ template:
             value: {{ $c.workerPort | quote }}
           - name: TRAINER_SCRATCH_DIR
             value: {{ $c.scratchDir }}
+          # Reported in the trainer_build_info metric.
+          - name: TRAINER_IMAGE
+            value: {{ include "vgg-trainer.image" $root | quote }}
           # Kubernetes sets it too on Indexed Jobs; the annotation works on every version.
           - name: JOB_COMPLETION_INDEX
             valueFrom:
