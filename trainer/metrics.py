@@ -73,6 +73,14 @@ RUN_GLOBAL_STEPS = P + "run_global_steps"
 RUN_FINAL_ACCURACY = P + "run_final_accuracy"
 RUN_FINAL_LOSS = P + "run_final_loss"
 
+#: Every name a worker serves, and every name the chief pushes (the docs list them all).
+SERVED = (
+    BUILD_INFO, WORKERS, REPLICAS, PHASE, EPOCH, GLOBAL_STEP, PROGRESS_RATIO, ETA_SECONDS, IMAGES_PROCESSED,
+    STEP_DURATION, STEP_COMPUTE, INPUT_WAIT, STORAGE_READ_BYTES, LOSS, ACCURACY, LEARNING_RATE, BACKUP_DURATION,
+    BACKUP_LAST_SUCCESS, BACKUP_FAILURES, RESTORES, GROUP_RESTARTS, ACCELERATOR_MEMORY,
+)  # fmt: skip
+PUSHED = (RUN_SUCCESS, RUN_EXIT_CODE, RUN_FINISHED, RUN_DURATION, RUN_GLOBAL_STEPS, RUN_FINAL_ACCURACY, RUN_FINAL_LOSS)
+
 #: Step-time buckets: from 10 ms (small models on GPUs) to 5 minutes (huge batches on CPUs).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Backup-time buckets: local disk in under a second to many GB on object storage in minutes.

@@ -59,3 +59,56 @@ def metric_names(expr: str) -> set[str]:
 def family(name: str) -> str:
     """The exposition family of a sample name: histogram series fold into their base name."""
     return re.sub(r"_(bucket|sum|count)$", "", name)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def wait_http(url: str, timeout: float = 30.0, proc=None) -> None:
+    """Wait until ``url`` answers 200 (the server is up), failing early if ``proc`` died."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+class Pushgateway:
+    """The real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port."""
+
+    def __init__(self, log_path) -> None:
+        import subprocess
+
+        from trainer.launch import free_ports
+
+        (self.port,) = free_ports(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_http(self.url + "/-/ready", proc=self.proc)
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self._log.close()

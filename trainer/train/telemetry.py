@@ -7,7 +7,8 @@ Three probes feed one Keras callback:
 - the optimizer stamps the moment this worker's gradients are ready, before the all-reduce;
 - the callback times each step (batch begin to batch end).
 
-Per step: input wait = batch arrival - step start (0 when the batch was already buffered);
+Per step: input wait = batch arrival - step start (0 when the batch was already buffered;
+not counted in the first step of each phase, which also traces the step function);
 compute = gradients ready - max(step start, batch arrival). In synchronous training every
 worker's *step* takes as long as the slowest worker's, so the step time cannot show a
 straggler; its compute time can. Under XLA (``runtime.jit_compile``) the gradient stamp is
@@ -171,7 +172,10 @@ class TrainingTelemetry(keras.callbacks.Callback):
         self.m.images.inc(self.images_per_step)
         arrived, record_bytes, ready = self.run.probe.take(self.run.local_replicas)
         if arrived is not None:
-            self.m.input_wait.inc(max(arrived - began, 0.0))
+            # The first step of a fit also traces the step function before it asks for a batch:
+            # that time is not input wait.
+            if self._first_step_ended is not None:
+                self.m.input_wait.inc(max(arrived - began, 0.0))
             self.m.storage_read.inc(record_bytes)
         if ready is not None:
             self.m.step_compute.observe(max(ready - max(began, arrived or began), 0.0))
