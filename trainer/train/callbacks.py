@@ -230,20 +230,6 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().on_train_end(logs)
         self._restore_handler()
 
-    #: Telemetry hook, called after every backup with (seconds, ok); see trainer.train.telemetry.
-    on_backup = None
-
-    def _backup(self, epoch, batch=0):
-        started = time.perf_counter()
-        try:
-            super()._backup(epoch, batch)
-        except Exception:
-            if self.on_backup is not None:
-                self.on_backup(time.perf_counter() - started, False)
-            raise
-        if self.on_backup is not None:
-            self.on_backup(time.perf_counter() - started, True)
-
     def _restore_handler(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)

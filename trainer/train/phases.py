@@ -153,6 +153,8 @@ def run_phase(
         metrics_log,
         keras.callbacks.TensorBoard(storage.join(layout.tensorboard, plan.name), profile_batch=0),
     ]
+    if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
+        telemetry.instrument(callbacks, model, plan)
     if plan.config.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -161,8 +163,6 @@ def run_phase(
                 mode="min" if monitor.endswith("loss") else "max",
             )
         )
-    if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
-        telemetry.instrument(callbacks, model, plan)
     started = time.perf_counter()
     history = model.fit(
         train_data,
