@@ -6,7 +6,10 @@ for a few minutes. After a warm-up, the benchmark alternates segments of equal l
 "scraped" segments a thread GETs /metrics 20 times per second, in "idle" ones nothing does.
 Each segment's throughput comes from the trainer's own step-time histogram (sum and count read
 at the segment's ends: one request each), so it is exact to the step. Alternating (A B A B ...)
-spreads a shared machine's noise over both conditions.
+spreads a shared machine's noise over both conditions. Wall time still varies with what else
+runs on the machine, so the benchmark also reports the trainer's CPU seconds per step
+(process_cpu_seconds_total): serving the scrapes costs CPU in the trainer's own process, and that
+figure barely depends on other processes.
 
     .venv/bin/python scripts/bench-scrape.py                 # 6 pairs of 20 s segments
     .venv/bin/python scripts/bench-scrape.py --pairs 3 --segment 10
@@ -56,7 +59,8 @@ def read_metrics(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     values = {}
-    for name in ("trainer_step_duration_seconds_sum", "trainer_step_duration_seconds_count"):
+    names = ("trainer_step_duration_seconds_sum", "trainer_step_duration_seconds_count", "process_cpu_seconds_total")
+    for name in names:
         found = re.search(rf"^{name} (\S+)$", text, re.M)
         values[name] = float(found.group(1)) if found else 0.0
     return values
@@ -136,7 +140,9 @@ def measure(args, url: str, trainer: subprocess.Popen) -> int:
         time.sleep(1)
     scraper = Scraper(url, args.rate)
     results: dict[str, list[float]] = {"scraped": [], "idle": []}
-    print(f"{'segment':>8} {'condition':>9} {'steps':>6} {'s/step':>8} {'images/s':>9} {'scrapes/s':>9}")
+    cpu: dict[str, list[float]] = {"scraped": [], "idle": []}
+    columns = [("segment", 8), ("condition", 9), ("steps", 6), ("s/step", 8), ("images/s", 9)]
+    print(" ".join(f"{name:>{width}}" for name, width in [*columns, ("CPU s/step", 10), ("scrapes/s", 9)]))
     for index in range(2 * args.pairs):
         condition = "scraped" if index % 2 == 0 else "idle"
         before, requests_before = read_metrics(url), scraper.requests
@@ -150,15 +156,23 @@ def measure(args, url: str, trainer: subprocess.Popen) -> int:
         steps = after[count] - before[count]
         per_step = (after[count.replace("count", "sum")] - before[count.replace("count", "sum")]) / max(steps, 1)
         throughput = BATCH / per_step if steps else 0.0
+        cpu_per_step = (after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]) / max(steps, 1)
         results[condition].append(throughput)
+        cpu[condition].append(cpu_per_step)
         rate = (scraper.requests - requests_before) / elapsed
-        print(f"{index + 1:>8} {condition:>9} {steps:>6.0f} {per_step:>8.4f} {throughput:>9.2f} {rate:>9.1f}")
+        print(
+            f"{index + 1:>8} {condition:>9} {steps:>6.0f} {per_step:>8.4f} {throughput:>9.2f} "
+            f"{cpu_per_step:>10.4f} {rate:>9.1f}"
+        )
     scraped, idle = statistics.median(results["scraped"]), statistics.median(results["idle"])
     mean_scraped, mean_idle = statistics.mean(results["scraped"]), statistics.mean(results["idle"])
     print()
     print(f"median throughput: scraped {scraped:.2f} images/s, idle {idle:.2f} images/s")
     print(f"overhead of scraping at {args.rate:g}/s: median {100 * (1 - scraped / idle):+.2f}%, "
           f"mean {100 * (1 - mean_scraped / mean_idle):+.2f}% (negative = scraped was faster: noise)")  # fmt: skip
+    cpu_scraped, cpu_idle = statistics.median(cpu["scraped"]), statistics.median(cpu["idle"])
+    print(f"median trainer CPU per step: scraped {cpu_scraped:.4f} s, idle {cpu_idle:.4f} s "
+          f"({100 * (cpu_scraped / cpu_idle - 1):+.2f}%)")  # fmt: skip
     if scraper.requests:
         print(f"scrapes: {scraper.requests}, mean latency {1000 * scraper.seconds / scraper.requests:.1f} ms")
     return 0
