@@ -241,8 +241,8 @@ class TrainingTelemetry(keras.callbacks.Callback):
 
     def _refresh_slow_gauges(self) -> None:
         self.m.learning_rate.set(current_learning_rate(self.model.optimizer))
-        for device in tf.config.list_logical_devices("GPU"):
-            name = device.name.removeprefix("/device:")
+        for index, _ in enumerate(tf.config.list_physical_devices("GPU")):
+            name = f"GPU:{index}"  # this process's GPUs, however the cluster names its devices
             self.m.accelerator_memory.labels(device=name).set(tf.config.experimental.get_memory_info(name)["current"])
 
 
