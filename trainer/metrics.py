@@ -16,7 +16,9 @@ read values with ``registry.get_sample_value``; ``process_metrics()`` is the pro
 
 from __future__ import annotations
 
+import http.server
 import logging
+import math
 import os
 import platform
 import threading
@@ -221,10 +223,51 @@ def metrics_port(configured: int, environ: dict[str, str] | os._Environ = os.env
     return port
 
 
+#: How long one rendering of /metrics is reused. Rendering costs ~1.5 ms of CPU (in the
+#: training process, under its GIL); reusing it keeps the endpoint's cost flat however many
+#: scrapers ask (Prometheus replicas, dashboards, curl) at the price of values up to this old.
+EXPOSITION_MAX_AGE_SECONDS = 0.5
+
+
+class _Exposition:
+    """The registry's text exposition, rendered at most once per ``max_age`` seconds."""
+
+    def __init__(self, registry: CollectorRegistry, max_age: float = EXPOSITION_MAX_AGE_SECONDS):
+        self.registry, self.max_age = registry, max_age
+        self._lock = threading.Lock()
+        self._body, self._rendered = b"", -math.inf
+
+    def body(self) -> bytes:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._rendered >= self.max_age:
+                self._body, self._rendered = prometheus_client.generate_latest(self.registry), now
+            return self._body
+
+
+def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler]:
+    class MetricsHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                self.send_error(404, "only /metrics here")
+                return
+            body = exposition.body()
+            self.send_response(200)
+            self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # one line per scrape would drown the training log
+            pass
+
+    return MetricsHandler
+
+
 @dataclass
 class Endpoint:
     port: int
-    server: object
+    server: http.server.ThreadingHTTPServer
     thread: threading.Thread
 
     def close(self) -> None:
@@ -232,14 +275,20 @@ class Endpoint:
         self.server.server_close()
 
 
-def serve(metrics: TrainerMetrics, port: int = METRICS_PORT, address: str = "") -> Endpoint | None:
+def serve(
+    metrics: TrainerMetrics,
+    port: int = METRICS_PORT,
+    address: str = "",
+    max_age: float = EXPOSITION_MAX_AGE_SECONDS,
+) -> Endpoint | None:
     """Serve ``metrics`` on ``address:port`` (0 = a free port) in a daemon thread.
 
     A port already taken (only possible outside Kubernetes, where each pod has its own) is a
     warning, not an error: training matters more than its metrics.
     """
+    handler = _handler(_Exposition(metrics.registry, max_age))
     try:
-        server, thread = prometheus_client.start_http_server(port, addr=address or "0.0.0.0", registry=metrics.registry)
+        server = http.server.ThreadingHTTPServer((address or "0.0.0.0", port), handler)
     except OSError as err:
         log.warning(
             "metrics endpoint not started: cannot listen on port %d (%s); set monitoring.port "
@@ -249,6 +298,9 @@ def serve(metrics: TrainerMetrics, port: int = METRICS_PORT, address: str = "") 
             Env.METRICS_PORT.value,
         )
         return None
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
+    thread.start()
     actual = server.server_port
     log.info("metrics on http://%s:%d/metrics", address or "0.0.0.0", actual)
     return Endpoint(actual, server, thread)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
@@ -72,6 +73,31 @@ def test_metrics_port_from_the_environment_wins_and_is_checked():
     for bad in ("http", "70000", "-1"):
         with pytest.raises(ConfigError, match=r"TRAINER_METRICS_PORT=.*expected a port number 0-65535"):
             metrics.metrics_port(9090, {Env.METRICS_PORT.value: bad})
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def test_endpoint_renders_at_most_once_per_max_age_and_serves_only_metrics():
+    m = TrainerMetrics()
+    endpoint = metrics.serve(m, port=0, address="127.0.0.1", max_age=0.3)
+    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        m.global_step.set(1)
+        first = _get(url)
+        m.global_step.set(2)
+        cached = _get(url)  # within max_age: the same rendering
+        time.sleep(0.35)
+        fresh = _get(url)
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            _get(f"http://127.0.0.1:{endpoint.port}/other")
+    finally:
+        endpoint.close()
+
+    assert "trainer_global_step 1.0" in first and cached == first
+    assert "trainer_global_step 2.0" in fresh
 
 
 def test_endpoint_serves_the_registry_and_a_taken_port_is_only_a_warning(caplog):
