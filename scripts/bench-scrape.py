@@ -15,11 +15,14 @@ figure barely depends on other processes.
     .venv/bin/python scripts/bench-scrape.py --pairs 3 --segment 10
 
 Prints one line per segment, then the median throughput of each condition and the overhead.
+Last, a figure free of the machine's noise: the CPU an endpoint process (the trainer's metrics,
+no training) spends serving the same scrape rate, as a share of the CPU the training used.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import re
 import shutil
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,22 +71,28 @@ def read_metrics(url: str) -> dict[str, float]:
 
 
 class Scraper:
-    """GETs /metrics at ``rate`` per second while ``on`` is set."""
+    """GETs /metrics at ``rate`` per second while ``on`` is set, over one kept-alive connection (as Prometheus)."""
 
     def __init__(self, url: str, rate: float):
-        self.url, self.period = url, 1.0 / rate
+        self.url, self.period = urllib.parse.urlsplit(url), 1.0 / rate
         self.on = threading.Event()
         self.requests = 0
         self.seconds = 0.0  # time spent in requests
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
+        connection = None
         next_at = time.perf_counter()
         while True:
             self.on.wait()
             started = time.perf_counter()
-            with urllib.request.urlopen(self.url, timeout=10) as response:
-                response.read()
+            try:
+                connection = connection or http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=10)
+                connection.request("GET", self.url.path)
+                connection.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                connection = None  # the server went away (end of a measurement): reconnect next time
+                continue
             self.requests += 1
             self.seconds += time.perf_counter() - started
             next_at = max(next_at + self.period, time.perf_counter())
@@ -175,7 +185,55 @@ def measure(args, url: str, trainer: subprocess.Popen) -> int:
           f"({100 * (cpu_scraped / cpu_idle - 1):+.2f}%)")  # fmt: skip
     if scraper.requests:
         print(f"scrapes: {scraper.requests}, mean latency {1000 * scraper.seconds / scraper.requests:.1f} ms")
+    training_cpu_per_second = statistics.median(
+        c / (BATCH / t) for c, t in zip(cpu["idle"], results["idle"], strict=True) if t
+    )
+    serving = endpoint_cpu_per_second(args.rate)
+    print(
+        f"endpoint alone at {args.rate:g} scrapes/s: {1000 * serving:.1f} ms CPU per second = "
+        f"{100 * serving / training_cpu_per_second:.2f}% of the {training_cpu_per_second:.2f} CPU-s/s the training used"
+    )
     return 0
+
+
+ENDPOINT_ONLY = """
+import sys, time
+from trainer import metrics
+m = metrics.process_metrics()
+for split in metrics.SPLITS:
+    m.loss.labels(split=split).set(1.0)
+    m.accuracy.labels(split=split).set(0.5)
+m.set_phase("fine_tuning")
+for _ in range(100):
+    m.step_duration.observe(0.5); m.step_compute.observe(0.3); m.backup_duration.observe(2.0)
+endpoint = metrics.serve(m, 0, "127.0.0.1")
+print(endpoint.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def endpoint_cpu_per_second(rate: float, seconds: float = 10.0) -> float:
+    """CPU seconds per second a process serving only the trainer's metrics spends at ``rate`` scrapes/s."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", ENDPOINT_ONLY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        port = int(child.stdout.readline())
+        scraper = Scraper(f"http://127.0.0.1:{port}/metrics", rate)
+        before = _cpu_seconds(child.pid)
+        scraper.on.set()
+        time.sleep(seconds)
+        scraper.on.clear()
+        return (_cpu_seconds(child.pid) - before) / seconds
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 if __name__ == "__main__":

@@ -247,6 +247,10 @@ class _Exposition:
 
 def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler]:
     class MetricsHandler(http.server.BaseHTTPRequestHandler):
+        # Keep-alive, as Prometheus scrapes: one connection (and thread) per scraper, not per scrape.
+        protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds an idle connection stays open
+
         def do_GET(self):
             if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                 self.send_error(404, "only /metrics here")
