@@ -333,3 +333,51 @@ def test_training_curves_are_a_real_png_with_content():
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # lines, bands, text: not a blank canvas
     assert pixels.std() > 20
     assert empty.size == (1000, 800)
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+@pytest.mark.slow
+def test_a_worker_waiting_for_its_peers_already_serves_metrics(tmp_path):
+    """The endpoint starts before TensorFlow and the rendezvous: a pod stuck at start-up is visible."""
+    import os
+    import subprocess
+
+    from tests.support.training import TINY_RUN, set_args
+    from trainer.cluster import make_tf_config
+    from trainer.config import PrepareConfig
+    from trainer.data.prepare import prepare_dataset
+    from trainer.data.synthetic import make_demo_images
+    from trainer.launch import entrypoint_command, free_ports
+
+    make_demo_images(str(tmp_path / "images"), classes=2, per_class=6, size=40, seed=1)
+    prepare_dataset(
+        str(tmp_path / "images"), str(tmp_path / "dataset"), PrepareConfig(min_shards=2, processes=1),
+        progress=lambda _: None,
+    )  # fmt: skip
+    metrics_port, *peers = free_ports(3)
+    env = {
+        **os.environ,
+        Env.TF_CONFIG.value: make_tf_config([f"localhost:{p}" for p in peers], 0),  # worker 1 never starts
+        Env.METRICS_PORT.value: str(metrics_port),
+    }
+    args = set_args(*TINY_RUN, f"data.dataset={tmp_path / 'dataset'}", f"output.dir={tmp_path / 'run'}")
+    worker = subprocess.Popen(
+        [*entrypoint_command(), "train", *args, "--set", "runtime.peer_wait_seconds=120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, text = time.monotonic() + 60, ""
+        while "trainer_build_info" not in text:
+            assert worker.poll() is None, worker.stdout.read()[-2000:]
+            assert time.monotonic() < deadline, "the metrics endpoint never answered"
+            try:
+                text = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+    assert "trainer_global_step 0.0" in text and "trainer_workers 0.0" in text  # nothing trained yet
