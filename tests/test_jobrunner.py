@@ -8,7 +8,8 @@ pod environment (fieldRefs, index, namespace, TF_CONFIG), the ConfigMap as a fil
 podFailurePolicy (FailJob, Count up to backoffLimit, Ignore), pod replacement (never two live
 pods per index), grace periods, deadlines, conditions and the CLI. No TensorFlow.
 
-The slow test runs the real trainer, 2 workers, through the runner.
+The slow test runs the real trainer through the runner on a corrupt dataset; real multi-worker
+runs through the runner are in tests/train/test_multi_worker_faults.py.
 """
 
 from __future__ import annotations
@@ -28,21 +29,22 @@ from typing import Any
 
 import pytest
 
+from tests.support.jobs import (
+    ISOLATED,
+    NAMESPACE,
+    TINY_TRAINER,
+    Capture,
+    assert_one_live_pod_per_index,
+    condition_types,
+    needs_namespaces,
+    render,
+)
 from trainer.cluster import parse_tf_config, tf_config_from_env
 from trainer.contract import WORKER_PORT, ExitCode
 from trainer.errors import ConfigError
 from trainer.jobrunner import JobRunner, load_manifests
-from trainer.jobrunner.network import PodNetwork, namespace_mode, pod_address
+from trainer.jobrunner.network import PodNetwork, pod_address
 from trainer.jobrunner.podspec import expand, rewrite_path
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "vgg-trainer"
-RELEASE = "flowers"
-NAMESPACE = "ml"
-ISOLATED = namespace_mode()[0] is not None
-needs_namespaces = pytest.mark.skipif(
-    not ISOLATED, reason=f"per-pod network namespaces unavailable: {namespace_mode()[1]}"
-)
 
 
 def _userns_available() -> bool:
@@ -134,44 +136,6 @@ STANDIN = textwrap.dedent(
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def helm() -> str:
-    local = ROOT / ".tools" / "bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which("helm")
-    if found is None:
-        pytest.fail("helm not found in .tools/bin or on PATH; run scripts/tools.sh (fetches helm and kubectl)")
-    return found
-
-
-def render(tmp_path: pathlib.Path, values: dict[str, Any], skip_schema: bool = False) -> str:
-    """`helm template` of the real chart with ``values`` (a values file)."""
-    base = {"workers": 2, "gpusPerWorker": 0, "dataset": "/data/flowers", "output": "/runs/flowers"}
-    values_file = tmp_path / "values.json"
-    values_file.write_text(json.dumps({**base, **values}))
-    cmd = [helm(), "template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(values_file)]
-    if skip_schema:
-        cmd.append("--skip-schema-validation")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-class Capture:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.lines.append(text)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
 class Harness:
     """Renders the chart with the stand-in wired in and runs the Job."""
 
@@ -211,22 +175,6 @@ def harness(tmp_path) -> Harness:
 
 def starts(runner: JobRunner, index: int) -> list[str]:
     return [e.pod for e in runner.events if e.reason == "PodStarted" and e.index == index]
-
-
-def assert_one_live_pod_per_index(runner: JobRunner) -> None:
-    """From the events: a pod of an index starts only after the previous one has terminated."""
-    live: dict[int, str] = {}
-    for event in runner.events:
-        if event.reason == "PodStarted":
-            assert event.index not in live, f"{event.pod} started while {live[event.index]} was alive"
-            live[event.index] = event.pod
-        elif event.reason in ("PodSucceeded", "PodFailed"):
-            assert live.pop(event.index) == event.pod
-    assert not live
-
-
-def condition_types(status) -> list[tuple[str, str]]:
-    return [(c.type, c.reason) for c in status.conditions]
 
 
 # --- unit ----------------------------------------------------------------------------------
@@ -486,43 +434,6 @@ def test_cli_runs_the_job_and_exits_with_the_failing_code(harness, monkeypatch, 
 
 
 # --- the real trainer ------------------------------------------------------------------------
-
-TINY_TRAINER = {
-    "model": {"weights": "none", "head": {"dense_units": [16]}},
-    "data": {"image_size": 32, "shuffle_buffer": 64},
-    "train": {"batch_size_per_replica": 4, "steps_per_epoch": 4, "backup_every_steps": 2},
-    "phases": {"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 2}},
-    "runtime": {"verbose": 0, "collective_timeout_seconds": 120},
-}
-
-
-@pytest.mark.slow
-@needs_namespaces
-def test_real_trainer_two_workers_complete_with_identical_weights(tmp_path):
-    from trainer.config import PrepareConfig
-    from trainer.data.prepare import prepare_dataset
-    from trainer.data.synthetic import make_demo_images
-
-    make_demo_images(str(tmp_path / "images"), classes=3, per_class=12, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
-    prepare_dataset(str(tmp_path / "images"), str(tmp_path / "dataset"), cfg, progress=lambda _: None)
-    output = tmp_path / "run"
-    text = render(
-        tmp_path,
-        {"workers": 2, "dataset": str(tmp_path / "dataset"), "output": str(output), "trainer": TINY_TRAINER},
-    )
-    sink = Capture()
-    with JobRunner(text, namespace=NAMESPACE, sink=sink) as runner:  # `trainer` = this venv's console script
-        status = runner.run(timeout=600)
-        log = sink.text
-        assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), log[-5000:]
-        assert status.succeeded == 2 and status.failed == 0
-        fingerprints = {index: re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(2)}
-    assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
-    assert "multi_worker: 2 replica(s) over 2 worker(s)" in log
-    assert "CoordinationServiceError" not in log
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary["weights_fingerprint"] == fingerprints[0][0]
 
 
 @pytest.mark.slow

@@ -270,7 +270,13 @@ def _train_cluster(cfg, cluster) -> dict | None:
             os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
         wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    return train(cfg, dist, checked)
+    summary = train(cfg, dist, checked)
+    if cluster.is_multi_worker and cluster.is_chief:
+        from trainer.rendezvous import wait_for_peers_to_leave
+
+        waited = wait_for_peers_to_leave(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
+        log.info("all peers left %.1f s after the final barrier; the chief exits last", waited)
+    return summary
 
 
 if __name__ == "__main__":

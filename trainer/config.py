@@ -187,6 +187,18 @@ class RuntimeConfig:
     collective_timeout_seconds: float = _f(
         300.0, "Multi-worker: a collective that takes longer than this fails instead of hanging.", gt=0
     )
+    stop_check_every_steps: int = _f(
+        10,
+        "Multi-worker: how often (in steps, and at every epoch end) the workers agree whether one got SIGTERM; "
+        "each check is a one-float all-reduce (a few ms), the stop waits for the next check.",
+        ge=1,
+    )
+    heartbeat_timeout_seconds: float = _f(
+        60.0,
+        "Multi-worker: a worker silent this long (dead, frozen, node gone) is declared failed and every "
+        "worker stops with an error (exit 75) instead of hanging.",
+        gt=0,
+    )
     verbose: int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)
 
 

@@ -111,3 +111,20 @@ def wait_for_peers(workers: Sequence[str], own_index: int, deadline_seconds: flo
         f"{len(missing)} of {len(peers)} peer(s) not reachable after {deadline_seconds:.0f} s: {names}; "
         "check that every worker pod is scheduled and running (the Job retries)"
     )
+
+
+def wait_for_peers_to_leave(workers: Sequence[str], own_index: int, deadline_seconds: float) -> float:
+    """Block until no other worker's port answers (their processes ended); returns the seconds waited.
+
+    The chief calls this last, so it exits after the others: a peer still running when the
+    coordination service (hosted by the chief) goes away reports it as an error.
+    """
+    started = time.monotonic()
+    peers = [address for i, address in enumerate(workers) if i != own_index]
+    while time.monotonic() - started < deadline_seconds:
+        if all(probe(address, timeout=0.5) is not None for address in peers):
+            break
+        time.sleep(0.1)
+    else:
+        log.warning("peers still up %.0f s after the final barrier; exiting anyway", deadline_seconds)
+    return time.monotonic() - started

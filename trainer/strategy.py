@@ -51,6 +51,7 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
     num_gpus = len(tf.config.list_physical_devices("GPU"))
     kind = choose_strategy_kind(cluster, num_gpus)
     if kind == "multi_worker":
+        _configure_coordination(cluster, runtime)
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=runtime.collective_timeout_seconds,
         )
@@ -75,6 +76,28 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
         "on" if mixed else "off",
     )
     return Distribution(strategy, kind, cluster, num_gpus, mixed)
+
+
+def _configure_coordination(cluster: ClusterSpec, runtime: RuntimeConfig) -> None:
+    """Bound how long a dead or frozen peer can go unnoticed, and how long a new group may take to form.
+
+    MultiWorkerMirroredStrategy starts TensorFlow's coordination service (hosted by worker 0)
+    with default timeouts when none is configured; configuring it first sets ours: a worker
+    whose heartbeats stop for ``heartbeat_timeout_seconds`` fails every worker with an error,
+    and a group whose members do not all register within ``peer_wait_seconds`` fails instead
+    of waiting (TensorFlow's default is an hour).
+    """
+    # Private modules: the public API has no way to set these (MultiWorkerMirroredStrategy uses the same).
+    from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import CoordinatedJob
+    from tensorflow.python.eager import context
+
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader="/job:worker/replica:0/task:0",
+        coordinated_jobs=[CoordinatedJob(name="worker", num_tasks=cluster.num_workers)],
+        heartbeat_timeout_in_ms=int(runtime.heartbeat_timeout_seconds * 1000),
+        cluster_register_timeout_in_ms=int(runtime.peer_wait_seconds * 1000),
+    )
 
 
 def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:

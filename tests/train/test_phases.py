@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer.config import Config, PhaseConfig, load_config
-from trainer.errors import DataError
+from trainer.errors import DataError, Preempted
 from trainer.train.callbacks import current_learning_rate, score
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, WarmupSchedule, make_optimizer, plan_phase
@@ -275,3 +277,51 @@ def test_backups_keep_the_last_k_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in chief.glob("ckpt-*.index")) == ["ckpt-4.index", "ckpt-5.index"]
     # The commit marker names the newest backup; an unfinished one would never be named.
     assert 'model_checkpoint_path: "ckpt-5"' in (chief / "checkpoint").read_text()
+
+
+class _EpochEnds(keras.callbacks.Callback):
+    """Records the epochs whose end ran; sends this process SIGTERM after one chosen step."""
+
+    def __init__(self, sigterm_after: tuple[int, int] | None = None):
+        super().__init__()
+        self.sigterm_after = sigterm_after
+        self.ended: list[int] = []
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ended.append(epoch)
+
+
+def _fit_with_backups(tmp_path, watcher: _EpochEnds) -> None:
+    from trainer.train.callbacks import BackupAndRestore, StopRequest
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((8, 3), "float32"), np.zeros((8, 2), "float32")
+    stop = StopRequest(tf.distribute.get_strategy(), multi_worker=False)
+    backup = BackupAndRestore(str(tmp_path / "backup"), save_freq=4, keep=2, stop=stop)
+    model.fit(x, y, batch_size=2, epochs=3, callbacks=[watcher, backup], verbose=0)  # 4 steps per epoch
+
+
+@pytest.mark.parametrize(("step", "resumes_at_epoch"), [(1, 1), (3, 2)])
+def test_sigterm_backs_up_then_stops_and_a_restart_never_skips_an_epoch_end(tmp_path, step, resumes_at_epoch):
+    first = _EpochEnds(sigterm_after=(1, step))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted):
+        _fit_with_backups(tmp_path, first)
+    # SIGTERM after the last step of epoch 1 (step 3) still lets that epoch end (validation,
+    # best model, metrics log) before the backup; mid-epoch it stops at once.
+    assert first.ended == ([0, 1] if step == 3 else [0])
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+
+    second = _EpochEnds()
+    _fit_with_backups(tmp_path, second)
+    assert second.ended == list(range(resumes_at_epoch, 3))

@@ -97,7 +97,9 @@ def test_stopped_run_resumes_from_its_backup_without_repeating_epochs(tiny_datas
     first.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills a pod
     assert first.wait(timeout=60) == ExitCode.PREEMPTED
     first_log = (tmp_path / "first.log").read_text()
-    assert re.search(r"SIGTERM: backup written in [\d.]+ s at epoch \d, step \d", first_log), first_log[-2000:]
+    assert re.search(r"SIGTERM \(here or on a peer\): backup written in [\d.]+ s at epoch \d, step \d", first_log), (
+        first_log[-2000:]
+    )
 
     second = _start_worker(args, tmp_path / "second.log")
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]

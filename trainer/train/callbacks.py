@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from trainer import storage
@@ -185,52 +186,144 @@ class KeepBest(keras.callbacks.Callback):
             log.info("phase ends with its best epoch %d (%s=%.4f)", self.best_epoch, self.monitor, self.best)
 
 
+class StopRequest:
+    """A SIGTERM seen by any worker, turned into one decision every worker takes at the same step.
+
+    Synchronous training needs every worker in each step, and a backup under
+    MultiWorkerMirroredStrategy is written by all workers together, so they must stop at the
+    same step. On Kubernetes only the pods of a preempted node get SIGTERM; the others learn it
+    here: each check all-reduces the local flag (one float), so all see "someone was asked to
+    stop" at the same step. Single-process runs just read the flag.
+    """
+
+    def __init__(self, strategy, multi_worker: bool, every_steps: int = 1):
+        self._signalled = threading.Event()
+        self._any_worker = _any_worker_fn(strategy) if multi_worker else None
+        self._every_steps = every_steps if multi_worker else 1
+        self._steps = 0
+        self._previous_handler = None
+
+    def install(self) -> None:
+        # Only note the signal; the step in progress finishes and the backup is written between steps.
+        self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+
+    def uninstall(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def agreed_after_step(self) -> bool:
+        """``agreed()`` every ``every_steps`` steps (the check costs an all-reduce); else False."""
+        self._steps += 1
+        return self._steps % self._every_steps == 0 and self.agreed()
+
+    def agreed(self) -> bool:
+        """True on every worker at once when at least one of them got SIGTERM. Collective."""
+        if self._any_worker is None:
+            return self._signalled.is_set()
+        return float(self._any_worker(tf.constant(1.0 if self._signalled.is_set() else 0.0))) > 0
+
+
+def _any_worker_fn(strategy):
+    @tf.function
+    def any_worker(flag):
+        per_replica = strategy.run(tf.identity, args=(flag,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return any_worker
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' resumable backups, keeping the last ``keep`` complete ones.
+    """Keras' resumable backups, keeping the last ``keep`` complete ones, and a backup on SIGTERM.
 
     Each backup is a TensorFlow checkpoint; the small ``checkpoint`` state object, written
     after all of a backup's files, is its commit marker. A restart restores the newest
     backup the marker names, so a backup interrupted mid-write (on GCS, where a
     checkpoint's "rename" is a copy + delete of many objects) is never restored; keeping
     more than one leaves an older complete backup even if the newest is damaged later.
+
+    Backups are written every ``save_freq`` steps and at every epoch end. A backup taken
+    after an epoch's last step would resume at the next epoch, skipping whatever that epoch's
+    end still had to do (validation, best-model tracking, the metrics log); so the last step
+    is backed up at the epoch's end instead, by this callback placed after the others.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, keep: int, backup_on_sigterm: bool = False):
+    def __init__(self, backup_dir: str, save_freq: int, keep: int, stop: StopRequest | None = None):
         # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self.keep = keep
-        self.backup_on_sigterm = backup_on_sigterm
-        self._sigterm = threading.Event()
-        self._previous_handler = None
+        self.stop = stop
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         state = self._training_state
         for manager in {id(m): m for m in (state.read_checkpoint_manager, state.write_checkpoint_manager)}.values():
             manager._max_to_keep = self.keep  # CheckpointManager has no public setter
-        if self.backup_on_sigterm:
-            # Note the signal and finish the current step; the backup is written between steps.
-            self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._sigterm.set())
+        self._report_restored_position()
+        if self.stop is not None:
+            self.stop.install()
 
     def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        if self._sigterm.is_set():
-            started = time.perf_counter()
-            self._backup(epoch=self._current_epoch, batch=batch)
-            log.warning(
-                "SIGTERM: backup written in %.1f s at epoch %d, step %d; stopping",
-                time.perf_counter() - started,
-                self._current_epoch + 1,
-                batch + 1,
-            )
-            self._restore_handler()
-            raise Preempted("received SIGTERM; backup written, the run resumes from it when restarted")
+        # Replaces Keras' version, which backs up the last step too (see the class docstring).
+        if batch == self.params["steps"] - 1:
+            return  # the epoch's end backs up
+        self._batches_count += 1
+        due = self._batches_count >= self.save_freq
+        stopping = self.stop is not None and self.stop.agreed_after_step()
+        if due or stopping:
+            self._batches_count = 0
+            seconds = self._timed_backup(self._current_epoch, batch)
+        if stopping:
+            self._preempted(seconds, self._current_epoch, batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Every epoch end is backed up: a restart never repeats a finished epoch (its metrics
+        # row, best-model decision and early-stopping count stay as they were).
+        stopping = self.stop is not None and self.stop.agreed()
+        seconds = self._timed_backup(epoch, self.params["steps"] - 1)  # a restart begins the next epoch
+        self._batches_count = 0
+        if stopping:
+            self._preempted(seconds, epoch, self.params["steps"] - 1)
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
-        self._restore_handler()
+        if self.stop is not None:
+            self.stop.uninstall()
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+    def _report_restored_position(self) -> None:
+        """Log where a restored backup resumes; keep its step inside this run's epoch length.
+
+        The epoch and the step within it carry over. A run relaunched with more workers has
+        fewer (larger) steps per epoch: a saved step beyond the new epoch's end means that
+        epoch is done, so the run resumes at the next one.
+        """
+        state = self._training_state
+        epoch, batch = int(state._ckpt_saved_epoch.numpy()), int(state._ckpt_saved_batch.numpy())
+        if epoch < 0:
+            return
+        steps = self.params["steps"]
+        if batch >= steps:
+            state._ckpt_saved_batch.assign(steps - 1)
+        done = min(batch + 1, steps)
+        where = "its end" if done == steps else f"step {done} of {steps}"
+        log.info(
+            "resumed from backup: epoch %d at %s (%d steps of this phase done before)",
+            epoch + 1,
+            where,
+            int(self.model._train_counter.numpy()),
+        )
+
+    def _timed_backup(self, epoch: int, batch: int) -> float:
+        started = time.perf_counter()
+        self._backup(epoch=epoch, batch=batch)
+        return time.perf_counter() - started
+
+    def _preempted(self, seconds: float, epoch: int, batch: int) -> None:
+        log.warning(
+            "SIGTERM (here or on a peer): backup written in %.1f s at epoch %d, step %d; stopping",
+            seconds,
+            epoch + 1,
+            batch + 1,
+        )
+        self.stop.uninstall()
+        raise Preempted("received SIGTERM; backup written, the run resumes from it when restarted")

@@ -19,7 +19,7 @@ from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
 from trainer.strategy import scaled_learning_rate
-from trainer.train.callbacks import BackupAndRestore, EpochTimer, KeepBest, MetricsLog
+from trainer.train.callbacks import BackupAndRestore, EpochTimer, KeepBest, MetricsLog, StopRequest
 from trainer.train.layout import RunLayout
 from trainer.train.state import PhaseResult
 
@@ -141,13 +141,6 @@ def run_phase(
     )
     keep_best.start(model, model_lib.load_weights)
     callbacks = [
-        # A backup on SIGTERM needs every worker to save together: single-process runs only, for now.
-        BackupAndRestore(
-            layout.backup(plan.name),
-            cfg.train.backup_every_steps,
-            cfg.train.backups_to_keep,
-            backup_on_sigterm=not isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy),
-        ),
         timer,
         keep_best,
         metrics_log,
@@ -163,6 +156,13 @@ def run_phase(
                 mode="min" if monitor.endswith("loss") else "max",
             )
         )
+    # Last, so an epoch-end backup records an epoch whose end the other callbacks have handled.
+    strategy = model.distribute_strategy
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps)
+    callbacks.append(
+        BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop)
+    )
     started = time.perf_counter()
     history = model.fit(
         train_data,

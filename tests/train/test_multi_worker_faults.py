@@ -1,0 +1,188 @@
+"""Multi-worker faults, run as Kubernetes would: the chart's rendered Job through the local Job
+runner, real trainer processes (MultiWorkerMirroredStrategy), each pod in its own network
+namespace.
+
+- an evicted worker makes the whole group back up together and exit 76: replaced, not counted;
+- a SIGKILLed worker makes the survivors fail within the health-check bound: the group restarts
+  from the newest backup (counted), loses at most one backup interval, and completes;
+- a frozen worker (SIGSTOP) turns into an error on the others within a bounded time;
+- a run stopped with 3 workers resumes with 2 from the same backup.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import pytest
+
+from tests.support.jobs import (
+    NAMESPACE,
+    TINY_TRAINER,
+    Capture,
+    assert_one_live_pod_per_index,
+    condition_types,
+    make_tiny_dataset,
+    needs_namespaces,
+    render,
+)
+from trainer.contract import ExitCode
+from trainer.jobrunner import JobRunner
+
+pytestmark = [pytest.mark.slow, needs_namespaces]
+
+
+def _trainer(**sections) -> dict:
+    merged = json.loads(json.dumps(TINY_TRAINER))
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _failures(runner: JobRunner) -> list[tuple[int, int, str]]:
+    """(index, exit code, action) of every failed pod, in order."""
+    return [(e.index, e.exit_code, e.action) for e in runner.events if e.reason == "PodFailed"]
+
+
+def _epochs_logged(output) -> list[tuple[str, int]]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [(row["phase"], row["epoch"]) for row in map(json.loads, lines)]
+
+
+def _global_step(log_text: str) -> int:
+    return max(int(s) for s in re.findall(r'"global_step": (\d+)', log_text) or ["0"])
+
+
+def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tmp_path):
+    dataset = make_tiny_dataset(tmp_path)
+    output = tmp_path / "run"
+    trainer = _trainer(
+        phases={"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 3}},
+        # Check for a stop after every step, so the group stops inside epoch 2, not at its end.
+        runtime={"collective_timeout_seconds": 30, "stop_check_every_steps": 1},
+    )
+    text = render(tmp_path, {"workers": 2, "dataset": dataset, "output": str(output), "trainer": trainer})
+    sink = Capture()
+    with JobRunner(text, namespace=NAMESPACE, sink=sink) as runner:
+        runner.start()
+        # 1. Preemption: pod 1 is evicted (SIGTERM) during fine-tuning. Both workers back up at
+        #    the same step and exit 76; the policy replaces both without counting them.
+        runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=300)
+        evicted = runner.delete_pod(1)
+        runner.wait_for(lambda: len(_failures(runner)) == 2, 120, "both workers of the group stopped")
+        first_stop = _failures(runner)
+        chief_log = runner.pod_log(0, attempt=0)
+        backup = re.search(r"backup written in ([\d.]+) s at epoch (\d+), step (\d+)", chief_log)
+
+        # 2. A crash: SIGKILL pod 0 (the chief) once the new group has trained again.
+        resumed = runner.wait_for_log(1, "resumed from backup: epoch 2", timeout=300)
+        assert resumed.name != evicted
+        runner.wait_for_log(0, "fine_tuning epoch 2:", timeout=300)  # the new generation's chief
+        time.sleep(1)  # past epoch 2's end backup, into epoch 3
+        killed_at = time.monotonic()
+        runner.kill_pod(0, signal.SIGKILL)
+        runner.wait_for(lambda: len(_failures(runner)) == 4, 180, "the survivor failed too")
+        survivor_failed_after = time.monotonic() - killed_at
+        runner.wait_for_log(0, "resumed from backup", timeout=300)
+        resumed_after = time.monotonic() - killed_at
+
+        status = runner.wait(timeout=600)
+        log = sink.text
+        fingerprints = {index: re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(2)}
+        last_chief = runner.pod_log(0)
+        events = runner.events
+        assert_one_live_pod_per_index(runner)  # through 6 pods over 3 generations
+
+    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), log[-5000:]
+    # The eviction: pod 1 is a disruption, the chief's 76 matches the Ignore rule; nothing counted.
+    assert first_stop == [(1, ExitCode.PREEMPTED, "Ignore"), (0, ExitCode.PREEMPTED, "Ignore")] or first_stop == [
+        (0, ExitCode.PREEMPTED, "Ignore"),
+        (1, ExitCode.PREEMPTED, "Ignore"),
+    ], first_stop
+    assert backup, chief_log[-3000:]
+    # The crash: the killed chief (137) and the survivor (75, transient) are counted, nothing else.
+    crash = sorted(_failures(runner)[2:])
+    assert crash == [(0, 137, "Count"), (1, ExitCode.TRANSIENT, "Count")], crash
+    assert status.failed == 2
+    # The survivor's error names the cause; it came within the bound (collective timeout 30 s
+    # plus TensorFlow's health checks), not after a silent hang.
+    assert survivor_failed_after < 120, survivor_failed_after
+    # The crash came after epoch 2 ended, and a backup is written every 2 steps and at each epoch
+    # end: the group resumed no earlier than the end of epoch 2 (at most 2 steps lost), and no
+    # finished epoch ran twice.
+    position = re.search(r"resumed from backup: epoch (\d+) at (its end|step (\d+) of 4)", last_chief)
+    assert position, last_chief[-3000:]
+    epoch, step = int(position.group(1)), 4 if position.group(2) == "its end" else int(position.group(3))
+    assert (epoch, step) >= (2, 4), position.group(0)
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
+    assert _epochs_logged(output) == [("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["weights_fingerprint"] == fingerprints[0][0]
+    # Clean finish: both exit 0, the chief last, no coordination errors in the final attempt.
+    finished = [e.index for e in events if e.reason == "PodSucceeded"]
+    assert finished == [1, 0], finished
+    assert "CoordinationServiceError" not in last_chief and "unhealthy" not in last_chief
+    print(
+        f"\nfigures: preemption backup {backup.group(1)} s; survivor failed {survivor_failed_after:.1f} s "
+        f"after the SIGKILL; training resumed {resumed_after:.1f} s after it"
+    )
+
+
+def test_a_frozen_worker_becomes_an_error_on_the_others_within_the_heartbeat_bound(tmp_path):
+    dataset = make_tiny_dataset(tmp_path)
+    trainer = _trainer(runtime={"heartbeat_timeout_seconds": 10, "collective_timeout_seconds": 60})
+    text = render(tmp_path, {"workers": 2, "dataset": dataset, "output": str(tmp_path / "run"), "trainer": trainer})
+    with JobRunner(text, namespace=NAMESPACE, sink=Capture()) as runner:
+        runner.start()
+        runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=300)
+        frozen_at = time.monotonic()
+        runner.kill_pod(1, signal.SIGSTOP)  # alive but silent: a hung process or a partitioned node
+        runner.wait_for(lambda: _failures(runner), 120, "the chief failed")
+        detected_after = time.monotonic() - frozen_at
+        failures = _failures(runner)
+        chief_log = runner.pod_log(0, attempt=0)
+        runner.close(grace_seconds=1)
+
+    assert failures[0] == (0, ExitCode.TRANSIENT, "Count"), (failures, chief_log[-3000:])
+    assert re.search(r"^error: .*\(a peer or the storage is unreachable; retry\)$", chief_log, re.M), chief_log[-3000:]
+    # Heartbeat timeout 10 s (+ TensorFlow's polling), well before the 60 s collective timeout.
+    assert detected_after < 45, detected_after
+    print(f"\nfigures: frozen worker detected by the chief after {detected_after:.1f} s")
+
+
+def test_a_run_stopped_with_three_workers_resumes_with_two_from_the_same_backup(tmp_path):
+    dataset = make_tiny_dataset(tmp_path)
+    output = tmp_path / "run"
+    trainer = _trainer(phases={"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 3}})
+
+    def values(workers: int) -> dict:
+        return {"workers": workers, "dataset": dataset, "output": str(output), "trainer": trainer}
+
+    # Three workers, stopped during fine-tuning as `helm uninstall` or suspending the Job would.
+    with JobRunner(render(tmp_path, values(3)), namespace=NAMESPACE, sink=Capture()) as runner:
+        runner.start()
+        runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=400)
+        runner.stop()
+        runner.wait(timeout=120)
+        stopped = _failures(runner)
+        three = runner.pod_log(0)
+    assert sorted(stopped) == [(i, ExitCode.PREEMPTED, None) for i in range(3)], stopped
+    saved = re.search(r"backup written in [\d.]+ s at epoch (\d+), step (\d+)", three)
+    assert saved, three[-3000:]
+    assert "global batch 12" in three
+
+    sink = Capture()
+    with JobRunner(render(tmp_path, values(2)), namespace=NAMESPACE, sink=sink) as runner:
+        status = runner.run(timeout=600)
+        two = runner.pod_log(0)
+    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), sink.text[-5000:]
+    epoch, step = int(saved.group(1)), int(saved.group(2))
+    position = "its end" if step == 4 else f"step {step} of 4"
+    assert f"resumed from backup: epoch {epoch} at {position}" in two, two[-3000:]
+    assert "resuming after completed phase feature_extraction" in two
+    assert re.search(r"phase fine_tuning: 3 epochs x 4 steps, global batch 8, learning rate 2.5e-05", two), two
+    assert re.search(r"phase fine_tuning: 3 epochs x 4 steps, global batch 12, learning rate 3.75e-05", three), three
+    assert set(_epochs_logged(output)) == {("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))}
+    assert json.loads((output / "summary.json").read_text())["distribution"]["workers"] == 2
