@@ -185,8 +185,9 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
         (np.zeros((8, 4), "float32"), np.eye(2, dtype="float32")[[0, 1] * 4])
     ).batch(8)
     plan = SimpleNamespace(name="feature_extraction", first_global_step=0, global_batch=8)
-    callbacks = [BackupAndRestore(backup_dir, save_freq=2, keep=2), *extra_callbacks]
+    callbacks = [*extra_callbacks]
     run.instrument(callbacks, model, plan)
+    callbacks.append(BackupAndRestore(backup_dir, save_freq=2, keep=2, on_backup=run.backup_finished))
     model.fit(data, epochs=2, steps_per_epoch=3, validation_data=validation, callbacks=callbacks, verbose=0)
     run.run_finished()
 

@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -248,11 +249,19 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     is backed up at the epoch's end instead, by this callback placed after the others.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, keep: int, stop: StopRequest | None = None):
+    def __init__(
+        self,
+        backup_dir: str,
+        save_freq: int,
+        keep: int,
+        stop: StopRequest | None = None,
+        on_backup: Callable[[float, bool], None] | None = None,
+    ):
         # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self.keep = keep
         self.stop = stop
+        self.on_backup = on_backup  # (seconds, succeeded) after every backup attempt, e.g. for metrics
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -315,8 +324,16 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _timed_backup(self, epoch: int, batch: int) -> float:
         started = time.perf_counter()
-        self._backup(epoch=epoch, batch=batch)
-        return time.perf_counter() - started
+        try:
+            self._backup(epoch=epoch, batch=batch)
+        except Exception:
+            if self.on_backup is not None:
+                self.on_backup(time.perf_counter() - started, False)
+            raise
+        seconds = time.perf_counter() - started
+        if self.on_backup is not None:
+            self.on_backup(seconds, True)
+        return seconds
 
     def _preempted(self, seconds: float, epoch: int, batch: int) -> None:
         log.warning(

@@ -160,8 +160,11 @@ def run_phase(
     strategy = model.distribute_strategy
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps)
+    on_backup = telemetry.backup_finished if telemetry is not None else None
     callbacks.append(
-        BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop)
+        BackupAndRestore(
+            layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop, on_backup
+        )
     )
     started = time.perf_counter()
     history = model.fit(

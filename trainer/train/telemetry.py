@@ -112,34 +112,11 @@ class RunTelemetry:
     def instrument(self, callbacks: list, model: keras.Model, plan) -> None:
         """Add the telemetry callback for ``plan`` (a PhasePlan) to ``callbacks``; stamp the optimizer.
 
-        The backup callbacks are timed when training begins, so ones appended to the same list
-        after this call are timed too.
+        Backups report to ``backup_finished`` (the backup callback's ``on_backup`` hook).
         """
         if self.stamp_gradients:
             self.probe.watch_optimizer(model.optimizer)
-        callbacks.insert(0, TrainingTelemetry(self, plan, callbacks))
-
-    def time_backups(self, callback: keras.callbacks.BackupAndRestore) -> None:
-        """Report every backup ``callback`` writes: its duration, success or failure.
-
-        Wraps the instance's ``_backup`` (Keras' one method that writes a backup, whoever calls
-        it: periodic, epoch-end or on SIGTERM), so the backup callback itself needs no hook.
-        """
-        if getattr(callback, "_telemetry_timed", False):
-            return
-        write_backup = callback._backup
-
-        def timed_backup(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                write_backup(*args, **kwargs)
-            except Exception:
-                self.backup_finished(time.perf_counter() - started, ok=False)
-                raise
-            self.backup_finished(time.perf_counter() - started, ok=True)
-
-        callback._backup = timed_backup
-        callback._telemetry_timed = True
+        callbacks.insert(0, TrainingTelemetry(self, plan))
 
     def backup_finished(self, seconds: float, ok: bool) -> None:
         if ok:
@@ -157,10 +134,9 @@ class RunTelemetry:
 class TrainingTelemetry(keras.callbacks.Callback):
     """Updates the training metrics after every step and epoch of one phase."""
 
-    def __init__(self, run: RunTelemetry, plan, callbacks: list = ()):
+    def __init__(self, run: RunTelemetry, plan):
         super().__init__()
         self.run, self.m = run, run.metrics
-        self._callbacks = callbacks  # the phase's list (its backup callback may be appended later)
         self.phase, self.first_step = plan.name, plan.first_global_step
         self.images_per_step = plan.global_batch // max(run.num_workers, 1)
         self.phase_steps = 0  # steps of this phase done, including those before a restore
@@ -171,9 +147,6 @@ class TrainingTelemetry(keras.callbacks.Callback):
         self._slow_refreshed = -math.inf
 
     def on_train_begin(self, logs=None):
-        for callback in self._callbacks:
-            if isinstance(callback, keras.callbacks.BackupAndRestore):
-                self.run.time_backups(callback)
         self.run.probe.reset()
         self.m.set_phase(self.phase)
         self.m.global_step.set(self.first_step)
