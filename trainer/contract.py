@@ -87,6 +87,8 @@ CONTAINER_NAME = "trainer"
 #: Names of the worker and metrics ports on the pods and the headless Service.
 WORKER_PORT_NAME = "worker"
 METRICS_PORT_NAME = "metrics"
+#: Path on the metrics port that answers 200 while the process runs (the chart's liveness probe).
+HEALTH_PATH = "/healthz"
 #: The Keras VGG16 "notop" ImageNet weights file, baked into the image at build time; the chart's
 #: default ``model.weights``. tf-keras caches downloads under ~/.keras only when it is writable,
 #: which a read-only root filesystem rules out, so the image keeps the file at a fixed path.

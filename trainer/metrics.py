@@ -30,7 +30,7 @@ from importlib import metadata
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from trainer.contract import METRIC_PREFIX, METRICS_PORT, Env
+from trainer.contract import HEALTH_PATH, METRIC_PREFIX, METRICS_PORT, Env
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +252,19 @@ def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler
         timeout = 60  # seconds an idle connection stays open
 
         def do_GET(self):
+            if self.path.split("?", 1)[0] == HEALTH_PATH:
+                # Answered by a thread of the trainer process: fails only when the whole process
+                # is frozen (stopped, or stuck holding the GIL), which the liveness probe catches.
+                self._send(b"ok\n", "text/plain; charset=utf-8")
+                return
             if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                 self.send_error(404, "only /metrics here")
                 return
-            body = exposition.body()
+            self._send(exposition.body(), prometheus_client.CONTENT_TYPE_LATEST)
+
+        def _send(self, body: bytes, content_type: str) -> None:
             self.send_response(200)
-            self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -37,6 +37,7 @@ from trainer.contract import (
     CONTAINER_NAME,
     CONTAINER_UID,
     ENTRYPOINT,
+    HEALTH_PATH,
     METRIC_PREFIX,
     METRICS_PORT,
     METRICS_PORT_NAME,
@@ -251,6 +252,20 @@ def test_pods_find_each_other_through_the_headless_service(scenario):
 
 
 # --------------------------------------------------------------------------- Job behaviour
+
+
+def test_liveness_probe_asks_the_metrics_port_only_when_the_endpoint_runs():
+    def probe(values):
+        return one(render(values), "Job")["spec"]["template"]["spec"]["containers"][0].get("livenessProbe")
+
+    default = probe({})
+    tuned = probe({"job": {"livenessProbe": {"periodSeconds": 5, "failureThreshold": 3}}})
+
+    assert default["httpGet"] == {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}
+    assert default["periodSeconds"] * default["failureThreshold"] == 120  # a frozen trainer lives 2 min
+    assert tuned["periodSeconds"] == 5 and tuned["failureThreshold"] == 3 and tuned["timeoutSeconds"] == 10
+    assert probe({"job": {"livenessProbe": {"enabled": False}}}) is None
+    assert probe({"trainer": {"monitoring": {"enabled": False}}}) is None  # no endpoint, no probe
 
 
 def test_pod_failure_policy_follows_the_trainers_exit_codes():

@@ -16,7 +16,7 @@ import pytest
 from observability_helpers import Pushgateway
 
 from trainer import metrics
-from trainer.contract import Env
+from trainer.contract import HEALTH_PATH, Env
 from trainer.errors import ConfigError
 from trainer.metrics import TrainerMetrics
 
@@ -93,8 +93,11 @@ def test_endpoint_renders_at_most_once_per_max_age_and_serves_only_metrics():
         fresh = _get(url)
         with pytest.raises(urllib.error.HTTPError, match="404"):
             _get(f"http://127.0.0.1:{endpoint.port}/other")
+        health = _get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}")  # the chart's liveness probe
     finally:
         endpoint.close()
+
+    assert health == "ok\n"
 
     assert "trainer_global_step 1.0" in first and cached == first
     assert "trainer_global_step 2.0" in fresh
