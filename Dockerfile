@@ -50,6 +50,7 @@ LABEL org.opencontainers.image.title="vgg-trainer" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
+# MPLCONFIGDIR: matplotlib (the training-curves PNG) needs a writable cache; the root filesystem is read-only.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -57,7 +58,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     TF_USE_LEGACY_KERAS=1 \
     TF_CPP_MIN_LOG_LEVEL=1 \
-    HOME=/home/trainer
+    HOME=/home/trainer \
+    MPLCONFIGDIR=/tmp/matplotlib
 
 # The fixed non-root user the chart's securityContext runs as (trainer/contract.py CONTAINER_UID/GID).
 RUN groupadd --gid 10001 trainer \

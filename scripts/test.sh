@@ -7,6 +7,8 @@ scripts/setup.sh
 # Real helm and kubectl for the chart tests (tests/chart), into the git-ignored .tools/bin.
 PYTHON=.venv/bin/python scripts/tools.sh
 export PATH="$PWD/.tools/bin:$PATH"
+# Real Prometheus, promtool and Pushgateway for the observability tests (tests/observability).
+scripts/prometheus.sh
 .venv/bin/ruff check trainer tests
 # The tests run in a private network namespace where the GCS host names resolve to the
 # emulator on loopback (TensorFlow's gs:// has fixed endpoints); see scripts/sandbox.sh.

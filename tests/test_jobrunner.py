@@ -34,6 +34,7 @@ from tests.support.jobs import (
     NAMESPACE,
     TINY_TRAINER,
     Capture,
+    assert_one_live_pod_per_index,
     condition_types,
     needs_namespaces,
     render,
@@ -174,18 +175,6 @@ def harness(tmp_path) -> Harness:
 
 def starts(runner: JobRunner, index: int) -> list[str]:
     return [e.pod for e in runner.events if e.reason == "PodStarted" and e.index == index]
-
-
-def assert_one_live_pod_per_index(runner: JobRunner) -> None:
-    """From the events: a pod of an index starts only after the previous one has terminated."""
-    live: dict[int, str] = {}
-    for event in runner.events:
-        if event.reason == "PodStarted":
-            assert event.index not in live, f"{event.pod} started while {live[event.index]} was alive"
-            live[event.index] = event.pod
-        elif event.reason in ("PodSucceeded", "PodFailed"):
-            assert live.pop(event.index) == event.pod
-    assert not live
 
 
 # --- unit ----------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ import json
 import sys
 import time
 
+import pytest
+
 from tests.support.training import LogSink
 from trainer.contract import ExitCode
+from trainer.errors import ConfigError
 from trainer.launch import free_ports, launch_local, worker_env
 
 # A stand-in worker: prints its TF_CONFIG task, then behaves as told by its index.
@@ -53,3 +56,28 @@ def test_worker_env_describes_a_worker_only_cluster():
 
     assert json.loads(env["TF_CONFIG"]) == {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}}
     assert env["PATH"] == "/bin" and len(set(workers)) == 2
+
+
+PRINT_METRICS_PORT = """
+import json, os
+print("task", json.loads(os.environ["TF_CONFIG"])["task"]["index"], "metrics", os.environ["TRAINER_METRICS_PORT"])
+"""
+
+
+def test_every_worker_gets_its_own_metrics_port():
+    sink = LogSink()
+
+    command = [sys.executable, "-c", PRINT_METRICS_PORT]
+    code = launch_local(3, [], sink=sink, command=command)
+    given = LogSink()
+    chosen = launch_local(2, [], sink=given, command=command, metrics_ports=[9101, 9102])
+
+    ports = [line.split()[-1] for line in sorted(sink.text.splitlines())]
+    assert code == chosen == ExitCode.OK
+    assert len(ports) == 3 and len(set(ports)) == 3 and all(int(p) > 0 for p in ports)
+    assert sorted(given.text.splitlines()) == ["[worker-0] task 0 metrics 9101", "[worker-1] task 1 metrics 9102"]
+
+
+def test_metrics_ports_must_match_the_worker_count():
+    with pytest.raises(ConfigError, match="2 metrics port\\(s\\) given for 3 workers"):
+        launch_local(3, [], sink=LogSink(), command=[sys.executable, "-c", "pass"], metrics_ports=[9101, 9102])

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from trainer.contract import Env, ExitCode
@@ -208,14 +209,67 @@ def _prepare(args: argparse.Namespace, cfg) -> None:
 
 def _train(cfg) -> None:
     from trainer import cluster as cluster_lib
+
+    started = time.time()
+    endpoint = _serve_metrics(cfg.monitoring)  # before TensorFlow: a worker stuck at start-up is visible too
+    try:
+        cluster = cluster_lib.parse_tf_config(cluster_lib.tf_config_from_env(os.environ))
+        push = cluster.is_chief and bool(cfg.monitoring.pushgateway_url)
+        try:
+            summary = _train_cluster(cfg, cluster)
+        except BaseException as err:
+            if push:
+                _push_outcome(cfg, started, _exit_code_of(err), {})
+            raise
+        if push and summary is not None:  # None: the run was complete already; its outcome was pushed then
+            _push_outcome(cfg, started, ExitCode.OK, summary)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _serve_metrics(monitoring):
+    if not monitoring.enabled:
+        return None
+    from trainer import metrics
+
+    return metrics.serve(metrics.process_metrics(), metrics.metrics_port(monitoring.port), monitoring.address)
+
+
+def _push_outcome(cfg, started: float, code: int, summary: dict) -> None:
+    """Finished runs stay visible after their pods are gone: the chief pushes how the run ended."""
+    from trainer import metrics
+
+    process = metrics.process_metrics()
+    outcome = metrics.Outcome(
+        exit_code=int(code),
+        started=started,
+        global_steps=int(process.registry.get_sample_value(metrics.GLOBAL_STEP) or 0),
+        evaluation=summary.get("evaluation"),
+    )
+    metrics.push_outcome(cfg.monitoring.pushgateway_url, cfg.monitoring.pushgateway_job, outcome)
+
+
+def _exit_code_of(err: BaseException) -> int:
+    """The exit code main() turns ``err`` into."""
+    if isinstance(err, TrainerError):
+        return int(err.exit_code)
+    if isinstance(err, KeyboardInterrupt):
+        return int(ExitCode.PREEMPTED)
+    classified = classify(err) if isinstance(err, Exception) else None
+    return int(classified.exit_code) if classified is not None else int(ExitCode.INTERNAL)
+
+
+def _train_cluster(cfg, cluster) -> dict | None:
+    """Train; the run summary (chief) or {} (other workers), None when the run was complete already."""
+    from trainer import cluster as cluster_lib
     from trainer.strategy import build_distribution
     from trainer.train.run import preflight, train
 
-    cluster = cluster_lib.parse_tf_config(cluster_lib.tf_config_from_env(os.environ))
     checked = preflight(cfg, cluster)  # bad input fails here, before waiting for peers
     if checked.state.complete:
         log.info("the run in %s is already complete; nothing to do", checked.layout.root)
-        return
+        return None
     if cfg.runtime.deterministic:
         import tensorflow as tf
 
@@ -227,12 +281,13 @@ def _train(cfg) -> None:
             os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
         wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    train(cfg, dist, checked)
+    summary = train(cfg, dist, checked)
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave
 
         waited = wait_for_peers_to_leave(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
         log.info("all peers left %.1f s after the final barrier; the chief exits last", waited)
+    return summary
 
 
 if __name__ == "__main__":

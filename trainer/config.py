@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.contract import METRICS_PORT
 from trainer.errors import ConfigError
 
 VGG16_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
@@ -232,6 +233,24 @@ class StorageConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    enabled: bool = _f(True, "Serve Prometheus metrics on every worker (started before TensorFlow).")
+    port: int = _f(
+        METRICS_PORT,
+        "Port of the metrics endpoint (the chart's metrics port); 0 = any free port. "
+        "$TRAINER_METRICS_PORT overrides it (the local launcher gives each worker its own).",
+        ge=0,
+        le=65535,
+    )
+    address: str = _f("", "Address the endpoint listens on; empty = every interface.")
+    pushgateway_url: str = _f(
+        "", "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = off."
+    )
+    pushgateway_job: str = _f("vgg-trainer", "The `job` label of the pushed outcome.")
+    curves: bool = _f(True, "The chief draws the training curves into training-curves.png beside summary.json.")
+
+
+@dataclass
 class Config:
     data: DataConfig = _section(DataConfig, "Input data and the tf.data pipeline.")
     prepare: PrepareConfig = _section(PrepareConfig, "How `trainer prepare` turns an image folder into shards.")
@@ -241,6 +260,7 @@ class Config:
     runtime: RuntimeConfig = _section(RuntimeConfig, "Devices, precision and determinism.")
     output: OutputConfig = _section(OutputConfig, "Where results go.")
     storage: StorageConfig = _section(StorageConfig, "Object storage (gs://) behaviour.")
+    monitoring: MonitoringConfig = _section(MonitoringConfig, "Metrics endpoint, Pushgateway and training curves.")
 
 
 # --------------------------------------------------------------------------- loading

@@ -48,6 +48,9 @@ class Env(enum.StrEnum):
     NAMESPACE = "TRAINER_NAMESPACE"
     WORKER_PORT = "TRAINER_WORKER_PORT"
     SCRATCH_DIR = "TRAINER_SCRATCH_DIR"  # writable local scratch (emptyDir) for staging and caches
+    IMAGE = "TRAINER_IMAGE"  # the container image reference, reported in trainer_build_info
+    # The metrics endpoint's port, overriding monitoring.port: the local launcher gives each worker its own.
+    METRICS_PORT = "TRAINER_METRICS_PORT"
 
 
 #: Port each worker listens on for tf.distribute collectives (the chart's worker port).
@@ -70,6 +73,8 @@ SCRATCH_MOUNT_DIR = "/scratch"
 MANIFEST_FILE = "manifest.json"
 PREPARE_REPORT_FILE = "prepare-report.json"
 RUN_SUMMARY_FILE = "summary.json"
+RUN_CURVES_FILE = "training-curves.png"  # the chief's picture of the run, beside the summary
+RUN_ATTEMPTS_FILE = "attempts.json"  # how often the run was started (trainer_group_restarts)
 METRICS_LOG_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.txt"
 
@@ -82,6 +87,8 @@ CONTAINER_NAME = "trainer"
 #: Names of the worker and metrics ports on the pods and the headless Service.
 WORKER_PORT_NAME = "worker"
 METRICS_PORT_NAME = "metrics"
+#: Path on the metrics port that answers 200 while the process runs (the chart's liveness probe).
+HEALTH_PATH = "/healthz"
 #: The Keras VGG16 "notop" ImageNet weights file, baked into the image at build time; the chart's
 #: default ``model.weights``. tf-keras caches downloads under ~/.keras only when it is writable,
 #: which a read-only root filesystem rules out, so the image keeps the file at a fixed path.

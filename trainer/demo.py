@@ -90,6 +90,8 @@ def _report(layout: RunLayout, seconds: float) -> None:
         print(f"  {split} accuracy: {metrics['accuracy']:.3f} on {metrics['images']} images")
     print(f"  run summary:   {layout.summary}")
     print(f"  metrics log:   {layout.metrics_log}")
+    if os.path.exists(layout.curves):
+        print(f"  curves (PNG):  {layout.curves}")
     print(f"  TensorBoard:   tensorboard --logdir {layout.tensorboard}")
     print(f"  SavedModel:    {layout.saved_model}")
     print(f"  Keras model:   {layout.keras_model}")

@@ -1,9 +1,10 @@
 """Run N worker processes of `trainer train` on this machine, like N pods would.
 
-Each worker gets its own TF_CONFIG (``localhost`` ports picked free), runs exactly the
-container's entrypoint, and has its output prefixed with ``[worker-i]``. If any worker
-fails, the others are stopped (SIGTERM, then SIGKILL after a grace period) and the
-launcher exits with the first failure's code.
+Each worker gets its own TF_CONFIG (``localhost`` ports picked free) and its own metrics
+port ($TRAINER_METRICS_PORT, picked free unless given), runs exactly the container's
+entrypoint, and has its output prefixed with ``[worker-i]``. If any worker fails, the
+others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits
+with the first failure's code.
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def worker_env(workers: list[str], index: int, base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(
+    workers: list[str], index: int, base: dict[str, str] | None = None, metrics_port: int | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env[Env.TF_CONFIG.value] = make_tf_config(workers, index)
     env[Env.LOG_PREFIX.value] = f"worker-{index}"
+    if metrics_port is not None:
+        env[Env.METRICS_PORT.value] = str(metrics_port)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -63,19 +68,30 @@ def _pump(stream, prefix: str, sink) -> None:
     stream.close()
 
 
-def launch_local(num_workers: int, args: Sequence[str], sink=None, command: Sequence[str] | None = None) -> int:
+def launch_local(
+    num_workers: int,
+    args: Sequence[str],
+    sink=None,
+    command: Sequence[str] | None = None,
+    metrics_ports: Sequence[int] | None = None,
+) -> int:
     """Run the workers to completion; 0 when all succeed, else the first failure's code.
 
     ``command`` replaces the trainer entrypoint (tests use it to run other programs).
+    ``metrics_ports`` are the workers' metrics ports (default: free ones, so they never collide).
     """
     if num_workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {num_workers}")
+    if metrics_ports is not None and len(metrics_ports) != num_workers:
+        raise ConfigError(f"{len(metrics_ports)} metrics port(s) given for {num_workers} workers; give one per worker")
     sink = sink or sys.stdout
-    workers = [f"localhost:{port}" for port in free_ports(num_workers)] if num_workers > 1 else []
+    ports = free_ports(2 * num_workers)
+    workers = [f"localhost:{port}" for port in ports[:num_workers]] if num_workers > 1 else []
+    metrics_ports = list(metrics_ports or ports[num_workers:])
     command = list(command or entrypoint_command()) + list(args)
     procs, pumps = [], []
     for index in range(num_workers):
-        env = worker_env(workers, index)
+        env = worker_env(workers, index, metrics_port=metrics_ports[index])
         if num_workers == 1:
             env.pop(Env.TF_CONFIG.value, None)
         proc = subprocess.Popen(

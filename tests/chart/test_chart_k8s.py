@@ -3,12 +3,14 @@ kustomize` into valid, restricted objects equal to the chart rendered with the o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
 import pytest
 import yaml
 from chart_helpers import (
+    CHART,
     K8S_VERSIONS,
     ROOT,
     helm,
@@ -22,6 +24,7 @@ from chart_helpers import (
 
 K8S = ROOT / "k8s"
 BASE = K8S / "base" / "vgg-trainer.yaml"
+MONITORING = K8S / "monitoring" / "vgg-trainer-monitoring.yaml"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 
 
@@ -101,6 +104,31 @@ def test_overlay_keeps_the_worker_count_consistent(overlay):
     assert job["metadata"]["annotations"]["vgg-trainer/workers"] == str(workers)
     assert env["TRAINER_JOB_NAME"] == job["metadata"]["name"]
     assert env["TRAINER_SERVICE_NAME"] == one(docs, "Service")["metadata"]["name"]
+
+
+def test_monitoring_is_the_charts_output(tmp_path):
+    out = tmp_path / "monitoring.yaml"
+    render_k8s(out, "--monitoring")
+
+    assert out.read_text() == MONITORING.read_text(), "k8s/monitoring drifted from the chart: run scripts/render-k8s.sh"
+
+
+def test_monitoring_carries_the_one_dashboard_and_the_one_rules_file(k8s_schemas):
+    docs = kustomize(K8S / "monitoring")
+    dashboard_cm = one(docs, "ConfigMap")
+    rule = one(docs, "PrometheusRule")
+
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    assert [json.loads(text) for text in dashboard_cm["data"].values()] == [
+        json.loads((CHART / "dashboards" / "vgg-trainer.json").read_text())
+    ]
+    # scope: all (applied once per Prometheus): the rules exactly as promtool tests them.
+    assert rule["spec"]["groups"] == yaml.safe_load((CHART / "rules" / "vgg-trainer.rules.yaml").read_text())["groups"]
+    for version in K8S_VERSIONS:
+        assert k8s_schemas.errors(dashboard_cm, version) == []
+    # The PodMonitor selects the base's worker pods.
+    pod_labels = one(kustomize(K8S / "base"), "Job")["spec"]["template"]["metadata"]["labels"]
+    assert one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
 def test_tools_are_fetched_not_committed():

@@ -13,6 +13,7 @@ from chart_helpers import (
     CHART,
     K8S_VERSIONS,
     NAMESPACE,
+    RELEASE,
     REQUIRED,
     helm,
     helm_cmd,
@@ -36,6 +37,7 @@ from trainer.contract import (
     CONTAINER_NAME,
     CONTAINER_UID,
     ENTRYPOINT,
+    HEALTH_PATH,
     METRIC_PREFIX,
     METRICS_PORT,
     METRICS_PORT_NAME,
@@ -250,6 +252,20 @@ def test_pods_find_each_other_through_the_headless_service(scenario):
 
 
 # --------------------------------------------------------------------------- Job behaviour
+
+
+def test_liveness_probe_asks_the_metrics_port_only_when_the_endpoint_runs():
+    def probe(values):
+        return one(render(values), "Job")["spec"]["template"]["spec"]["containers"][0].get("livenessProbe")
+
+    default = probe({})
+    tuned = probe({"job": {"livenessProbe": {"periodSeconds": 5, "failureThreshold": 3}}})
+
+    assert default["httpGet"] == {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}
+    assert default["periodSeconds"] * default["failureThreshold"] == 120  # a frozen trainer lives 2 min
+    assert tuned["periodSeconds"] == 5 and tuned["failureThreshold"] == 3 and tuned["timeoutSeconds"] == 10
+    assert probe({"job": {"livenessProbe": {"enabled": False}}}) is None
+    assert probe({"trainer": {"monitoring": {"enabled": False}}}) is None  # no endpoint, no probe
 
 
 def test_pod_failure_policy_follows_the_trainers_exit_codes():
@@ -517,19 +533,61 @@ def test_monitoring_service_monitor_selects_the_headless_service():
     assert endpoint["interval"] == "15s"
 
 
-def test_monitoring_prometheus_rule_is_well_formed():
+RULES_FILE = CHART / "rules" / "vgg-trainer.rules.yaml"
+DASHBOARD_FILE = CHART / "dashboards" / "vgg-trainer.json"
+
+
+def test_monitoring_prometheus_rule_carries_the_rules_file_scoped_to_the_release():
     rule = one(render(MONITORING_ALL), "PrometheusRule")
+    source = yaml.safe_load(RULES_FILE.read_text())
+    scope = f'namespace="{NAMESPACE}", pod=~"{RELEASE}-vgg-trainer-.+"'
 
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    (group,) = rule["spec"]["groups"]
-    assert group["rules"]
-    for r in group["rules"]:
-        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}
-        assert r["alert"][0].isupper() and r["expr"] and r["labels"]["severity"]
-        assert r["expr"].count("(") == r["expr"].count(")") and r["expr"].count("{") == r["expr"].count("}")
-        assert f'namespace="{NAMESPACE}"' in r["expr"]
-        assert "{{ $labels.pod }}" in r["annotations"]["description"]  # Prometheus templating survives Helm
+    assert len(rule["spec"]["groups"]) == len(source["groups"])
+    for rendered, original in zip(rule["spec"]["groups"], source["groups"], strict=True):
+        assert rendered["name"] == original["name"]
+        for r, o in zip(rendered["rules"], original["rules"], strict=True):
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert r["alert"] == o["alert"] and r["alert"][0].isupper() and r["labels"]["severity"]
+            # Every selector of the file is scoped: the marker is gone, the release's matchers are in.
+            assert 'namespace!=""' not in r["expr"]
+            assert r["expr"] == o["expr"].replace('namespace!=""', scope)
+            assert r["expr"].count(scope) == o["expr"].count('namespace!=""') > 0
+            assert r["annotations"] == o["annotations"]  # Prometheus templating survives Helm
+            assert "{{ $labels.job_name }}" in r["annotations"]["description"]
+
+
+def test_monitoring_prometheus_rule_scope_all_keeps_the_file_as_it_is():
+    values = {"monitoring": {"prometheusRule": {"enabled": True, "scope": "all"}}}
+    rule = one(render(values), "PrometheusRule")
+
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
+
+
+def test_monitoring_monitors_relabel_the_run_and_the_worker_index():
+    expected = [
+        {"sourceLabels": ["__meta_kubernetes_pod_label_batch_kubernetes_io_job_name"], "targetLabel": "job_name"},
+        {
+            "sourceLabels": ["__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index"],
+            "targetLabel": "worker",
+        },
+    ]
+    (pod_endpoint,) = one(render(MONITORING_ALL), "PodMonitor")["spec"]["podMetricsEndpoints"]
+    (service_endpoint,) = one(render(SCENARIOS["monitoring-service"]), "ServiceMonitor")["spec"]["endpoints"]
+    docs = render(MONITORING_ALL)
+
+    assert pod_endpoint["relabelings"] == service_endpoint["relabelings"] == expected
+    # What the relabelings read exists on the Job's pods: Kubernetes puts the job-name label and the
+    # completion-index annotation on every pod of an Indexed Job; the chart's env reads the latter too.
+    index_env = env_of(docs)[Env.COMPLETION_INDEX.value]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index_env == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def test_job_reports_its_image_to_the_trainer():
+    docs = render({"image": {"repository": "europe-docker.pkg.dev/p/ml/vgg-trainer", "tag": "1.2.3"}})
+
+    assert env_of(docs)[Env.IMAGE.value]["value"] == "europe-docker.pkg.dev/p/ml/vgg-trainer:1.2.3"
 
 
 def test_monitoring_grafana_dashboard_for_the_sidecar():
@@ -541,9 +599,10 @@ def test_monitoring_grafana_dashboard_for_the_sidecar():
     assert dashboard_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard_cm["metadata"]["annotations"]["grafana_folder"] == "ML"
     assert dashboard_cm["metadata"]["namespace"] == "monitoring"
+    assert dashboard == json.loads(DASHBOARD_FILE.read_text())  # the one source, unchanged
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
-    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "namespace"}
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "namespace", "job"}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs and all("$namespace" in e for e in exprs)
     assert any(METRIC_PREFIX in e for e in exprs)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

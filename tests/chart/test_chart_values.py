@@ -148,6 +148,7 @@ def test_the_charts_contract_is_trainer_contract():
         "workerPortName": contract.WORKER_PORT_NAME,
         "metricsPort": contract.METRICS_PORT,
         "metricsPortName": contract.METRICS_PORT_NAME,
+        "healthPath": contract.HEALTH_PATH,
         "exitPreempted": contract.ExitCode.PREEMPTED,
         "exitNonRetriable": sorted(int(c) for c in contract.NON_RETRIABLE_EXIT_CODES),
     }

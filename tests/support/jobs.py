@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from trainer.jobrunner import JobRunner
 from trainer.jobrunner.network import namespace_mode
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -64,6 +65,18 @@ class Capture:
 
 def condition_types(status) -> list[tuple[str, str]]:
     return [(c.type, c.reason) for c in status.conditions]
+
+
+def assert_one_live_pod_per_index(runner: JobRunner) -> None:
+    """From the events: a pod of an index starts only after the previous one has terminated."""
+    live: dict[int, str] = {}
+    for event in runner.events:
+        if event.reason == "PodStarted":
+            assert event.index not in live, f"{event.pod} started while {live[event.index]} was alive"
+            live[event.index] = event.pod
+        elif event.reason in ("PodSucceeded", "PodFailed"):
+            assert live.pop(event.index) == event.pod
+    assert not live
 
 
 #: The trainer's config for a run small enough for 2 CPU cores (the chart's `trainer` value).

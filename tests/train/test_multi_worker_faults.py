@@ -22,6 +22,7 @@ from tests.support.jobs import (
     NAMESPACE,
     TINY_TRAINER,
     Capture,
+    assert_one_live_pod_per_index,
     condition_types,
     make_tiny_dataset,
     needs_namespaces,
@@ -59,7 +60,8 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     output = tmp_path / "run"
     trainer = _trainer(
         phases={"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 3}},
-        runtime={"collective_timeout_seconds": 30},
+        # Check for a stop after every step, so the group stops inside epoch 2, not at its end.
+        runtime={"collective_timeout_seconds": 30, "stop_check_every_steps": 1},
     )
     text = render(tmp_path, {"workers": 2, "dataset": dataset, "output": str(output), "trainer": trainer})
     sink = Capture()
@@ -75,9 +77,10 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
         backup = re.search(r"backup written in ([\d.]+) s at epoch (\d+), step (\d+)", chief_log)
 
         # 2. A crash: SIGKILL pod 0 (the chief) once the new group has trained again.
-        resumed = runner.wait_for_log(1, "resumed from backup", timeout=300)
+        resumed = runner.wait_for_log(1, "resumed from backup: epoch 2", timeout=300)
         assert resumed.name != evicted
-        runner.wait_for_log(0, "fine_tuning epoch 2:", timeout=300)
+        runner.wait_for_log(0, "fine_tuning epoch 2:", timeout=300)  # the new generation's chief
+        time.sleep(1)  # past epoch 2's end backup, into epoch 3
         killed_at = time.monotonic()
         runner.kill_pod(0, signal.SIGKILL)
         runner.wait_for(lambda: len(_failures(runner)) == 4, 180, "the survivor failed too")
@@ -90,6 +93,7 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
         fingerprints = {index: re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(2)}
         last_chief = runner.pod_log(0)
         events = runner.events
+        assert_one_live_pod_per_index(runner)  # through 6 pods over 3 generations
 
     assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), log[-5000:]
     # The eviction: pod 1 is a disruption, the chief's 76 matches the Ignore rule; nothing counted.
@@ -106,13 +110,14 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     # plus TensorFlow's health checks), not after a silent hang.
     assert survivor_failed_after < 120, survivor_failed_after
     # The crash came after epoch 2 ended, and a backup is written every 2 steps and at each epoch
-    # end: the group resumed no earlier than the end of epoch 2 (at most 2 steps lost).
+    # end: the group resumed no earlier than the end of epoch 2 (at most 2 steps lost), and no
+    # finished epoch ran twice.
     position = re.search(r"resumed from backup: epoch (\d+) at (its end|step (\d+) of 4)", last_chief)
     assert position, last_chief[-3000:]
     epoch, step = int(position.group(1)), 4 if position.group(2) == "its end" else int(position.group(3))
     assert (epoch, step) >= (2, 4), position.group(0)
     assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
-    assert set(_epochs_logged(output)) == {("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))}
+    assert _epochs_logged(output) == [("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["weights_fingerprint"] == fingerprints[0][0]
     # Clean finish: both exit 0, the chief last, no coordination errors in the final attempt.

@@ -43,7 +43,7 @@ class Worker:
 
 
 def start_worker(settings: list[str], log_path: str, env: dict[str, str]) -> Worker:
-    env = {**env, "PYTHONUNBUFFERED": "1", "TRAINER_METRICS_PORT": "0"}  # concurrent runs: any free port
+    env = {**env, "PYTHONUNBUFFERED": "1", Env.METRICS_PORT.value: "0"}  # metrics endpoint: any free port
     started = time.time()
     proc = subprocess.Popen(
         [*entrypoint_command(), "train", *set_args(*settings)],

@@ -209,11 +209,13 @@ def training_dataset(
     seed: int,
     deterministic: bool,
     stager=None,
+    probe=None,
 ) -> tf.data.Dataset:
     """An endless stream of augmented training batches from this worker's ``files``.
 
     ``stager`` (a :class:`trainer.data.staging.ShardStager` over the same files) makes
-    later epochs read local copies.
+    later epochs read local copies. ``probe`` (a :class:`trainer.train.telemetry.StepProbe`)
+    stamps each batch as it leaves the pipeline, with the bytes of its records.
     """
     ds = _read(files, cfg, deterministic, shuffle_seed=seed, stager=stager)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
@@ -224,11 +226,16 @@ def training_dataset(
     def _train_example(serialized: tf.Tensor, seed_pair: tf.Tensor):
         encoded, label, shape, is_jpeg = _parse_with_shape(serialized)
         image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment, shape, is_jpeg)
-        return image, tf.one_hot(label, num_classes)
+        if probe is None:
+            return image, tf.one_hot(label, num_classes)
+        record_bytes = tf.cast(tf.strings.length(serialized), tf.int64) + records.FRAMING_BYTES
+        return image, tf.one_hot(label, num_classes), record_bytes
 
     ds = ds.map(_train_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
+    if probe is not None:
+        ds = probe.stamp_dataset(ds)
     return ds.with_options(_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF))
 
 

@@ -16,6 +16,8 @@ CLASS_NAME = "image/class/text"
 SOURCE = "image/source"  # path relative to the source folder, for tracing bad records
 
 SHARD_SUFFIX = ".tfrecord"
+#: TFRecord framing around each record on disk: length (8 bytes) + its CRC (4) + the data's CRC (4).
+FRAMING_BYTES = 16
 
 
 def shard_name(split: str, index: int, count: int) -> str:

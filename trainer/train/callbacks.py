@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -242,18 +243,25 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     checkpoint's "rename" is a copy + delete of many objects) is never restored; keeping
     more than one leaves an older complete backup even if the newest is damaged later.
 
-    A backup taken after an epoch's last step resumes at the next epoch, skipping whatever
-    that epoch's end still had to do (validation, best-model tracking, the metrics log).
-    So a backup due at the last step is written at the epoch's end instead, by this
-    callback placed after the others.
+    Backups are written every ``save_freq`` steps and at every epoch end. A backup taken
+    after an epoch's last step would resume at the next epoch, skipping whatever that epoch's
+    end still had to do (validation, best-model tracking, the metrics log); so the last step
+    is backed up at the epoch's end instead, by this callback placed after the others.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, keep: int, stop: StopRequest | None = None):
+    def __init__(
+        self,
+        backup_dir: str,
+        save_freq: int,
+        keep: int,
+        stop: StopRequest | None = None,
+        on_backup: Callable[[float, bool], None] | None = None,
+    ):
         # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self.keep = keep
         self.stop = stop
-        self._due_at_epoch_end = False
+        self.on_backup = on_backup  # (seconds, succeeded) after every backup attempt, e.g. for metrics
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -266,25 +274,23 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_batch_end(self, batch, logs=None):
         # Replaces Keras' version, which backs up the last step too (see the class docstring).
+        if batch == self.params["steps"] - 1:
+            return  # the epoch's end backs up
         self._batches_count += 1
         due = self._batches_count >= self.save_freq
-        if due:
-            self._batches_count = 0
-        if batch == self.params["steps"] - 1:
-            self._due_at_epoch_end = due
-            return
         stopping = self.stop is not None and self.stop.agreed_after_step()
         if due or stopping:
+            self._batches_count = 0
             seconds = self._timed_backup(self._current_epoch, batch)
         if stopping:
             self._preempted(seconds, self._current_epoch, batch)
 
     def on_epoch_end(self, epoch, logs=None):
+        # Every epoch end is backed up: a restart never repeats a finished epoch (its metrics
+        # row, best-model decision and early-stopping count stay as they were).
         stopping = self.stop is not None and self.stop.agreed()
-        if self._due_at_epoch_end or stopping:
-            # batch = the last step: a restart begins with the next epoch.
-            seconds = self._timed_backup(epoch, self.params["steps"] - 1)
-        self._due_at_epoch_end = False
+        seconds = self._timed_backup(epoch, self.params["steps"] - 1)  # a restart begins the next epoch
+        self._batches_count = 0
         if stopping:
             self._preempted(seconds, epoch, self.params["steps"] - 1)
 
@@ -318,8 +324,16 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _timed_backup(self, epoch: int, batch: int) -> float:
         started = time.perf_counter()
-        self._backup(epoch=epoch, batch=batch)
-        return time.perf_counter() - started
+        try:
+            self._backup(epoch=epoch, batch=batch)
+        except Exception:
+            if self.on_backup is not None:
+                self.on_backup(time.perf_counter() - started, False)
+            raise
+        seconds = time.perf_counter() - started
+        if self.on_backup is not None:
+            self.on_backup(seconds, True)
+        return seconds
 
     def _preempted(self, seconds: float, epoch: int, batch: int) -> None:
         log.warning(

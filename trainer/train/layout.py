@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer import storage
-from trainer.contract import LABELS_FILE, METRICS_LOG_FILE, RUN_SUMMARY_FILE
+from trainer.contract import LABELS_FILE, METRICS_LOG_FILE, RUN_ATTEMPTS_FILE, RUN_CURVES_FILE, RUN_SUMMARY_FILE
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,13 @@ class RunLayout:
     @property
     def summary(self) -> str:
         return storage.join(self.root, RUN_SUMMARY_FILE)
+
+    @property
+    def curves(self) -> str:
+        """The chief's PNG of the training curves (loss, accuracy, throughput)."""
+        return storage.join(self.root, RUN_CURVES_FILE)
+
+    @property
+    def attempts(self) -> str:
+        """How often the run was started: trainer_group_restarts is this minus one."""
+        return storage.join(self.root, RUN_ATTEMPTS_FILE)

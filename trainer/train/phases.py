@@ -124,6 +124,7 @@ def run_phase(
     is_chief: bool,
     class_names: list[str],
     baseline: tuple[float, float] | None = None,
+    telemetry=None,
 ) -> PhaseResult:
     """Fit one phase with backups, best-weights tracking, early stopping and logs."""
     monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
@@ -145,6 +146,8 @@ def run_phase(
         metrics_log,
         keras.callbacks.TensorBoard(storage.join(layout.tensorboard, plan.name), profile_batch=0),
     ]
+    if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
+        telemetry.instrument(callbacks, model, plan)
     if plan.config.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -157,8 +160,11 @@ def run_phase(
     strategy = model.distribute_strategy
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps)
+    on_backup = telemetry.backup_finished if telemetry is not None else None
     callbacks.append(
-        BackupAndRestore(layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop)
+        BackupAndRestore(
+            layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop, on_backup
+        )
     )
     started = time.perf_counter()
     history = model.fit(

@@ -25,6 +25,7 @@ import tf_keras as keras
 
 import trainer
 from trainer import config as config_lib
+from trainer import metrics as metrics_lib
 from trainer import model as model_lib
 from trainer import storage
 from trainer.cluster import ClusterSpec
@@ -39,6 +40,7 @@ from trainer.train import feature_cache
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, load_state, save_state
+from trainer.train.telemetry import RunTelemetry, count_attempt
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
 
     global_batch = cfg.train.batch_size_per_replica * dist.replicas
     steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
-    train_data = _distributed_training_data(cfg, dist, manifest, checked.train_files)
+    telemetry = _telemetry(cfg, dist, layout, steps)
+    train_data = _distributed_training_data(cfg, dist, manifest, checked.train_files, telemetry.probe)
     validation_data = _evaluation_data(cfg, manifest, "validation", global_batch)
 
     with dist.strategy.scope():
@@ -135,7 +138,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         ) as fit:  # fmt: skip
             result = run_phase(
                 fit.model, plan, cfg, layout, fit.train_data, fit.validation_data, is_chief, manifest.class_names,
-                baseline,
+                baseline, telemetry,
             )  # fmt: skip
         first_step += result.epochs_run * steps
         state.phases[name] = result
@@ -144,7 +147,10 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             save_state(layout.state, state)
             storage.remove_tree(layout.backup(name))
 
+    telemetry.run_finished()
     evaluation = _final_evaluation(model, cfg, manifest, global_batch)
+    for split, values in evaluation.items():
+        telemetry.metrics.set_evaluation(split, values)
     fingerprint = weights_fingerprint(model)
     log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
     summary: dict[str, Any] = {}
@@ -163,12 +169,44 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             time.perf_counter() - started,
         )
         storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
+        if cfg.monitoring.curves:
+            _write_curves(layout, state)
         state.complete = True
         save_state(layout.state, state)
         storage.remove_tree(storage.join(layout.root, "backup"))  # each phase's backup is gone already
         log.info("run summary written to %s", layout.summary)
     barrier(dist)
     return summary
+
+
+def _telemetry(cfg: Config, dist: Distribution, layout: RunLayout, steps: int) -> RunTelemetry:
+    """The run's metrics (the process's, served since start-up) with the run's shape set."""
+    metrics = metrics_lib.process_metrics()
+    workers = dist.cluster.num_workers
+    metrics.workers.set(workers)
+    metrics.replicas.set(dist.replicas)
+    metrics.group_restarts.set(count_attempt(layout.attempts, dist.cluster.is_chief) - 1)
+    total_steps = sum(getattr(cfg.phases, name).epochs for name in PHASE_NAMES) * steps
+    return RunTelemetry(
+        metrics,
+        num_workers=workers,
+        local_replicas=max(dist.replicas // workers, 1),
+        total_steps=total_steps,
+        stamp_gradients=not cfg.runtime.jit_compile,  # XLA cannot run the Python stamp
+    )
+
+
+def _write_curves(layout: RunLayout, state: RunState) -> None:
+    """The training curves as a PNG beside the summary; a drawing problem never fails the run."""
+    from trainer.train.curves import render_curves
+
+    rows = [row for result in state.phases.values() for row in result.history]
+    try:
+        storage.write_bytes(layout.curves, render_curves(rows))
+    except Exception as err:  # matplotlib or storage trouble: the model and summary are safe already
+        log.warning("could not write the training curves %s: %s", layout.curves, err)
+        return
+    log.info("training curves written to %s", layout.curves)
 
 
 def _best_so_far(state: RunState) -> tuple[float, float] | None:
@@ -193,7 +231,7 @@ def _resume_after_completed_phases(model: keras.Model, state: RunState, layout: 
     log.info("resuming after completed phase %s (weights %s)", last, layout.phase_weights(last))
 
 
-def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manifest, files: list[str]):
+def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manifest, files: list[str], probe=None):
     """Each worker's input pipeline reads its own shards (sharded here, not by tf.data)."""
     stagers = []  # kept alive as long as the datasets
 
@@ -209,6 +247,7 @@ def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manife
             seed=cfg.runtime.seed + context.input_pipeline_id,
             deterministic=cfg.runtime.deterministic,
             stager=stager,
+            probe=probe,
         )
 
     return dist.strategy.distribute_datasets_from_function(dataset_fn)

@@ -25,6 +25,7 @@ workerPort: 2222
 workerPortName: worker
 metricsPort: 9090
 metricsPortName: metrics
+healthPath: /healthz
 exitPreempted: 76
 exitNonRetriable: [64, 65]
 {{- end }}
@@ -283,6 +284,9 @@ template:
             value: {{ $c.workerPort | quote }}
           - name: TRAINER_SCRATCH_DIR
             value: {{ $c.scratchDir }}
+          # Reported in the trainer_build_info metric.
+          - name: TRAINER_IMAGE
+            value: {{ include "vgg-trainer.image" $root | quote }}
           # Kubernetes sets it too on Indexed Jobs; the annotation works on every version.
           - name: JOB_COMPLETION_INDEX
             valueFrom:
@@ -308,6 +312,18 @@ template:
           - name: {{ $c.metricsPortName }}
             containerPort: {{ $c.metricsPort }}
             protocol: TCP
+        {{- $probe := $v.job.livenessProbe }}
+        {{- if and $probe.enabled (ne (dig "monitoring" "enabled" true ($v.trainer | default dict)) false) }}
+        # A frozen trainer (stopped, or stuck holding Python's GIL) stops answering: the kubelet
+        # kills it, the pod fails and is replaced, and the group restarts from its backup.
+        livenessProbe:
+          httpGet:
+            path: {{ $c.healthPath }}
+            port: {{ $c.metricsPortName }}
+          periodSeconds: {{ int $probe.periodSeconds }}
+          timeoutSeconds: {{ int $probe.timeoutSeconds }}
+          failureThreshold: {{ int $probe.failureThreshold }}
+        {{- end }}
         resources:
           requests:
             {{- with $v.resources.requests }}
