@@ -1,6 +1,7 @@
 """End-to-end training runs in real TensorFlow processes (tiny data, 32x32 inputs).
 
-- two workers under MultiWorkerMirroredStrategy end with identical weights and exit cleanly;
+- two workers under MultiWorkerMirroredStrategy (frozen-base feature cache on, per worker) end
+  with identical weights and exit cleanly;
 - a run killed mid-phase resumes from its backup without repeating finished epochs;
 - bad runs fail with the documented exit codes.
 """
@@ -45,9 +46,13 @@ def test_two_workers_end_with_identical_weights_and_exit_cleanly(tiny_dataset, t
     output = tmp_path / "run"
     log = LogSink()
 
-    code = launch_local(2, _settings(tiny_dataset, str(output)), sink=log)
+    # With the frozen-base feature cache on: each worker caches its own shards (the other
+    # multi-worker tests cover the uncached feature-extraction phase).
+    code = launch_local(2, _settings(tiny_dataset, str(output), "train.cache_frozen_features=true"), sink=log)
 
     assert code == ExitCode.OK, log.text[-3000:]
+    cached = dict(re.findall(r"\[(worker-\d)\].*feature cache: (\d+) training", log.text))
+    assert set(cached) == {"worker-0", "worker-1"} and sum(map(int, cached.values())) == 27  # 36 images, 75% train
     fingerprints = dict(re.findall(r"\[(worker-\d)\].*weights fingerprint (\w+)", log.text))
     assert set(fingerprints) == {"worker-0", "worker-1"}
     assert fingerprints["worker-0"] == fingerprints["worker-1"]
