@@ -43,7 +43,9 @@ def data_error(call, *args) -> str:
 def test_default_head_layers(model):
     names = [layer.name for layer in model.layers]
 
-    assert names == ["image", "vgg16", "pool", "head_dense_1", "head_dropout_1", "predictions", "probabilities"]
+    assert names == [
+        "image", "preprocess", "vgg16", "pool", "head_dense_1", "head_dropout_1", "predictions", "probabilities"
+    ]  # fmt: skip
     assert isinstance(model.get_layer("pool"), keras.layers.GlobalAveragePooling2D)
     dense = model.get_layer("head_dense_1")
     assert (dense.units, dense.activation.__name__) == (256, "relu")
@@ -54,12 +56,29 @@ def test_default_head_layers(model):
 
 
 def test_predictions_are_probabilities(model):
-    images = np.random.default_rng(0).uniform(-120, 150, size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(0, 255, size=(2, SIZE, SIZE, 3)).astype(np.float32)
 
     probabilities = model(images, training=False).numpy()
 
     assert probabilities.shape == (2, len(CLASSES))
     np.testing.assert_allclose(probabilities.sum(axis=1), [1.0, 1.0], rtol=1e-5)
+
+
+def test_preprocess_layer_equals_keras_vgg16_preprocess_input():
+    rgb = np.random.default_rng(1).uniform(0, 255, size=(2, 5, 5, 3)).astype(np.float32)
+
+    ours = model_lib.VGG16Preprocess()(tf.constant(rgb)).numpy()
+
+    np.testing.assert_array_equal(ours, keras.applications.vgg16.preprocess_input(rgb.copy()))
+
+
+def test_model_on_rgb_pixels_equals_its_base_on_keras_preprocessed_pixels(model):
+    rgb = np.random.default_rng(2).uniform(0, 255, size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    features = keras.Model(model.input, model.get_layer("pool").input)
+
+    expected = model_lib.base_of(model)(keras.applications.vgg16.preprocess_input(rgb.copy()), training=False)
+
+    np.testing.assert_allclose(features(rgb, training=False).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_base_starts_frozen_only_the_head_trains(model):
@@ -79,7 +98,9 @@ def test_flatten_head_without_dropout_and_float32_output_under_mixed_precision()
         keras.mixed_precision.set_global_policy("float32")
 
     names = [layer.name for layer in mixed.layers]
-    assert names == ["image", "vgg16", "flatten", "head_dense_1", "head_dense_2", "predictions", "probabilities"]
+    assert names == [
+        "image", "preprocess", "vgg16", "flatten", "head_dense_1", "head_dense_2", "predictions", "probabilities"
+    ]  # fmt: skip
     assert [mixed.get_layer(f"head_dense_{i}").units for i in (1, 2)] == [64, 32]
     assert mixed.get_layer("head_dense_1").activation.__name__ == "tanh"
     assert mixed.get_layer("predictions").compute_dtype == "float16"

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from trainer.cluster import make_tf_config, parse_tf_config, single_process
-from trainer.strategy import choose_strategy_kind, scaled_learning_rate, use_mixed_precision
+from trainer.config import RuntimeConfig
+from trainer.strategy import choose_strategy_kind, communication_options, scaled_learning_rate, use_mixed_precision
 
 TWO_WORKERS = parse_tf_config(make_tf_config(["w0:2222", "w1:2222"], 0))
 ONE_WORKER_CLUSTER = parse_tf_config(make_tf_config(["w0:2222"], 0))
@@ -57,3 +58,17 @@ def test_use_mixed_precision(setting, num_gpus, expected):
 )
 def test_scaled_learning_rate(rule, global_batch, expected):
     assert scaled_learning_rate(0.001, global_batch, 32, rule) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("setting", "pack_mb", "implementation", "pack_bytes"),
+    [("auto", 0.0, "AUTO", 0), ("nccl", 32.0, "NCCL", 32 * 2**20), ("ring", 0.5, "RING", 2**19)],
+)
+def test_communication_options_follow_the_runtime_config(setting, pack_mb, implementation, pack_bytes):
+    runtime = RuntimeConfig(all_reduce=setting, all_reduce_pack_mb=pack_mb, collective_timeout_seconds=90.0)
+
+    options = communication_options(runtime)
+
+    assert options.implementation.name == implementation
+    assert options.bytes_per_pack == pack_bytes
+    assert options.timeout_seconds == 90.0

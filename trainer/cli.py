@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, predict, demo.
+"""The `trainer` command: config, prepare, train, launch, predict, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
     p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
     p.add_argument("--keep-workdir", action="store_true", help="keep the pods' volume directories")
+
+    p = sub.add_parser("bench", help="performance benchmark suite (docs/benchmarks.md)")
+    p.add_argument("--out", default="benchmarks.json", help="JSON result file (default benchmarks.json)")
+    p.add_argument("--table", default="benchmarks.md", help="markdown table file (default benchmarks.md)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds not minutes (for tests)")
+    p.add_argument("--workdir", default=None, help="keep generated data, logs and runs here (default: a temp dir)")
 
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
@@ -156,6 +162,11 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.demo import run_demo
 
         return run_demo(args.workdir, args.workers)
+    if args.command == "bench":
+        from trainer.bench.suite import run_bench
+
+        run_bench(args.out, args.table, args.quick, args.workdir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        return None
 
     from trainer import config as config_lib
 

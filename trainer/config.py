@@ -171,6 +171,12 @@ class TrainConfig:
         "val_accuracy", "Metric that selects the best model and drives early stopping."
     )
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", ge=0.0, lt=1.0)
+    cache_frozen_features: bool = _f(
+        False,
+        "A phase with the whole base frozen runs each image through the base once, caches the features on "
+        "local scratch disk and trains the head on them (epochs many times faster). Cached images are "
+        "unaugmented, so such a phase ignores data.augment; phases that unfreeze blocks are never cached.",
+    )
 
 
 @dataclass
@@ -179,6 +185,17 @@ class RuntimeConfig:
         "auto", "mixed_float16 compute: auto = on when training on GPUs, off on CPU."
     )
     jit_compile: bool = _f(False, "Compile the training step with XLA.")
+    all_reduce: Literal["auto", "nccl", "ring"] = _f(
+        "auto",
+        "Multi-worker gradient all-reduce: auto (TensorFlow picks NCCL on GPUs), nccl (GPUs), or ring "
+        "(TensorFlow's own ring over gRPC; CPU or GPU).",
+    )
+    all_reduce_pack_mb: float = _f(
+        0.0,
+        "Multi-worker: all-reduce the gradients in packs of this many MiB, so communication overlaps "
+        "the rest of the step; 0 = TensorFlow decides.",
+        ge=0,
+    )
     deterministic: bool = _f(False, "Deterministic ops and input order (for tests; slower).")
     seed: int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
     peer_wait_seconds: float = _f(

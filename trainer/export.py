@@ -5,7 +5,8 @@ Writes, under ``<output.dir>/export``:
   JPEG/PNG bytes and returns class probabilities, the top class index and its label;
   decoding, centre crop, resize and VGG16 preprocessing run inside the graph, identical
   to evaluation during training.
-- ``model.keras``: the Keras model (for further training or inspection).
+- ``model.keras``: the Keras model (for further training or inspection); its first layer is
+  :class:`trainer.model.VGG16Preprocess`, so ``import trainer.model`` before loading it.
 - ``labels.txt``: class names in label order.
 """
 

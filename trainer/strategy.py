@@ -52,10 +52,7 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
     kind = choose_strategy_kind(cluster, num_gpus)
     if kind == "multi_worker":
         _configure_coordination(cluster, runtime)
-        options = tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=runtime.collective_timeout_seconds,
-        )
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication_options(runtime))
     elif kind == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     else:
@@ -76,6 +73,25 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
         "on" if mixed else "off",
     )
     return Distribution(strategy, kind, cluster, num_gpus, mixed)
+
+
+def communication_options(runtime: RuntimeConfig):
+    """How MultiWorkerMirroredStrategy all-reduces: implementation, pack size, timeout.
+
+    Keras all-reduces the gradients with the strategy's default options, so these apply to
+    every training step. (MirroredStrategy, one machine with several GPUs, keeps NCCL's
+    own defaults.)
+    """
+    import tensorflow as tf
+
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    return tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=int(runtime.all_reduce_pack_mb * 2**20),
+        timeout_seconds=runtime.collective_timeout_seconds,
+        implementation={"auto": implementation.AUTO, "nccl": implementation.NCCL, "ring": implementation.RING}[
+            runtime.all_reduce
+        ],
+    )
 
 
 def _configure_coordination(cluster: ClusterSpec, runtime: RuntimeConfig) -> None:

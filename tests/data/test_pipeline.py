@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras
 from PIL import Image
 
 from trainer.config import AugmentConfig, DataConfig
@@ -31,13 +30,12 @@ def gradient_image(height: int = 48, width: int = 64) -> np.ndarray:
 
 
 def reference_eval_image(pixels: np.ndarray, size: int, fraction: float, centred: bool = True) -> np.ndarray:
-    """The evaluation image computed independently: numpy centre crop, PIL resize, Keras' preprocess_input."""
+    """The evaluation image computed independently: numpy centre crop, PIL resize (RGB, 0-255)."""
     height, width = pixels.shape[:2]
     side = int(min(height, width) * fraction)
     top, left = ((height - side) // 2, (width - side) // 2) if centred else (0, 0)
     crop = Image.fromarray(pixels[top : top + side, left : left + side])
-    resized = np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return tf_keras.applications.vgg16.preprocess_input(resized)
+    return np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
 def write_shards(directory, num_records: int = 10, num_shards: int = 2) -> list[str]:
@@ -120,16 +118,8 @@ def test_center_window(shape, fraction, window):
     assert result.numpy().tolist() == window
 
 
-def test_preprocess_vgg16_equals_keras_preprocess_input():
-    rgb = np.random.default_rng(1).uniform(0, 255, size=(2, 5, 5, 3)).astype(np.float32)
-
-    ours = pipeline.preprocess_vgg16(tf.constant(rgb)).numpy()
-
-    np.testing.assert_array_equal(ours, tf_keras.applications.vgg16.preprocess_input(rgb.copy()))
-
-
 @pytest.mark.parametrize(("fmt", "tolerance"), [("png", 0.5), ("jpeg", 2.0)])
-def test_decode_for_eval_is_the_preprocessed_centre_crop(fmt, tolerance):
+def test_decode_for_eval_is_the_resized_centre_crop(fmt, tolerance):
     pixels = gradient_image()
     encoded = encode(pixels, fmt)
 
@@ -153,6 +143,33 @@ def test_decode_for_eval_gives_the_same_pixels_for_jpeg_and_png_of_one_image():
     assert np.abs(jpeg - png).mean() < 3.0
 
 
+@pytest.mark.parametrize(
+    ("window", "image_size", "ratio"),
+    [([0, 0, 300, 300], 224, 1), ([0, 0, 300, 300], 150, 2), ([0, 0, 300, 300], 64, 4), ([0, 0, 300, 280], 32, 8)],
+)
+def test_jpeg_decode_scale_keeps_the_window_at_least_the_model_input(window, image_size, ratio):
+    index = pipeline._jpeg_ratio_index(tf.constant(window), image_size)
+
+    assert pipeline._JPEG_RATIOS[int(index)] == ratio
+
+
+def test_a_large_jpeg_window_decoded_at_reduced_scale_shows_the_same_region():
+    y, x = np.mgrid[0:400, 0:520]  # smooth gradients over a JPEG far larger than the model input
+    pixels = np.stack([x * 255 // 519, y * 255 // 399, np.full_like(x, 80)], axis=-1).astype(np.uint8)
+    encoded = tf.constant(encode(pixels, "jpeg"))
+    top, left, side = 100, 60, 256
+
+    window = tf.constant([top, left, side, side])
+
+    image = pipeline.resize(pipeline.decode_window(encoded, tf.constant(True), window, 32), 32)  # 1/8 scale
+
+    region = Image.fromarray(pixels[top : top + side, left : left + side])
+    expected = np.asarray(region.resize((32, 32), Image.BOX), dtype=np.float32)
+    assert np.abs(image.numpy() - expected).mean() < 2.0
+    shifted = np.asarray(Image.fromarray(pixels[:side, :side]).resize((32, 32), Image.BOX), dtype=np.float32)
+    assert np.abs(image.numpy() - shifted).mean() > 8.0
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -166,9 +183,9 @@ def test_training_batches_have_static_shapes_and_one_hot_labels(shards, data_cfg
         assert images.dtype == tf.float32
         np.testing.assert_array_equal(labels.numpy().sum(axis=1), np.ones(4))
         assert set(np.unique(labels.numpy())) <= {0.0, 1.0}
-    # VGG16 preprocessing: BGR minus the ImageNet means, so values leave [0, 255].
+    # RGB pixels in [0, 255]: VGG16's preprocessing is the model's first layer, not the pipeline's.
     all_images = np.concatenate([b[0].numpy() for b in batches])
-    assert all_images.min() < -90 and all_images.max() < 160
+    assert all_images.min() >= 0 and all_images.max() <= 255 and all_images.max() > 100
 
 
 def test_training_dataset_is_reproducible_per_seed(shards, data_cfg):

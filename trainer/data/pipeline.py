@@ -1,8 +1,9 @@
-"""The tf.data input pipeline: TFRecord shards -> preprocessed, batched images.
+"""The tf.data input pipeline: TFRecord shards -> batched RGB images for the model.
 
 Training: the worker's own shards, shuffled, read in parallel (interleave), parsed,
-decoded with a random crop (JPEGs decode only the crop window), resized, flipped,
-VGG16-preprocessed, batched with the remainder dropped, prefetched.
+decoded with a random crop (JPEGs decode only the crop window, at reduced scale when it
+is much larger than the model input), flipped, resized, batched with the remainder
+dropped, prefetched. VGG16's mean subtraction happens in the model's first layer.
 Evaluation: every shard of the split, centre crop, partial last batch kept.
 
 Random augmentation uses stateless ops seeded from a per-record seed stream, so with
@@ -22,8 +23,6 @@ from trainer.data.manifest import Manifest
 from trainer.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
-# VGG16's "caffe" preprocessing: RGB -> BGR, minus the ImageNet channel means (BGR order).
-_VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 # --------------------------------------------------------------------------- shards
@@ -48,11 +47,15 @@ def shards_for_worker(paths: Sequence[str], num_workers: int, worker_index: int,
 
 
 # --------------------------------------------------------------------------- per-image ops
+#
+# The pipeline hands the model resized RGB pixels in [0, 255] (float32). VGG16's own
+# preprocessing (RGB -> BGR, minus the ImageNet means) is the model's first layer
+# (trainer.model.VGG16Preprocess): two more passes over every pixel cost the input pipeline
+# about a quarter of its throughput on the host CPU, the usual bottleneck, while on a GPU
+# they are nearly free.
 
-
-def preprocess_vgg16(image: tf.Tensor) -> tf.Tensor:
-    """Float RGB in [0, 255] -> what VGG16 was trained on (same as keras' preprocess_input)."""
-    return image[..., ::-1] - tf.constant(_VGG_MEAN_BGR, dtype=image.dtype)
+#: JPEG decoders scale by 1/2, 1/4 or 1/8 in the DCT domain, skipping most of the work.
+_JPEG_RATIOS = (1, 2, 4, 8)
 
 
 def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
@@ -64,18 +67,37 @@ def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
     )
 
 
-def _decode_window(encoded: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """Decode only ``window`` = [y, x, height, width]; JPEGs skip the pixels outside it."""
+def _jpeg_ratio_index(window: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Index in _JPEG_RATIOS of the largest scale-down that keeps the window >= image_size per side."""
+    shorter = tf.minimum(window[2], window[3])
+    return tf.add_n([tf.cast(shorter >= ratio * image_size, tf.int32) for ratio in _JPEG_RATIOS[1:]])
 
-    def _other() -> tf.Tensor:
+
+def decode_window(encoded: tf.Tensor, is_jpeg: tf.Tensor, window: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode only ``window`` = [y, x, height, width] of the image, as uint8 RGB.
+
+    JPEGs skip the pixels outside the window, and when the window is at least twice
+    ``image_size`` per side they decode at 1/2, 1/4 or 1/8 scale (which also filters out
+    the aliasing a large bilinear downscale would add). One ``switch_case`` picks the
+    decoder, so each image pays for a single branch op.
+    """
+
+    def jpeg(ratio: int):
+        return lambda: tf.image.decode_and_crop_jpeg(encoded, window // ratio, channels=3, ratio=ratio)
+
+    def other() -> tf.Tensor:
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
 
-    return tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
-        _other,
-    )
+    branch = tf.where(is_jpeg, 1 + _jpeg_ratio_index(window, image_size), 0)
+    return tf.switch_case(branch, [other] + [jpeg(ratio) for ratio in _JPEG_RATIOS])
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 crop -> float32 RGB in [0, 255], image_size x image_size (bilinear)."""
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image.set_shape((image_size, image_size, 3))
+    return image
 
 
 def center_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
@@ -87,50 +109,67 @@ def center_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
     return tf.stack([offset_y, offset_x, side, side])
 
 
+def random_window(shape: tf.Tensor, seed: tf.Tensor, crop_area_min: float) -> tf.Tensor:
+    """An Inception-style random crop window: 3/4..4/3 aspect ratio, crop_area_min..1 of the area."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([shape, [3]], axis=0),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(crop_area_min, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+
+
 def decode_for_eval(encoded: tf.Tensor, image_size: int, center_fraction: float) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes -> centre-cropped, resized, VGG16-preprocessed float32 image.
+    """Encoded JPEG/PNG bytes -> centre-cropped, resized float32 RGB image in [0, 255].
 
     Used by the evaluation pipeline and by the exported model's serving signature, so
     training-time evaluation and serving see identical pixels.
     """
-    window = center_window(_image_shape(encoded), center_fraction)
-    image = _decode_window(encoded, window)
-    return _finish(image, image_size)
-
-
-def decode_for_training(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, augment: AugmentConfig) -> tf.Tensor:
     shape = _image_shape(encoded)
-    if augment.random_crop:
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.concat([shape, [3]], axis=0),
-            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-            seed=seed,
-            min_object_covered=0.1,
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(augment.crop_area_min, 1.0),
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
-        )
-        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-    else:
-        window = center_window(shape, 1.0)
-    image = _finish(_decode_window(encoded, window), image_size)
+    window = center_window(shape, center_fraction)
+    return resize(decode_window(encoded, tf.io.is_jpeg(encoded), window, image_size), image_size)
+
+
+def decode_for_training(
+    encoded: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int,
+    augment: AugmentConfig,
+    shape: tf.Tensor | None = None,
+    is_jpeg: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Encoded bytes -> an augmented float32 RGB training image in [0, 255].
+
+    ``shape`` and ``is_jpeg`` come from the record when known (no header parsing then).
+    Flips act on the uint8 crop before resizing (fewer bytes than the float output; the
+    result is the same because bilinear resizing commutes with mirroring).
+    """
+    shape = _image_shape(encoded) if shape is None else shape
+    is_jpeg = tf.io.is_jpeg(encoded) if is_jpeg is None else is_jpeg
+    window = random_window(shape, seed, augment.crop_area_min) if augment.random_crop else center_window(shape, 1.0)
+    image = decode_window(encoded, is_jpeg, window, image_size)
     if augment.horizontal_flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
     if augment.vertical_flip:
         image = tf.image.stateless_random_flip_up_down(image, seed=seed + 2)
-    return image
-
-
-def _finish(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
-    image.set_shape((image_size, image_size, 3))
-    return preprocess_vgg16(image)
+    return resize(image, image_size)
 
 
 def _parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     features = tf.io.parse_single_example(serialized, records.feature_spec())
     return features[records.ENCODED], features[records.LABEL]
+
+
+def _parse_with_shape(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(encoded, label, [height, width], is_jpeg) from a record; `prepare` wrote the true shape."""
+    features = tf.io.parse_single_example(serialized, records.feature_spec())
+    shape = tf.cast(tf.stack([features[records.HEIGHT], features[records.WIDTH]]), tf.int32)
+    return features[records.ENCODED], features[records.LABEL], shape, tf.equal(features[records.FORMAT], b"jpeg")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -185,8 +224,8 @@ def training_dataset(
     ds = tf.data.Dataset.zip((ds, seeds))
 
     def _train_example(serialized: tf.Tensor, seed_pair: tf.Tensor):
-        encoded, label = _parse(serialized)
-        image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment)
+        encoded, label, shape, is_jpeg = _parse_with_shape(serialized)
+        image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment, shape, is_jpeg)
         if probe is None:
             return image, tf.one_hot(label, num_classes)
         record_bytes = tf.cast(tf.strings.length(serialized), tf.int64) + records.FRAMING_BYTES

@@ -36,6 +36,7 @@ from trainer.data.manifest import Manifest, read_manifest
 from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
 from trainer.strategy import Distribution
+from trainer.train import feature_cache
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, load_state, save_state
@@ -131,9 +132,14 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         plan = plan_phase(name, cfg, steps, global_batch, first_step)
         compile_for_phase(model, plan, cfg, dist.strategy)
         baseline = _best_so_far(state)
-        result = run_phase(
-            model, plan, cfg, layout, train_data, validation_data, is_chief, manifest.class_names, baseline, telemetry
-        )
+        with feature_cache.fit_inputs(
+            model, phase_cfg.unfreeze_blocks, cfg, dist, manifest, checked.train_files, global_batch,
+            train_data, validation_data,
+        ) as fit:  # fmt: skip
+            result = run_phase(
+                fit.model, plan, cfg, layout, fit.train_data, fit.validation_data, is_chief, manifest.class_names,
+                baseline, telemetry,
+            )  # fmt: skip
         first_step += result.epochs_run * steps
         state.phases[name] = result
         if is_chief:

@@ -1,0 +1,87 @@
+"""`trainer bench --quick`: the whole suite end to end on tiny sizes.
+
+Quick-mode figures mean nothing (tiny sizes, everything at once); the test checks that
+every part ran for real and wrote its figures, and the communication volumes, which are
+exact counts from the real models.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.bench.inputs import METHODS
+from trainer.cli import main
+from trainer.contract import ExitCode
+
+pytestmark = pytest.mark.slow
+
+#: Trainable parameters of VGG16's block5 (3 convs of 3x3x512x512 + bias) and of the default
+#: head for 10 classes (dense 512->256, 256->10), and of Keras' VGG16 with its ImageNet top.
+BLOCK5_PARAMS = 3 * (3 * 3 * 512 * 512 + 512)
+HEAD_PARAMS = (512 * 256 + 256) + (256 * 10 + 10)
+VGG16_WITH_TOP_PARAMS = 138_357_544
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out, table = root / "bench.json", root / "bench.md"
+    code = main(["bench", "--quick", "--out", str(out), "--table", str(table), "--workdir", str(root / "work")])
+    assert code == ExitCode.OK
+    return json.loads(out.read_text()), table.read_text()
+
+
+def positive(value) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_input_pipelines_were_measured_at_one_and_two_cores(quick):
+    result, _ = quick
+    assert set(result["input_pipeline"]) == {"1", "2"}
+    for cores, part in result["input_pipeline"].items():
+        assert part["cpus"] is not None and len(part["cpus"]) == int(cores)  # pinned
+        assert set(part["methods"]) == set(METHODS)
+        for figures in part["methods"].values():
+            assert all(positive(figures[key]) for key in ("images_per_second", "cpu_ms_per_image", "cores_used"))
+        assert positive(part["product_vs_baseline"]) and positive(part["product_vs_limit"])
+    assert 60 <= result["image_set"]["kb"]["mean"] <= 110
+
+
+def test_training_steps_cache_runs_and_start_up_were_measured(quick):
+    result, _ = quick
+    training = result["training_step"]
+    assert positive(training["synthetic_images_per_second"]) and positive(training["pipeline_images_per_second"])
+    cache = result["feature_cache"]
+    assert cache["uncached_epoch_seconds_after_first"] and cache["cached_epoch_seconds_after_first"]
+    assert all(map(positive, cache["uncached_epoch_seconds_after_first"] + cache["cached_epoch_seconds_after_first"]))
+    assert positive(cache["cached_extraction_seconds"]) and positive(cache["speedup_after_first_epoch"])
+    startup = result["startup"]
+    assert startup["two_workers"] == []  # quick mode skips the two-worker run
+    for run in [startup["single_worker"]]:
+        assert positive(run["seconds_to_first_step"]) and run["seconds_to_first_step"] < run["wall_seconds"]
+        assert run["peak_rss_mb"] > 200  # a TensorFlow process with VGG16 in memory
+
+
+def test_communication_volumes_are_counted_from_the_real_models(quick):
+    result, _ = quick
+    comm = result["communication"]
+    volumes = comm["product_model"]["bytes_per_step"]
+    assert volumes["frozen base"] == 4 * HEAD_PARAMS
+    assert volumes["block5"] == 4 * (BLOCK5_PARAMS + HEAD_PARAMS)
+    assert volumes["frozen base"] < volumes["block5"] < volumes["blocks 4-5"] < volumes["whole network"]
+    assert comm["vgg16_imagenet_top"]["bytes_per_step"] == 4 * VGG16_WITH_TOP_PARAMS
+    assert comm["block_forward_gmac"]["block1"] == pytest.approx(1.94, abs=0.01)  # 224x224: published figure
+    for row in comm["scaling"]:
+        assert 0 < row["efficiency_no_overlap"] <= row["efficiency_full_overlap"] <= 1
+
+
+def test_goals_and_markdown_table(quick):
+    result, table = quick
+    assert len(result["goals"]) == 5
+    assert all(isinstance(goal["met"], bool) and positive(goal["measured"]) for goal in result["goals"])
+    for heading in ("## Goals", "## 1. Input pipeline", "## 2. Training step", "## 3. Feature-extraction phase",
+                    "## 4. Start-up and memory", "## 5. Communication volume"):  # fmt: skip
+        assert heading in table
+    assert "Quick mode" in table

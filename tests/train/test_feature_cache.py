@@ -1,0 +1,138 @@
+"""train.cache_frozen_features: the frozen base runs once per image, the head trains on its outputs.
+
+- the head model is the model's own head: features -> head gives the model's predictions;
+- cached training features are the base's outputs for the unaugmented centre squares, even
+  with augmentation on (as documented), with the right labels;
+- a real `trainer train` run with the cache completes, exports, learns, and its final
+  evaluation of the full model on images equals the best cached epoch's validation metrics;
+- a cache that does not fit on the scratch disk is a one-line configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.support.training import set_args
+from trainer import model as model_lib
+from trainer.cli import main
+from trainer.config import HeadConfig, ModelConfig, PrepareConfig, config_from_dict
+from trainer.contract import Env, ExitCode
+from trainer.data import pipeline
+from trainer.data.manifest import read_manifest
+from trainer.data.prepare import prepare_dataset
+from trainer.data.synthetic import make_demo_images
+from trainer.errors import ConfigError
+from trainer.train import feature_cache
+
+SIZE = 32
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("cache")
+    make_demo_images(str(root / "images"), classes=3, per_class=16, size=48, seed=2)
+    cfg = PrepareConfig(validation_fraction=0.25, min_shards=2, processes=1)
+    prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
+    return str(root / "dataset")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_lib.build_model(3, SIZE, ModelConfig(weights="none", head=HeadConfig(dense_units=[8])), seed=SEED)
+
+
+def test_features_through_the_head_model_are_the_models_predictions(model):
+    extractor, head = feature_cache.split_at_head(model)
+    images = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+
+    through_cache = head(extractor(images, training=False), training=False).numpy()
+
+    np.testing.assert_allclose(through_cache, model(images, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    assert model.get_layer("predictions") in head.layers  # shared: training the head trains the model
+    assert extractor.output.shape[1:] == (512,)  # cut after the parameter-free average pooling
+
+
+def test_cached_training_features_are_the_unaugmented_centre_squares_with_their_labels(model, dataset, tmp_path):
+    cfg = config_from_dict({"data": {"image_size": SIZE}})  # augmentation on (the default)
+    assert cfg.data.augment.random_crop and cfg.data.augment.horizontal_flip
+    manifest = read_manifest(dataset)
+    shard = pipeline.shard_paths(dataset, manifest, "train")[:1]
+    extractor, _ = feature_cache.split_at_head(model)
+
+    images = feature_cache.unaugmented_training_images(shard, cfg, manifest.num_classes)
+    cache = feature_cache.write_cache(extractor, images, str(tmp_path / "train.bin"))
+
+    features, labels = next(iter(cache.dataset(manifest.num_classes, batch=1000)))
+    centre_squares, expected_labels = [], []
+    for record in tf.data.TFRecordDataset(shard):
+        encoded, label = pipeline._parse(record)
+        centre_squares.append(pipeline.decode_for_eval(encoded, SIZE, center_fraction=1.0))
+        expected_labels.append(int(label))
+    expected_features = extractor(tf.stack(centre_squares), training=False).numpy()
+    assert cache.records == len(expected_labels) == manifest.shards["train"][0].records
+    np.testing.assert_allclose(features.numpy(), expected_features, rtol=1e-5, atol=1e-5)
+    assert labels.numpy().argmax(axis=1).tolist() == expected_labels
+
+
+def test_a_cache_larger_than_the_free_disk_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        feature_cache.check_disk_space(str(tmp_path), images=10**12, feature_shape=(7, 7, 512))
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert "train.cache_frozen_features" in message and "TRAINER_SCRATCH_DIR" in message
+
+
+def _initial_validation_loss(dataset: str) -> float:
+    """The validation loss of the model the run starts from (same seed, same head)."""
+    manifest = read_manifest(dataset)
+    model = model_lib.build_model(
+        manifest.num_classes, SIZE, ModelConfig(weights="none", head=HeadConfig(dense_units=[8])), seed=SEED
+    )
+    model.compile(loss="categorical_crossentropy")
+    files = pipeline.shard_paths(dataset, manifest, "validation")
+    cfg = config_from_dict({"data": {"image_size": SIZE}})
+    return float(model.evaluate(pipeline.evaluation_dataset(files, cfg.data, manifest.num_classes, 8), verbose=0))
+
+
+def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp_path, monkeypatch, caplog):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv(Env.SCRATCH_DIR.value, str(scratch))
+    output = tmp_path / "run"
+    settings = [
+        "model.weights=none",
+        "model.head.dense_units=[8]",
+        f"data.image_size={SIZE}",
+        f"data.dataset={dataset}",
+        f"output.dir={output}",
+        f"runtime.seed={SEED}",
+        "runtime.verbose=0",
+        "train.batch_size_per_replica=8",
+        "train.steps_per_epoch=8",
+        "train.cache_frozen_features=true",
+        "phases.feature_extraction.epochs=4",
+        "phases.feature_extraction.optimizer.learning_rate=0.01",
+        "phases.fine_tuning.epochs=0",
+    ]
+
+    with caplog.at_level("INFO"):
+        assert main(["train", *set_args(*settings)]) == ExitCode.OK
+
+    assert "feature cache: 36 training and 12 validation images" in caplog.text
+    assert "ignores data.augment" in caplog.text  # augmentation is on by default: documented, and said
+    summary = json.loads((output / "summary.json").read_text())
+    phase = summary["phases"]["feature_extraction"]
+    best = phase["history"][phase["best_epoch"] - 1]
+    final = summary["evaluation"]["validation"]
+    # The full model on images scores exactly what the head scored on the cached validation features.
+    assert final["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+    assert final["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert final["loss"] < _initial_validation_loss(dataset)  # the head learned
+    assert (output / "export" / "saved_model" / "saved_model.pb").exists()
+    assert list(scratch.iterdir()) == []  # the cache files are gone with the phase

@@ -1,0 +1,407 @@
+"""The benchmark suite: one run, one machine, one generated image set; JSON + markdown out.
+
+Order: generate the JPEG set and prepare it with the product's `prepare`, then
+1. input pipelines at 1 and 2 cores (worker processes, methods interleaved per round);
+2. training steps fed by the pipeline vs by in-memory tensors (one worker process);
+3. communication volume counted from the real models, and the scaling model;
+4. real `trainer train` runs: feature extraction without and with the feature cache
+   (epoch times, start-up, peak memory), then two workers (start-up, memory per worker).
+Quick mode (for the tests) runs the same code on tiny sizes, all processes at once, and
+skips the two-worker run: its figures mean nothing, only its shape does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from trainer.bench import runs
+from trainer.bench.images import make_image_set
+from trainer.errors import ConfigError, TrainerError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    classes: int
+    per_class: int
+    input_image_size: int
+    input_rounds: int
+    input_batches: int
+    input_warmup: int
+    model_image_size: int
+    train_batch: int
+    train_rounds: int
+    train_steps: int
+    train_warmup: int
+    run_epochs: int
+    run_batch: int
+    two_worker_run: bool
+    concurrent_runs: bool
+    timeout_seconds: float
+
+
+FULL = Settings(
+    classes=4, per_class=80, input_image_size=224, input_rounds=6, input_batches=12, input_warmup=3,
+    model_image_size=32, train_batch=32, train_rounds=5, train_steps=4, train_warmup=1,
+    run_epochs=4, run_batch=32, two_worker_run=True, concurrent_runs=False, timeout_seconds=600,
+)  # fmt: skip
+QUICK = Settings(
+    classes=2, per_class=8, input_image_size=224, input_rounds=1, input_batches=1, input_warmup=1,
+    model_image_size=32, train_batch=4, train_rounds=1, train_steps=1, train_warmup=1,
+    run_epochs=2, run_batch=4, two_worker_run=False, concurrent_runs=True, timeout_seconds=300,
+)  # fmt: skip
+CORE_COUNTS = (1, 2)
+
+
+class BenchError(TrainerError):
+    """A benchmark step failed (its log is named in the message)."""
+
+
+def run_bench(out_json: str, out_table: str, quick: bool, workdir: str | None, say: Callable[[str], None]) -> dict:
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError(
+            "trainer bench needs SciPy for its baseline (Keras' ImageDataGenerator imports it); "
+            "install it with: pip install 'vgg-trainer[bench]'"
+        )
+    settings = QUICK if quick else FULL
+    started = time.time()
+    root = workdir or tempfile.mkdtemp(prefix="trainer-bench-")
+    os.makedirs(root, exist_ok=True)
+    try:
+        result = _run_all(settings, root, quick, say)
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    result["seconds"] = round(time.time() - started, 1)
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    from trainer.bench.report import evaluate_goals, markdown
+
+    result["goals"] = evaluate_goals(result)
+    _write(out_json, json.dumps(result, indent=2) + "\n")
+    _write(out_table, markdown(result))
+    say(f"bench: done in {result['seconds']:.0f} s; wrote {out_json} and {out_table}")
+    return result
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], None]) -> dict:
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "mode": "quick" if quick else "full",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": asdict(settings),
+    }
+    say(f"bench: generating {settings.classes * settings.per_class} JPEGs and preparing them in {root}")
+    image_dir, dataset_dir = _prepare_images(settings, root)
+    result["image_set"] = _describe_images(image_dir)
+    cores = [c for c in CORE_COUNTS if c <= len(os.sched_getaffinity(0))]
+    jobs = _worker_jobs(settings, image_dir, dataset_dir, cores)
+    trainer_runs = _trainer_run_starters(settings, dataset_dir, root)
+    if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
+        say("bench: all measurements at once (quick mode)")
+        started_runs = {name: start() for name, start in trainer_runs.items()}
+        started_jobs = {name: _start_worker(name, *job, root) for name, job in jobs.items()}
+        results = {name: _finish_worker(handle, settings.timeout_seconds) for name, handle in started_jobs.items()}
+        outcomes = {name: _finish_run(name, workers, settings) for name, workers in started_runs.items()}
+    else:  # one measurement at a time, each with the machine to itself
+        results, outcomes = {}, {}
+        for name, job in jobs.items():
+            say(f"bench: {name} ({', '.join(task for task, _ in job[1])})")
+            results[name] = _finish_worker(_start_worker(name, *job, root), settings.timeout_seconds)
+        for name, start in trainer_runs.items():
+            say(f"bench: trainer {name}")
+            outcomes[name] = _finish_run(name, start(), settings)
+    last = f"cores-{cores[-1]}"
+    result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0]) for c in cores}
+    result["training_step"] = _summarize_training(results[last][1])
+    result["communication"] = results[last][2]
+    result.update(_summarize_runs(outcomes, settings, root))
+    return result
+
+
+def _worker_jobs(settings: Settings, image_dir: str, dataset_dir: str, cores: list[int]) -> dict:
+    """name -> (cores to pin, tasks): one process per core count; the training step and the model
+    counts run in the last one (all cores), after its input measurements."""
+    jobs = {
+        f"cores-{count}": (count, [("inputs", _input_args(settings, image_dir, dataset_dir, count))]) for count in cores
+    }
+    jobs[f"cores-{cores[-1]}"][1].extend([("training", _training_args(settings, dataset_dir)), ("comms", {})])
+    return jobs
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _prepare_images(settings: Settings, root: str) -> tuple[str, str]:
+    from trainer.config import PrepareConfig
+    from trainer.data.prepare import prepare_dataset
+
+    image_dir, dataset_dir = os.path.join(root, "images"), os.path.join(root, "dataset")
+    make_image_set(image_dir, settings.classes, settings.per_class, seed=0)
+    cfg = PrepareConfig(validation_fraction=0.2, min_shards=8, processes=0)
+    prepare_dataset(image_dir, dataset_dir, cfg, progress=lambda _: None, overwrite=True)
+    return image_dir, dataset_dir
+
+
+def _describe_images(image_dir: str) -> dict:
+    from PIL import Image
+
+    sizes_kb, widths, heights = [], [], []
+    for folder, _, names in os.walk(image_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            sizes_kb.append(os.path.getsize(path) / 1000)
+            with Image.open(path) as image:
+                widths.append(image.size[0])
+                heights.append(image.size[1])
+    return {
+        "images": len(sizes_kb),
+        "kb": {key: round(fn(sizes_kb), 1) for key, fn in (("min", min), ("mean", statistics.mean), ("max", max))},
+        "mean_size": [round(statistics.mean(widths)), round(statistics.mean(heights))],
+    }
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+@dataclass
+class _WorkerHandle:
+    name: str
+    proc: subprocess.Popen
+    result_path: str
+    log_path: str
+
+
+def _start_worker(name: str, cores: int | None, tasks: list, root: str) -> _WorkerHandle:
+    """Run ``tasks`` in a fresh process (trainer.bench.worker), pinned to ``cores`` if given."""
+    job_path = os.path.join(root, f"{name}.job.json")
+    result_path, log_path = os.path.join(root, f"{name}.result.json"), os.path.join(root, f"{name}.log")
+    with open(job_path, "w") as fh:
+        json.dump({"cores": cores, "tasks": tasks}, fh)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.bench.worker", job_path, result_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return _WorkerHandle(name, proc, result_path, log_path)
+
+
+def _finish_worker(handle: _WorkerHandle, timeout: float) -> list[dict]:
+    try:
+        code = handle.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        handle.proc.kill()
+        code = handle.proc.wait()
+    if code != 0:
+        with open(handle.log_path, errors="replace") as fh:
+            tail = fh.read()[-1500:]
+        raise BenchError(f"benchmark step {handle.name!r} failed (exit {code}); see {handle.log_path}:\n{tail}")
+    with open(handle.result_path) as fh:
+        return json.load(fh)
+
+
+def _input_args(settings: Settings, image_dir: str, dataset_dir: str, cores: int) -> dict:
+    return {
+        "cores": cores,
+        "image_dir": image_dir,
+        "dataset_dir": dataset_dir,
+        "image_size": settings.input_image_size,
+        "rounds": settings.input_rounds,
+        "batches": settings.input_batches,
+        "warmup": settings.input_warmup,
+    }
+
+
+def _training_args(settings: Settings, dataset_dir: str) -> dict:
+    return {
+        "dataset_dir": dataset_dir,
+        "image_size": settings.model_image_size,
+        "batch": settings.train_batch,
+        "rounds": settings.train_rounds,
+        "steps": settings.train_steps,
+        "warmup": settings.train_warmup,
+    }
+
+
+def _summarize_inputs(raw: dict) -> dict:
+    samples = raw["samples"]
+    methods = {
+        name: {
+            "images_per_second": round(statistics.median(s["images_per_second"] for s in runs_), 1),
+            "cpu_ms_per_image": round(statistics.median(s["cpu_ms_per_image"] for s in runs_), 3),
+            "cores_used": round(statistics.median(s["cores_used"] for s in runs_), 2),
+        }
+        for name, runs_ in samples.items()
+    }
+    return {
+        **{k: v for k, v in raw.items() if k != "samples"},
+        "methods": methods,
+        "product_vs_baseline": _paired_ratio(samples["tfrecord_pipeline"], samples["flow_from_directory"]),
+        "product_vs_limit": _paired_ratio(samples["tfrecord_pipeline"], samples["decode_crop_resize_limit"]),
+        "samples": samples,
+    }
+
+
+def _paired_ratio(numerator: list[dict], denominator: list[dict]) -> float:
+    """Median over rounds of the per-round throughput ratio (both measured close together in time)."""
+    ratios = [a["images_per_second"] / b["images_per_second"] for a, b in zip(numerator, denominator, strict=True)]
+    return round(statistics.median(ratios), 3)
+
+
+def _summarize_training(raw: dict) -> dict:
+    samples = raw["samples"]
+    ratios = [p / s for p, s in zip(samples["pipeline"], samples["synthetic"], strict=True)]
+    return {
+        **raw,
+        "synthetic_images_per_second": round(statistics.median(samples["synthetic"]), 2),
+        "pipeline_images_per_second": round(statistics.median(samples["pipeline"]), 2),
+        "pipeline_vs_synthetic": round(statistics.median(ratios), 3),
+    }
+
+
+# --------------------------------------------------------------------------- trainer runs
+
+
+def _run_settings(settings: Settings, dataset_dir: str, output_dir: str, *extra: str) -> list[str]:
+    return [
+        "model.weights=none",
+        f"data.dataset={dataset_dir}",
+        f"data.image_size={settings.model_image_size}",
+        f"output.dir={output_dir}",
+        f"train.batch_size_per_replica={settings.run_batch}",
+        f"phases.feature_extraction.epochs={settings.run_epochs}",
+        "phases.fine_tuning.epochs=0",
+        "runtime.verbose=1",  # a progress line after every step: how start-up is timed
+        *extra,
+    ]
+
+
+def _trainer_run_starters(settings: Settings, dataset_dir: str, root: str) -> dict[str, Callable[[], list]]:
+    """name -> a function that starts that run's worker processes."""
+
+    def run_settings(name: str, *extra: str) -> list[str]:
+        return _run_settings(settings, dataset_dir, os.path.join(root, name), *extra)
+
+    def log(name: str) -> str:
+        return os.path.join(root, f"{name}.log")
+
+    starters = {
+        "run-uncached": lambda: [runs.single_worker(run_settings("run-uncached"), log("run-uncached"))],
+        "run-cached": lambda: [
+            runs.single_worker(run_settings("run-cached", "train.cache_frozen_features=true"), log("run-cached"))
+        ],
+    }
+    if settings.two_worker_run:
+        starters["run-2w"] = lambda: runs.multi_worker(
+            run_settings("run-2w", "train.steps_per_epoch=2"), os.path.join(root, "run-2w"), 2
+        )
+    return starters
+
+
+def _finish_run(name: str, workers: list, settings: Settings) -> list[dict]:
+    outcomes = [runs.finish(worker, settings.timeout_seconds) for worker in workers]
+    for index, outcome in enumerate(outcomes):
+        _require(outcome, f"{name} worker {index}")
+    return outcomes
+
+
+def _summarize_runs(outcomes: dict[str, list[dict]], settings: Settings, root: str) -> dict:
+    (plain,), (cached,) = outcomes["run-uncached"], outcomes["run-cached"]
+
+    def path(name: str) -> str:
+        return os.path.join(root, name)
+
+    return {
+        "feature_cache": _cache_summary(settings, path, cached),
+        "startup": {
+            "single_worker": _startup(plain),
+            "two_workers": [_startup(r) for r in outcomes.get("run-2w", [])],
+        },
+    }
+
+
+def _require(outcome: dict, what: str) -> None:
+    try:
+        runs.require_success(outcome, what)
+    except RuntimeError as err:
+        raise BenchError(str(err)) from None
+
+
+def _cache_summary(settings: Settings, path, cached: dict) -> dict:
+    phase = "feature_extraction"
+    plain_epochs = runs.epoch_seconds(path("run-uncached"), phase)
+    cached_epochs = runs.epoch_seconds(path("run-cached"), phase)
+    plain_mean, cached_mean = statistics.mean(plain_epochs), statistics.mean(cached_epochs)
+    return {
+        "image_size": settings.model_image_size,
+        "batch": settings.run_batch,
+        "epochs": settings.run_epochs,
+        "uncached_epoch_seconds_after_first": plain_epochs,
+        "cached_epoch_seconds_after_first": cached_epochs,
+        "cached_extraction_seconds": runs.extraction_seconds(cached["log"]),
+        "speedup_after_first_epoch": round(plain_mean / cached_mean, 1),
+        "uncached_phase_seconds": _phase_seconds(path("run-uncached"), phase),
+        "cached_phase_seconds": _phase_seconds(path("run-cached"), phase),
+    }
+
+
+def _phase_seconds(output_dir: str, phase: str) -> float:
+    with open(os.path.join(output_dir, "summary.json")) as fh:
+        return json.load(fh)["phases"][phase]["seconds"]
+
+
+def _startup(outcome: dict) -> dict:
+    return {key: outcome[key] for key in ("seconds_to_first_step", "peak_rss_mb", "wall_seconds")}
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("vgg-trainer", "tensorflow", "tf-keras", "pillow", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
