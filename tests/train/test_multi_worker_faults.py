@@ -114,12 +114,25 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     # finished epoch ran twice.
     position = re.search(r"resumed from backup: epoch (\d+) at (its end|step (\d+) of 4)", last_chief)
     assert position, last_chief[-3000:]
+    assert "multi_worker: 2 replica(s) over 2 worker(s)" in last_chief
     epoch, step = int(position.group(1)), 4 if position.group(2) == "its end" else int(position.group(3))
     assert (epoch, step) >= (2, 4), position.group(0)
     assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
     assert _epochs_logged(output) == [("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["weights_fingerprint"] == fingerprints[0][0]
+    assert summary["distribution"] == {
+        "strategy": "multi_worker",
+        "workers": 2,
+        "replicas": 2,
+        "global_batch": 8,
+        "steps_per_epoch": 4,
+        "mixed_precision": False,
+    }
+    # Only the chief wrote final artifacts; the non-chief's temporary directories and the backups are gone.
+    assert (output / "export" / "saved_model" / "saved_model.pb").exists()
+    assert not [p for p in output.rglob("*") if "workertemp" in p.name]
+    assert not (output / "backup").exists()
     # Clean finish: both exit 0, the chief last, no coordination errors in the final attempt.
     finished = [e.index for e in events if e.reason == "PodSucceeded"]
     assert finished == [1, 0], finished

@@ -1,7 +1,5 @@
 """End-to-end training runs in real TensorFlow processes (tiny data, 32x32 inputs).
 
-- two workers under MultiWorkerMirroredStrategy (frozen-base feature cache on, per worker) end
-  with identical weights and exit cleanly;
 - a run killed mid-phase resumes from its backup without repeating finished epochs;
 - bad runs fail with the documented exit codes.
 """
@@ -18,13 +16,13 @@ import time
 
 import pytest
 
-from tests.support.training import TINY_RUN, LogSink, set_args
+from tests.support.training import TINY_RUN, set_args
 from trainer.cluster import make_tf_config
 from trainer.config import PrepareConfig
 from trainer.contract import ExitCode
 from trainer.data.prepare import prepare_dataset
 from trainer.data.synthetic import make_demo_images
-from trainer.launch import entrypoint_command, free_ports, launch_local
+from trainer.launch import entrypoint_command, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -40,38 +38,6 @@ def tiny_dataset(tmp_path_factory) -> str:
 
 def _settings(dataset: str, output: str, *extra: str) -> list[str]:
     return ["train", *set_args(*TINY_RUN, f"data.dataset={dataset}", f"output.dir={output}", *extra)]
-
-
-def test_two_workers_end_with_identical_weights_and_exit_cleanly(tiny_dataset, tmp_path):
-    output = tmp_path / "run"
-    log = LogSink()
-
-    # With the frozen-base feature cache on: each worker caches its own shards (the other
-    # multi-worker tests cover the uncached feature-extraction phase).
-    code = launch_local(2, _settings(tiny_dataset, str(output), "train.cache_frozen_features=true"), sink=log)
-
-    assert code == ExitCode.OK, log.text[-3000:]
-    cached = dict(re.findall(r"\[(worker-\d)\].*feature cache: (\d+) training", log.text))
-    assert set(cached) == {"worker-0", "worker-1"} and sum(map(int, cached.values())) == 27  # 36 images, 75% train
-    fingerprints = dict(re.findall(r"\[(worker-\d)\].*weights fingerprint (\w+)", log.text))
-    assert set(fingerprints) == {"worker-0", "worker-1"}
-    assert fingerprints["worker-0"] == fingerprints["worker-1"]
-    assert "multi_worker: 2 replica(s) over 2 worker(s)" in log.text
-    assert "CoordinationServiceError" not in log.text and "unhealthy" not in log.text
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary["weights_fingerprint"] == fingerprints["worker-0"]
-    assert summary["distribution"] == {
-        "strategy": "multi_worker",
-        "workers": 2,
-        "replicas": 2,
-        "global_batch": 8,
-        "steps_per_epoch": 4,
-        "mixed_precision": False,
-    }
-    # Only the chief wrote final artifacts; the non-chief's temporary directories are gone.
-    assert (output / "export" / "saved_model" / "saved_model.pb").exists()
-    assert not [p for p in output.rglob("*") if "workertemp" in p.name]
-    assert not (output / "backup").exists()
 
 
 def _start_worker(args: list[str], log_path) -> subprocess.Popen:
