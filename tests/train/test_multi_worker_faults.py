@@ -197,7 +197,9 @@ def test_a_run_stopped_with_three_workers_resumes_with_two_from_the_same_backup(
     with JobRunner(render(tmp_path, values(2)), namespace=NAMESPACE, sink=sink) as runner:
         status = runner.run(timeout=600)
         two = runner.pod_log(0)
+        fingerprints = [re.findall(r"weights fingerprint (\w+)", runner.pod_log(i)) for i in range(2)]
     assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), sink.text[-5000:]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # two workers end with identical weights
     epoch, step = int(saved.group(1)), int(saved.group(2))
     position = "its end" if step == 4 else f"step {step} of 4"
     assert f"resumed from backup: epoch {epoch} at {position}" in two, two[-3000:]
