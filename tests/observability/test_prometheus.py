@@ -42,12 +42,9 @@ from observability_helpers import (
     wait_http,
 )
 
-from tests.support.training import TINY_RUN, LogSink, set_args
+from tests.support.training import TINY_RUN, LogSink, make_tiny_dataset, set_args
 from trainer import metrics
-from trainer.config import PrepareConfig
 from trainer.contract import ExitCode
-from trainer.data.prepare import prepare_dataset
-from trainer.data.synthetic import make_demo_images
 from trainer.launch import free_ports, launch_local
 
 pytestmark = pytest.mark.slow
@@ -90,13 +87,6 @@ class ScrapedRun:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _tiny_dataset(root) -> str:
-    make_demo_images(str(root / "images"), classes=3, per_class=12, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
-    prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
-    return str(root / "dataset")
 
 
 def _serve_text(text: str) -> http.server.ThreadingHTTPServer:
@@ -195,7 +185,7 @@ class _Poller:
 @pytest.fixture(scope="module")
 def scraped_run(tmp_path_factory) -> ScrapedRun:
     root = tmp_path_factory.mktemp("scraped")
-    dataset = _tiny_dataset(root)
+    dataset = make_tiny_dataset(root)
     gateway = Pushgateway(root / "pushgateway.log")
     dcgm_text = (
         (pathlib.Path(__file__).parent / "dcgm-exporter-sample.prom")

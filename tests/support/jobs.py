@@ -87,15 +87,3 @@ TINY_TRAINER = {
     "phases": {"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 2}},
     "runtime": {"verbose": 0, "collective_timeout_seconds": 120},
 }
-
-
-def make_tiny_dataset(root: pathlib.Path) -> str:
-    """3 classes x 12 images of 40x40, prepared into 4 training shards; returns the dataset dir."""
-    from trainer.config import PrepareConfig
-    from trainer.data.prepare import prepare_dataset
-    from trainer.data.synthetic import make_demo_images
-
-    make_demo_images(str(root / "images"), classes=3, per_class=12, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
-    prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
-    return str(root / "dataset")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from trainer.config import set_args  # re-exported for the tests
 
-__all__ = ["TINY_RUN", "LogSink", "set_args"]
+__all__ = ["TINY_RUN", "LogSink", "make_tiny_dataset", "set_args"]
 
 #: A run small enough for 2 CPU cores: random-weight VGG16 at 32x32, a few steps per phase.
 TINY_RUN = [
@@ -33,3 +35,15 @@ class LogSink:
 
     def flush(self) -> None:
         pass
+
+
+def make_tiny_dataset(root: pathlib.Path) -> str:
+    """3 classes x 12 images of 40x40, prepared into 4 training shards; returns the dataset dir."""
+    from trainer.config import PrepareConfig
+    from trainer.data.prepare import prepare_dataset
+    from trainer.data.synthetic import make_demo_images
+
+    make_demo_images(str(root / "images"), classes=3, per_class=12, size=40, seed=1)
+    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
+    prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
+    return str(root / "dataset")

@@ -25,11 +25,10 @@ from tests.support.jobs import (
     Capture,
     assert_one_live_pod_per_index,
     condition_types,
-    make_tiny_dataset,
     needs_namespaces,
     render,
 )
-from tests.support.training import TINY_RUN, set_args
+from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
 from trainer.contract import ExitCode
 from trainer.jobrunner import JobRunner
 from trainer.launch import entrypoint_command
@@ -52,10 +51,6 @@ def _failures(runner: JobRunner) -> list[tuple[int, int, str]]:
 def _epochs_logged(output) -> list[tuple[str, int]]:
     lines = (output / "metrics.jsonl").read_text().splitlines()
     return [(row["phase"], row["epoch"]) for row in map(json.loads, lines)]
-
-
-def _global_step(log_text: str) -> int:
-    return max(int(s) for s in re.findall(r'"global_step": (\d+)', log_text) or ["0"])
 
 
 def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tmp_path):

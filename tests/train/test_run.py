@@ -12,12 +12,9 @@ import sys
 
 import pytest
 
-from tests.support.training import TINY_RUN, set_args
+from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
 from trainer.cluster import make_tf_config
-from trainer.config import PrepareConfig
 from trainer.contract import ExitCode
-from trainer.data.prepare import prepare_dataset
-from trainer.data.synthetic import make_demo_images
 from trainer.launch import free_ports
 
 pytestmark = pytest.mark.slow
@@ -25,11 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("tiny")
-    make_demo_images(str(root / "images"), classes=3, per_class=12, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
-    prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
-    return str(root / "dataset")
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
 def _settings(dataset: str, output: str, *extra: str) -> list[str]:
