@@ -12,4 +12,5 @@ scripts/prometheus.sh
 .venv/bin/ruff check trainer tests
 # The tests run in a private network namespace where the GCS host names resolve to the
 # emulator on loopback (TensorFlow's gs:// has fixed endpoints); see scripts/sandbox.sh.
-exec scripts/sandbox.sh .venv/bin/python -m pytest "$@"
+# Two lanes (pytest-xdist): tests/conftest.py says which tests share a lane and why.
+exec scripts/sandbox.sh .venv/bin/python -m pytest --numprocesses=2 "$@"

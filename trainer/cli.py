@@ -285,7 +285,9 @@ def _train_cluster(cfg, cluster) -> dict | None:
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave
 
-        waited = wait_for_peers_to_leave(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
+        # A peer still up one heartbeat timeout after the barrier is hung; the chief stops waiting.
+        bound = cfg.runtime.heartbeat_timeout_seconds
+        waited = wait_for_peers_to_leave(cluster.workers, cluster.worker_index, bound)
         log.info("all peers left %.1f s after the final barrier; the chief exits last", waited)
     return summary
 

@@ -213,7 +213,8 @@ class RuntimeConfig:
     heartbeat_timeout_seconds: float = _f(
         60.0,
         "Multi-worker: a worker silent this long (dead, frozen, node gone) is declared failed and every "
-        "worker stops with an error (exit 75) instead of hanging.",
+        "worker stops with an error (exit 75) instead of hanging. Also how long the chief waits for "
+        "its peers to exit after the final barrier.",
         gt=0,
     )
     verbose: int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)

@@ -75,6 +75,21 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
     return Distribution(strategy, kind, cluster, num_gpus, mixed)
 
 
+def sum_over_workers(strategy):
+    """A compiled all-reduce of one float over every replica: how workers agree, and meet.
+
+    Collective: every worker must call it the same number of times (a barrier when the value
+    does not matter; "did anyone get SIGTERM?" when it does).
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def total(value):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(value,)), axis=None)
+
+    return total
+
+
 def communication_options(runtime: RuntimeConfig):
     """How MultiWorkerMirroredStrategy all-reduces: implementation, pack size, timeout.
 

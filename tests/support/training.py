@@ -37,13 +37,13 @@ class LogSink:
         pass
 
 
-def make_tiny_dataset(root: pathlib.Path) -> str:
-    """3 classes x 12 images of 40x40, prepared into 4 training shards; returns the dataset dir."""
+def make_tiny_dataset(root: pathlib.Path, per_class: int = 12, validation_fraction: float = 0.25) -> str:
+    """3 classes of 40x40 images, prepared into 4 training shards; returns the dataset dir."""
     from trainer.config import PrepareConfig
     from trainer.data.prepare import prepare_dataset
     from trainer.data.synthetic import make_demo_images
 
-    make_demo_images(str(root / "images"), classes=3, per_class=12, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=0.0, min_shards=4, processes=1)
+    make_demo_images(str(root / "images"), classes=3, per_class=per_class, size=40, seed=1)
+    cfg = PrepareConfig(validation_fraction=validation_fraction, test_fraction=0.0, min_shards=4, processes=1)
     prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
     return str(root / "dataset")

@@ -2,9 +2,11 @@
 runner, real trainer processes (MultiWorkerMirroredStrategy), each pod in its own network
 namespace.
 
+- three workers complete a run with identical weights, the chief last;
 - an evicted worker makes the whole group back up together and exit 76: replaced, not counted;
 - a SIGKILLed worker makes the survivors fail within the health-check bound: the group restarts
-  from the newest backup (counted), loses at most one backup interval, and completes;
+  from the newest backup (counted), loses at most one backup interval, and completes with a
+  final accuracy within the band of an uninterrupted run of the same recipe;
 - a frozen worker (SIGSTOP) turns into an error on the others within a bounded time;
 - a run stopped with 3 workers resumes with 2 from the same backup; a finished run re-run is a no-op.
 """
@@ -18,6 +20,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from tests.support.jobs import (
     NAMESPACE,
@@ -48,16 +51,76 @@ def _failures(runner: JobRunner) -> list[tuple[int, int, str]]:
     return [(e.index, e.exit_code, e.action) for e in runner.events if e.reason == "PodFailed"]
 
 
+def _fingerprints(runner: JobRunner, workers: int) -> list[list[str]]:
+    """Each worker's final weights fingerprints (its last attempt's log)."""
+    return [re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(workers)]
+
+
 def _epochs_logged(output) -> list[tuple[str, int]]:
     lines = (output / "metrics.jsonl").read_text().splitlines()
     return [(row["phase"], row["epoch"]) for row in map(json.loads, lines)]
 
 
-def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tmp_path):
+def test_three_workers_complete_with_identical_weights_and_the_chief_leaves_last(tmp_path):
     dataset = make_tiny_dataset(tmp_path)
     output = tmp_path / "run"
+    trainer = _trainer(phases={"feature_extraction": {"epochs": 0}, "fine_tuning": {"epochs": 1}})
+    text = render(tmp_path, {"workers": 3, "dataset": dataset, "output": str(output), "trainer": trainer})
+    sink = Capture()
+    with JobRunner(text, namespace=NAMESPACE, sink=sink) as runner:
+        status = runner.run(timeout=600)
+        fingerprints = _fingerprints(runner, 3)
+        logs = [runner.pod_log(index) for index in range(3)]
+        finished = [e.index for e in runner.events if e.reason == "PodSucceeded"]
+
+    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), sink.text[-5000:]
+    assert status.failed == 0 and status.succeeded == 3
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1] == fingerprints[2], fingerprints
+    assert finished[-1] == 0 and sorted(finished) == [0, 1, 2], finished  # the chief leaves last
+    assert "multi_worker: 3 replica(s) over 3 worker(s)" in logs[0]
+    assert re.search(r"phase fine_tuning: 1 epochs x 4 steps, global batch 12", logs[0]), logs[0][-3000:]
+    for log in logs:
+        assert "CoordinationServiceError" not in log and "unhealthy" not in log, log[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["distribution"]["workers"] == 3 and summary["weights_fingerprint"] == fingerprints[0][0]
+
+
+#: A recipe the tiny run learns in a few steps (a linear head on the random-weight base, high
+#: learning rates; chance is 1/3), so a broken resume would show in the final accuracy.
+LEARNABLE = {
+    "model": {"head": {"dense_units": [], "dropout": 0.0}},
+    "phases": {
+        "feature_extraction": {"epochs": 2, "optimizer": {"learning_rate": 0.4}},
+        "fine_tuning": {"epochs": 3, "optimizer": {"learning_rate": 0.008}},
+    },
+}
+#: Final validation accuracy over seeds of the uninterrupted recipe varied by 0.1 (30 images):
+#: an interrupted run may differ from the reference by twice that, never fall to chance.
+ACCURACY_BAND = 0.2
+
+
+def _uninterrupted_accuracy(trainer: dict, dataset: str, root) -> float:
+    """The same recipe and global batch (8), uninterrupted: one process with 8 images per step."""
+    config = root / "reference.yaml"
+    config.write_text(yaml.safe_dump(trainer))
+    overrides = set_args(
+        f"data.dataset={dataset}", f"output.dir={root / 'reference'}", "train.batch_size_per_replica=8"
+    )
+    done = subprocess.run(
+        [*entrypoint_command(), "train", "--config", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((root / "reference" / "summary.json").read_text())["evaluation"]["validation"]["accuracy"]
+
+
+def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tmp_path):
+    dataset = make_tiny_dataset(tmp_path, per_class=24, validation_fraction=0.4)
+    output = tmp_path / "run"
     trainer = _trainer(
-        phases={"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 3}},
+        **LEARNABLE,
         # Check for a stop after every step, so the group stops inside epoch 2, not at its end.
         runtime={"collective_timeout_seconds": 30, "stop_check_every_steps": 1},
     )
@@ -88,7 +151,7 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
 
         status = runner.wait(timeout=600)
         log = sink.text
-        fingerprints = {index: re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(2)}
+        fingerprints = _fingerprints(runner, 2)
         last_chief = runner.pod_log(0)
         events = runner.events
         assert_one_live_pod_per_index(runner)  # through 6 pods over 3 generations
@@ -116,8 +179,15 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     epoch, step = int(position.group(1)), 4 if position.group(2) == "its end" else int(position.group(3))
     assert (epoch, step) >= (2, 4), position.group(0)
     assert fingerprints[0] and fingerprints[0] == fingerprints[1], log[-5000:]
-    assert _epochs_logged(output) == [("feature_extraction", 1), *(("fine_tuning", e) for e in (1, 2, 3))]
+    assert _epochs_logged(output) == [
+        *(("feature_extraction", e) for e in (1, 2)),
+        *(("fine_tuning", e) for e in (1, 2, 3)),
+    ]
     summary = json.loads((output / "summary.json").read_text())
+    # The interrupted run learned as well as the same recipe uninterrupted (chance is 1/3).
+    accuracy = summary["evaluation"]["validation"]["accuracy"]
+    reference = _uninterrupted_accuracy(trainer, dataset, tmp_path)
+    assert abs(accuracy - reference) <= ACCURACY_BAND and reference >= 0.6, (accuracy, reference)
     assert summary["weights_fingerprint"] == fingerprints[0][0]
     assert summary["distribution"] == {
         "strategy": "multi_worker",
@@ -137,7 +207,8 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     assert "CoordinationServiceError" not in last_chief and "unhealthy" not in last_chief
     print(
         f"\nfigures: preemption backup {backup.group(1)} s; survivor failed {survivor_failed_after:.1f} s "
-        f"after the SIGKILL; training resumed {resumed_after:.1f} s after it"
+        f"after the SIGKILL; training resumed {resumed_after:.1f} s after it; final validation accuracy "
+        f"{accuracy:.3f} (uninterrupted {reference:.3f})"
     )
 
 
@@ -192,7 +263,7 @@ def test_a_run_stopped_with_three_workers_resumes_with_two_from_the_same_backup(
     with JobRunner(render(tmp_path, values(2)), namespace=NAMESPACE, sink=sink) as runner:
         status = runner.run(timeout=600)
         two = runner.pod_log(0)
-        fingerprints = [re.findall(r"weights fingerprint (\w+)", runner.pod_log(i)) for i in range(2)]
+        fingerprints = _fingerprints(runner, 2)
     assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), sink.text[-5000:]
     assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # two workers end with identical weights
     epoch, step = int(saved.group(1)), int(saved.group(2))

@@ -21,6 +21,7 @@ import tf_keras as keras
 
 from trainer import storage
 from trainer.errors import Preempted
+from trainer.strategy import sum_over_workers
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class StopRequest:
 
     def __init__(self, strategy, multi_worker: bool, every_steps: int = 1):
         self._signalled = threading.Event()
-        self._any_worker = _any_worker_fn(strategy) if multi_worker else None
+        self._any_worker = sum_over_workers(strategy) if multi_worker else None
         self._every_steps = every_steps if multi_worker else 1
         self._steps = 0
         self._previous_handler = None
@@ -223,15 +224,6 @@ class StopRequest:
         if self._any_worker is None:
             return self._signalled.is_set()
         return float(self._any_worker(tf.constant(1.0 if self._signalled.is_set() else 0.0))) > 0
-
-
-def _any_worker_fn(strategy):
-    @tf.function
-    def any_worker(flag):
-        per_replica = strategy.run(tf.identity, args=(flag,))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    return any_worker
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):

@@ -167,15 +167,18 @@ def run_phase(
         )
     )
     started = time.perf_counter()
-    history = model.fit(
-        train_data,
-        epochs=plan.config.epochs,
-        steps_per_epoch=plan.steps_per_epoch,
-        validation_data=validation_data,
-        validation_steps=plan.validation_steps,
-        callbacks=callbacks,
-        verbose=cfg.runtime.verbose,
-    )
+    try:
+        history = model.fit(
+            train_data,
+            epochs=plan.config.epochs,
+            steps_per_epoch=plan.steps_per_epoch,
+            validation_data=validation_data,
+            validation_steps=plan.validation_steps,
+            callbacks=callbacks,
+            verbose=cfg.runtime.verbose,
+        )
+    finally:
+        stop.uninstall()  # also when fit fails: a SIGTERM during the exit must end the process again
     # The chief's log holds every epoch of the phase, including those before a restart.
     rows = [r for r in metrics_log.rows if r["phase"] == plan.name] if is_chief else _history_rows(history.history)
     return PhaseResult(

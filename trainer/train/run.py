@@ -35,7 +35,7 @@ from trainer.data import pipeline
 from trainer.data.manifest import Manifest, read_manifest
 from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
-from trainer.strategy import Distribution
+from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import feature_cache
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
@@ -300,8 +300,7 @@ def barrier(dist: Distribution) -> None:
     """All workers meet here before leaving, so none exits while a peer still needs it."""
     if not dist.cluster.is_multi_worker:
         return
-    strategy = dist.strategy
-    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+    sum_over_workers(dist.strategy)(tf.constant(1.0))
 
 
 def versions() -> dict[str, str]:
