@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: _start_order(item.nodeid))  # the scheduler takes lanes in this order
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     if config.getvalue("dist") != "load":  # -n without --dist; other modes keep their meaning
         return None
