@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# First what machine this is (CPU, SIMD level, cores, TensorFlow and oneDNN): kernels differ between CPUs.
+scripts/machine-info.sh
 # Real helm and kubectl for the chart tests (tests/chart), into the git-ignored .tools/bin.
 PYTHON=.venv/bin/python scripts/tools.sh
 export PATH="$PWD/.tools/bin:$PATH"

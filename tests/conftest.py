@@ -1,8 +1,12 @@
-"""Shared test setup: tf-keras (Keras 2) must be selected before TensorFlow is imported."""
+"""Shared test setup: tf-keras before TensorFlow, time bounds, and the lanes of the parallel run."""
 
 import os
+import sys
+import threading
 
 import pytest
+
+from tests.support import processes
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,3 +67,65 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return lane(nodeid)
 
     return LaneScheduling(config, log)
+
+
+# --------------------------------------------------------------------------- time bounds
+# Every test has one: pytest-timeout's `timeout` (pyproject.toml, or a test's timeout mark)
+# raises in the test through SIGALRM. A test over its bound fails with its name, the last lines
+# of each of its processes (the launcher's and job runner's sinks) and kills the processes it
+# started. Should the test be stuck where a signal cannot interrupt it (inside a C call), a
+# watchdog does the same GRACE_SECONDS later and ends the pytest process, which xdist reports
+# as a crash naming the test.
+WATCHDOG_GRACE_SECONDS = 60
+_STARTED_BEFORE = pytest.StashKey[set]()
+_WATCHDOG = pytest.StashKey[threading.Timer]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    processes.become_subreaper()  # orphaned workers stay findable (and killable) below pytest
+
+
+def _bound(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getini("timeout") or 0)
+
+
+def _kill_what_it_started(item: pytest.Item) -> str:
+    started = processes.descendants() - item.stash.get(_STARTED_BEFORE, set())
+    killed = processes.kill(started)
+    return f"killed the {len(killed)} process(es) this test started: {killed}" if killed else "no process was left"
+
+
+def _watchdog(item: pytest.Item, bound: float) -> None:
+    sys.__stderr__.write(
+        f"\n{item.nodeid}: still running {WATCHDOG_GRACE_SECONDS} s past its {bound:g} s bound "
+        f"(stuck where the timeout signal cannot reach); ending this pytest process\n"
+        f"{processes.tails()}\n{_kill_what_it_started(item)}\n"
+    )
+    sys.__stderr__.flush()
+    os._exit(3)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    processes.forget_sinks()
+    item.stash[_STARTED_BEFORE] = processes.descendants()
+    bound = _bound(item)
+    if bound > 0:
+        timer = threading.Timer(bound + WATCHDOG_GRACE_SECONDS, _watchdog, args=(item, bound))
+        timer.daemon = True
+        timer.start()
+        item.stash[_WATCHDOG] = timer
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown" and _WATCHDOG in item.stash:
+        item.stash[_WATCHDOG].cancel()
+    if call.excinfo is not None and "from pytest-timeout" in str(call.excinfo.value):
+        report.sections.append((f"last lines of the processes of {item.nodeid}", processes.tails()))
+        report.sections.append(("processes", _kill_what_it_started(item)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 
@@ -81,3 +83,81 @@ def test_every_worker_gets_its_own_metrics_port():
 def test_metrics_ports_must_match_the_worker_count():
     with pytest.raises(ConfigError, match="2 metrics port\\(s\\) given for 3 workers"):
         launch_local(3, [], sink=LogSink(), command=[sys.executable, "-c", "pass"], metrics_ports=[9101, 9102])
+
+
+# --------------------------------------------------------------------------- stopping
+# The launcher runs in a process of its own here, so that it can be sent SIGTERM like a user would.
+
+# A stand-in worker that backs up on SIGTERM: it writes a file after `seconds` (a slow step
+# and its backup), then exits 76. "ignore" ignores SIGTERM altogether.
+BACKING_UP_WORKER = """
+import json, os, signal, sys, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+out, seconds, failing = sys.argv[1], sys.argv[2], sys.argv[3:]
+def backup(*_):
+    if seconds == "ignore":
+        return
+    time.sleep(float(seconds))
+    open(os.path.join(out, f"backup-{index}"), "w").close()
+    sys.exit(76)
+signal.signal(signal.SIGTERM, backup)
+print("ready", flush=True)
+if str(index) in failing:
+    sys.exit(75)
+while True:
+    time.sleep(0.1)
+"""
+
+LAUNCHER = f"""
+import sys
+from trainer.launch import launch_local
+grace, workers, args = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+sys.exit(launch_local(workers, args, command=[sys.executable, "-c", {BACKING_UP_WORKER!r}], grace_seconds=grace))
+"""
+
+
+def _start_launcher(tmp_path, grace: float, *worker_args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(grace), "2", str(tmp_path), *worker_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ready = 0
+    for line in proc.stdout:
+        ready += "ready" in line
+        if ready == 2:
+            return proc
+    raise AssertionError(f"the workers never started (exit {proc.wait()})")
+
+
+def test_a_stopped_launch_waits_for_slow_backups_beyond_its_grace_and_exits_preempted(tmp_path):
+    launcher = _start_launcher(tmp_path, 0.5, "2")  # each backup takes 2 s, four times the grace
+
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=30)
+
+    assert launcher.returncode == ExitCode.PREEMPTED, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup-0", "backup-1"]  # nobody was killed mid-backup
+
+
+def test_a_second_stop_request_kills_the_workers_at_once(tmp_path):
+    launcher = _start_launcher(tmp_path, 60, "ignore")
+    launcher.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C
+    output, _ = launcher.communicate(timeout=30)
+
+    assert launcher.returncode == ExitCode.PREEMPTED, output
+    assert time.monotonic() - started < 10  # not the 60 s grace
+    assert not list(tmp_path.iterdir())
+
+
+def test_after_a_failure_a_worker_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    started = time.monotonic()
+    launcher = _start_launcher(tmp_path, 1, "ignore", "1")  # worker 1 fails with 75; worker 0 ignores SIGTERM
+
+    output, _ = launcher.communicate(timeout=30)
+
+    assert launcher.returncode == ExitCode.TRANSIENT, output  # the failure's code, not the kill's
+    assert time.monotonic() - started < 20

@@ -53,6 +53,11 @@ class Env(enum.StrEnum):
     METRICS_PORT = "TRAINER_METRICS_PORT"
 
 
+#: What a stop may take beyond ``runtime.stop_check_seconds``: the step in progress and one backup.
+#: The chart requires terminationGracePeriodSeconds >= stop_check_seconds + this; the local
+#: launcher waits this long past the stop check for workers it stops after a failure.
+STOP_MARGIN_SECONDS = 20
+
 #: Port each worker listens on for tf.distribute collectives (the chart's worker port).
 WORKER_PORT = 2222
 #: Port of the Prometheus metrics endpoint on every worker.

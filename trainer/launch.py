@@ -2,13 +2,19 @@
 
 Each worker gets its own TF_CONFIG (``localhost`` ports picked free) and its own metrics
 port ($TRAINER_METRICS_PORT, picked free unless given), runs exactly the container's
-entrypoint, and has its output prefixed with ``[worker-i]``. If any worker fails, the
-others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits
-with the first failure's code.
+entrypoint, and has its output prefixed with ``[worker-i]``.
+
+Stopping, as on Kubernetes: a SIGTERM or Ctrl-C to the launcher is passed to every worker,
+which backs up at its next agreed stop check and exits 76 (the run resumes from that backup);
+the launcher then exits 76. It never kills a worker that is finishing its step (however slow),
+unless asked a second time. If a worker fails, the others get SIGTERM, and SIGKILL once the
+grace (``runtime.stop_check_seconds`` + ``STOP_MARGIN_SECONDS``) has passed; the launcher exits
+with the failed worker's code, and says which worker failed and which it killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,10 +26,11 @@ import time
 from collections.abc import Sequence
 
 from trainer.cluster import make_tf_config
-from trainer.contract import ENTRYPOINT, Env, ExitCode
+from trainer.contract import ENTRYPOINT, STOP_MARGIN_SECONDS, Env, ExitCode
 from trainer.errors import ConfigError
 
-GRACE_SECONDS = 20.0
+#: The grace with the default ``runtime.stop_check_seconds`` (10 s).
+GRACE_SECONDS = 10.0 + STOP_MARGIN_SECONDS
 
 
 def entrypoint_command() -> list[str]:
@@ -74,8 +81,9 @@ def launch_local(
     sink=None,
     command: Sequence[str] | None = None,
     metrics_ports: Sequence[int] | None = None,
+    grace_seconds: float = GRACE_SECONDS,
 ) -> int:
-    """Run the workers to completion; 0 when all succeed, else the first failure's code.
+    """Run the workers to completion; 0 when all succeed, 76 when stopped, else the first failure's code.
 
     ``command`` replaces the trainer entrypoint (tests use it to run other programs).
     ``metrics_ports`` are the workers' metrics ports (default: free ones, so they never collide).
@@ -101,42 +109,119 @@ def launch_local(
         pump.start()
         procs.append(proc)
         pumps.append(pump)
-    previous = signal.signal(signal.SIGTERM, lambda *_: _stop_all(procs))
+    group = WorkerGroup(procs, grace_seconds)
+    previous = {sig: signal.signal(sig, group.on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = _wait(procs)
-    except KeyboardInterrupt:
-        _stop_all(procs)
-        code = int(ExitCode.PREEMPTED)
+        code = group.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        group.kill_all()  # an exception in the wait must not leave workers behind
         for pump in pumps:
             pump.join(timeout=5)
     return code
 
 
-def _wait(procs: list[subprocess.Popen]) -> int:
-    """Wait for all; on the first failure stop the rest and return its code."""
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            index, code = failed[0]
-            print(f"launcher: worker-{index} failed with exit code {code}; stopping the others", file=sys.stderr)
-            _stop_all(procs)
-            return code if code > 0 else int(ExitCode.INTERNAL)  # killed by a signal: negative code
-        if all(c == 0 for c in codes):
-            return int(ExitCode.OK)
-        time.sleep(0.2)
+def _say(message: str) -> None:
+    print(f"launcher: {message}", file=sys.stderr, flush=True)
 
 
-def _stop_all(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def describe_exit(code: int) -> str:
+    """``exit code 65`` or ``killed by SIGKILL`` (Popen gives -N for a death by signal N)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+class WorkerGroup:
+    """The local workers' supervisor: waits, stops them on a request or a failure, and names who did what."""
+
+    def __init__(self, procs: list[subprocess.Popen], grace_seconds: float):
+        self.procs, self.grace = procs, grace_seconds
+        self.stop_requests = 0
+        self.failure: tuple[int, int] | None = None  # (worker index, exit code) of the first failure
+        self.killed: set[int] = set()  # indexes the launcher killed
+        self._terminated_at: float | None = None
+        self._told_still_waiting = False
+
+    def on_stop_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self.stop_requests += 1
+        if self.stop_requests == 1:
+            _say(
+                f"{name}: stopping the workers; each backs up at its next stop check (runtime.stop_check_seconds, "
+                f"or the step in progress if slower) and exits {int(ExitCode.PREEMPTED)}; {name} again kills them now"
+            )
+            self._terminate()
+        else:
+            _say(f"{name} again: killing the workers; the run resumes from its last backup")
+            self.kill_all()
+
+    def wait(self) -> int:
+        while True:
+            codes = [proc.poll() for proc in self.procs]
+            if self.failure is None and not self.stop_requests:
+                self._check_failure(codes)
+            if all(code is not None for code in codes):
+                return self._result(codes)
+            self._enforce_grace()
+            time.sleep(0.2)
+
+    def _check_failure(self, codes: list[int | None]) -> None:
+        failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
+        if not failed:
+            return
+        self.failure = failed[0]
+        index, code = self.failure
+        _say(f"worker-{index} failed ({describe_exit(code)}); stopping the others")
+        self._terminate()
+
+    def _enforce_grace(self) -> None:
+        if self._terminated_at is None or time.monotonic() - self._terminated_at < self.grace:
+            return
+        alive = [i for i, proc in enumerate(self.procs) if proc.poll() is None]
+        if self.stop_requests:  # asked by the user: never kill a backup in progress unasked
+            if alive and not self._told_still_waiting:
+                self._told_still_waiting = True
+                names = ", ".join(f"worker-{i}" for i in alive)
+                _say(f"{names} still finishing a step after {self.grace:g} s; waiting (ask again to kill now)")
+            return
+        for index in alive:
+            _say(f"worker-{index} did not stop within {self.grace:g} s of SIGTERM; killing it")
+            self._kill(index)
+
+    def _result(self, codes: list[int]) -> int:
+        if self.failure is not None:
+            code = self.failure[1]
+            return code if code > 0 else int(ExitCode.INTERNAL)  # a death by signal is not a user error
+        if not self.stop_requests:
+            return int(ExitCode.OK)  # no failure: every worker exited 0
+        stopped = (0, ExitCode.PREEMPTED)
+        unexpected = [(i, c) for i, c in enumerate(codes) if c not in stopped and i not in self.killed]
+        if unexpected:
+            index, code = unexpected[0]
+            _say(f"worker-{index} ended with {describe_exit(code)} while stopping")
+            return code if code > 0 else int(ExitCode.INTERNAL)
+        return int(ExitCode.OK) if all(code == 0 for code in codes) else int(ExitCode.PREEMPTED)
+
+    def _terminate(self) -> None:
+        self._terminated_at = time.monotonic()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def _kill(self, index: int) -> None:
+        proc = self.procs[index]
+        if proc.poll() is not None:
+            return
+        self.killed.add(index)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: children go too
+        proc.wait()
+
+    def kill_all(self) -> None:
+        for index in range(len(self.procs)):
+            self._kill(index)

@@ -102,6 +102,19 @@ def test_chart_rejects_conflicting_values_with_a_fix(values, message):
     assert message in err
 
 
+def test_the_grace_period_must_cover_a_stop_check_plus_the_margin():
+    margin = contract.STOP_MARGIN_SECONDS  # the chart must use the trainer's margin
+    default_check = config_lib.RuntimeConfig().stop_check_seconds
+    render({"job": {"terminationGracePeriodSeconds": int(default_check + margin)}})  # the defaults fit exactly
+
+    for check in (15, 100):
+        runtime = {"trainer": {"runtime": {"stop_check_seconds": check}}}
+        err = render_error({**runtime, "job": {"terminationGracePeriodSeconds": check + margin - 1}})
+        assert f"trainer.runtime.stop_check_seconds ({check} s) + {margin} s" in err
+        assert f"raise the grace to at least {check + margin}" in err
+        render({**runtime, "job": {"terminationGracePeriodSeconds": check + margin}})
+
+
 def test_staging_budget_must_fit_the_scratch_volume():
     default_gib = config_lib.StagingConfig().budget_gb * 1e9 / 2**30  # the trainer's default budget
     staging = {"trainer": {"data": {"staging": {"enabled": True}}}}

@@ -211,7 +211,7 @@ def test_training_without_augmentation_equals_full_square_centre_crop(tmp_path):
     )
     single = write_shards(tmp_path, num_records=3, num_shards=1)
     full_square = DataConfig(image_size=IMAGE_SIZE, center_crop_fraction=1.0)
-    evaluation, _ = first_batch(pipeline.evaluation_dataset(single, full_square, NUM_CLASSES, 3))
+    evaluation, _ = first_batch(pipeline.evaluation_images(single, full_square, NUM_CLASSES).batch(3))
 
     images, _ = first_batch(pipeline.training_dataset(single, cfg, NUM_CLASSES, 3, seed=0, deterministic=True))
 
@@ -219,23 +219,52 @@ def test_training_without_augmentation_equals_full_square_centre_crop(tmp_path):
     np.testing.assert_allclose(images, evaluation, atol=1e-4)
 
 
-def test_evaluation_keeps_order_and_the_partial_last_batch(shards, data_cfg):
-    ds = pipeline.evaluation_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4)
+def test_evaluation_images_keep_the_record_order(shards, data_cfg):
+    elements = list(pipeline.evaluation_images(shards, data_cfg, NUM_CLASSES))
+
+    labels = np.stack([label.numpy() for _, label in elements])
+    assert labels.argmax(axis=1).tolist() == [i % NUM_CLASSES for i in range(10)]
+    np.testing.assert_array_equal(labels.sum(axis=1), np.ones(10))
+    assert all(image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for image, _ in elements)
+
+
+def test_padded_batches_are_full_and_weigh_the_padding_zero(shards, data_cfg):
+    ds = pipeline.padded_batches(pipeline.evaluation_images(shards, data_cfg, NUM_CLASSES), batch=4, batches=4)
 
     batches = list(ds)
 
-    assert [len(labels) for _, labels in batches] == [4, 4, 2]
-    labels = np.concatenate([b[1].numpy() for b in batches])
-    assert labels.argmax(axis=1).tolist() == [i % NUM_CLASSES for i in range(10)]
-    np.testing.assert_array_equal(labels.sum(axis=1), np.ones(10))
-    assert all(images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) for images, _ in batches)
+    assert [len(weights) for _, _, weights in batches] == [4, 4, 4, 4]  # 10 images, 6 zero-weight pads
+    weights = np.concatenate([w.numpy() for _, _, w in batches])
+    np.testing.assert_array_equal(weights, [1.0] * 10 + [0.0] * 6)
+    padding = batches[-1][0].numpy()[2:]
+    assert not padding.any()
+
+
+def test_record_shares_split_the_records_of_all_files_exactly_once(shards, data_cfg):
+    # 2 shard files among 3 workers: each reads both files and keeps every 3rd record.
+    records = [sum(1 for _ in tf.data.TFRecordDataset(path)) for path in shards]
+    shares = pipeline.evaluation_shares(shards, records, 3)
+
+    def fingerprints(ds):  # an image's pixel sum and label identify its record here
+        return [(round(float(image.numpy().sum()), 1), int(label.numpy().argmax())) for image, label in ds]
+
+    seen = []
+    for share in shares:
+        own = fingerprints(pipeline.evaluation_images(share.files, data_cfg, NUM_CLASSES, share.stride, share.offset))
+        assert len(own) == share.images
+        seen.extend(own)
+
+    everything = fingerprints(pipeline.evaluation_images(shards, data_cfg, NUM_CLASSES))
+    assert len(set(everything)) == 10
+    assert sorted(seen) == sorted(everything)
+    assert [share.images for share in shares] == [4, 3, 3]
 
 
 def test_evaluation_images_are_decode_for_eval_of_the_records(shards, data_cfg):
     first_record = next(iter(tf.data.TFRecordDataset(shards[0])))
     encoded = tf.io.parse_single_example(first_record, records.feature_spec())[records.ENCODED]
 
-    images, _ = first_batch(pipeline.evaluation_dataset(shards, data_cfg, NUM_CLASSES, batch_size=4))
+    images, _ = first_batch(pipeline.evaluation_images(shards, data_cfg, NUM_CLASSES).batch(4))
 
     expected = pipeline.decode_for_eval(encoded, IMAGE_SIZE, data_cfg.center_crop_fraction).numpy()
     np.testing.assert_allclose(images[0], expected, atol=1e-4)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import LogSink
 from trainer.jobrunner import JobRunner
 from trainer.jobrunner.network import namespace_mode
 
@@ -48,19 +49,8 @@ def render(tmp_path: pathlib.Path, values: dict[str, Any], skip_schema: bool = F
     return proc.stdout
 
 
-class Capture:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.lines.append(text)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
+#: What the job runner writes, kept for the test (and for its timeout report).
+Capture = LogSink
 
 
 def condition_types(status) -> list[tuple[str, str]]:

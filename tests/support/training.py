@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+from tests.support.processes import LogSink  # re-exported for the tests
 from trainer.config import set_args  # re-exported for the tests
 
 __all__ = ["TINY_RUN", "LogSink", "make_tiny_dataset", "set_args"]
@@ -24,26 +25,21 @@ TINY_RUN = [
 ]
 
 
-class LogSink:
-    """Collects what the launcher writes (it takes any object with write/flush)."""
+def make_tiny_dataset(
+    root: pathlib.Path, per_class: int = 12, validation_fraction: float = 0.25, test_fraction: float = 0.25
+) -> str:
+    """3 classes of 40x40 images, prepared into train (4 shards), validation and test; returns the dataset dir.
 
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
-
-
-def make_tiny_dataset(root: pathlib.Path, per_class: int = 12, validation_fraction: float = 0.25) -> str:
-    """3 classes of 40x40 images, prepared into 4 training shards; returns the dataset dir."""
+    With the defaults: 18 training, 9 validation and 9 test images, so under 2 workers x 4 images
+    per replica the last global batch of each evaluation holds 1 image.
+    """
     from trainer.config import PrepareConfig
     from trainer.data.prepare import prepare_dataset
     from trainer.data.synthetic import make_demo_images
 
     make_demo_images(str(root / "images"), classes=3, per_class=per_class, size=40, seed=1)
-    cfg = PrepareConfig(validation_fraction=validation_fraction, test_fraction=0.0, min_shards=4, processes=1)
+    cfg = PrepareConfig(
+        validation_fraction=validation_fraction, test_fraction=test_fraction, min_shards=4, processes=1
+    )
     prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
     return str(root / "dataset")

@@ -97,7 +97,8 @@ def _initial_validation_loss(dataset: str) -> float:
     model.compile(loss="categorical_crossentropy")
     files = pipeline.shard_paths(dataset, manifest, "validation")
     cfg = config_from_dict({"data": {"image_size": SIZE}})
-    return float(model.evaluate(pipeline.evaluation_dataset(files, cfg.data, manifest.num_classes, 8), verbose=0))
+    images = pipeline.evaluation_images(files, cfg.data, manifest.num_classes).batch(8)
+    return float(model.evaluate(images, verbose=0))
 
 
 def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp_path, monkeypatch, caplog):

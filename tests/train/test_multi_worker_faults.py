@@ -117,7 +117,7 @@ def _uninterrupted_accuracy(trainer: dict, dataset: str, root) -> float:
 
 
 def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tmp_path):
-    dataset = make_tiny_dataset(tmp_path, per_class=24, validation_fraction=0.4)
+    dataset = make_tiny_dataset(tmp_path, per_class=24, validation_fraction=0.4, test_fraction=0.0)
     output = tmp_path / "run"
     trainer = _trainer(
         **LEARNABLE,

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -325,3 +326,123 @@ def test_sigterm_backs_up_then_stops_and_a_restart_never_skips_an_epoch_end(tmp_
     second = _EpochEnds()
     _fit_with_backups(tmp_path, second)
     assert second.ended == list(range(resumes_at_epoch, 3))
+
+
+# --------------------------------------------------------------------------- stop checks
+
+
+def _steps(stop, count: int, seconds: float) -> list[int]:
+    """Run ``count`` steps of ``seconds`` each; the steps after which the stop check ran."""
+    checked = []
+    for step in range(1, count + 1):
+        interval = stop.interval_steps
+        before = stop._since_check
+        time.sleep(seconds)
+        stop.agreed_after_step()
+        if before + 1 >= interval:
+            checked.append(step)
+    return checked
+
+
+def test_stop_checks_come_every_n_steps_when_steps_are_fast():
+    from trainer.train.callbacks import StopRequest
+
+    # A one-replica strategy runs the same all-reduce code path as a multi-worker run.
+    stop = StopRequest(tf.distribute.get_strategy(), multi_worker=True, every_steps=4, every_seconds=30.0)
+
+    checked = _steps(stop, 9, 0.001)
+
+    assert checked == [1, 5, 9]  # the first after step 1, then every 4 steps (the step bound)
+
+
+def test_slow_steps_bring_the_stop_checks_closer_in_steps_to_keep_the_seconds_bound():
+    from trainer.train.callbacks import StopRequest
+
+    stop = StopRequest(tf.distribute.get_strategy(), multi_worker=True, every_steps=100, every_seconds=0.5)
+
+    checked = _steps(stop, 8, 0.2)  # 0.2 s steps, 0.5 s bound: a check every 2 steps
+
+    assert stop.interval_steps == 2
+    assert checked == [1, 3, 5, 7]
+    gaps = np.diff(checked) * 0.2
+    assert gaps.max() <= 0.5
+
+
+def test_a_step_slower_than_the_bound_is_followed_by_a_check_every_step():
+    from trainer.train.callbacks import StopRequest
+
+    stop = StopRequest(tf.distribute.get_strategy(), multi_worker=True, every_steps=10, every_seconds=0.05)
+
+    assert _steps(stop, 4, 0.1) == [1, 2, 3, 4]
+    assert stop.interval_steps == 1
+
+
+def test_a_sigterm_is_agreed_at_the_next_check():
+    from trainer.train.callbacks import StopRequest
+
+    stop = StopRequest(tf.distribute.get_strategy(), multi_worker=True, every_steps=3, every_seconds=60.0)
+    stop.install()
+    try:
+        assert not stop.agreed_after_step()  # step 1: the first check; nobody was signalled
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert [stop.agreed_after_step() for _ in range(3)] == [False, False, True]  # steps 2-4: next check at 4
+    finally:
+        stop.uninstall()
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+class _Scores(keras.callbacks.Callback):
+    """Feeds KeepBest a fixed val_accuracy per epoch (tests the decision, not the model)."""
+
+    def __init__(self, values: list[float]):
+        super().__init__()
+        self.values = values
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"], logs["val_loss"] = self.values[epoch], 1.0
+
+
+def _fit_with_early_stopping(tmp_path, values, patience, baseline=None, initial_epoch=0):
+    from trainer.train.callbacks import EarlyStopping, KeepBest
+
+    tmp_path.mkdir(exist_ok=True)
+    model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    model.compile("sgd", "mse")
+    keep_best = KeepBest(
+        "val_accuracy", str(tmp_path / "best.h5"), str(tmp_path / "best.json"), True,
+        lambda m, path: m.save_weights(path), baseline,
+    )  # fmt: skip
+    keep_best.start(model, lambda m, path: m.load_weights(path))
+    early = EarlyStopping(keep_best, patience)
+    x, y = np.zeros((4, 3), "float32"), np.zeros((4, 2), "float32")
+    history = model.fit(
+        x, y, batch_size=2, epochs=len(values), initial_epoch=initial_epoch, verbose=0,
+        callbacks=[_Scores(values), keep_best, early],
+    )  # fmt: skip
+    return early, keep_best, len(history.epoch)
+
+
+def test_early_stopping_counts_patience_from_the_best_epoch(tmp_path):
+    early, keep_best, _ = _fit_with_early_stopping(tmp_path, [0.5, 0.7, 0.6, 0.6, 0.9], patience=2)
+
+    assert (keep_best.best_epoch, early.stopped_epoch) == (2, 4)
+
+
+def test_a_phase_that_never_beats_the_previous_best_stops_after_patience_epochs(tmp_path):
+    early, keep_best, _ = _fit_with_early_stopping(tmp_path, [0.5, 0.5, 0.5, 0.5], patience=2, baseline=(0.8, 0.0))
+
+    assert keep_best.best_epoch is None and early.stopped_epoch == 2
+
+
+def test_early_stopping_after_a_restart_stops_where_the_uninterrupted_phase_stopped(tmp_path):
+    values = [0.5, 0.7, 0.6, 0.6, 0.6, 0.9]
+    uninterrupted, _, _ = _fit_with_early_stopping(tmp_path / "a", values, patience=3)
+    # The interrupted phase ran epochs 1-3 (best: epoch 2, in KeepBest's record), then resumes at epoch 4.
+    _fit_with_early_stopping(tmp_path / "b", values[:3], patience=3)
+    resumed, keep_best, ran = _fit_with_early_stopping(tmp_path / "b", values, patience=3, initial_epoch=3)
+
+    assert keep_best.best_epoch == 2
+    assert resumed.stopped_epoch == uninterrupted.stopped_epoch == 5
+    assert ran == 2  # epochs 4 and 5 after the restart

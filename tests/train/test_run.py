@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,3 +67,95 @@ def test_backup_made_for_other_classes_is_refused(tiny_dataset, tmp_path):
 
     assert result.returncode == ExitCode.DATA_ERROR
     assert "was made for classes ['cat', 'dog']" in _error_line(result)
+
+
+# --------------------------------------------------------------------------- early stopping across a restart
+
+#: Fine-tuning at a learning rate too small to move any float32 weight: every epoch scores the
+#: same, none beats the frozen phase, so early stopping ends the phase after `patience` epochs
+#: whatever order the batches come in (a restarted run sees them in another order).
+EARLY_STOPPING = [
+    "runtime.deterministic=true",
+    "phases.fine_tuning.epochs=6",
+    "phases.fine_tuning.early_stopping_patience=2",
+    "phases.fine_tuning.optimizer.learning_rate=1e-30",
+]
+
+
+def _checkpoint_path(backup_dir) -> str | None:
+    marker = backup_dir / "chief" / "checkpoint"
+    return marker.read_text().splitlines()[0] if marker.exists() else None
+
+
+def _fine_tuning_rows(output) -> list[dict]:
+    path = output / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [row for row in rows if row["phase"] == "fine_tuning"]
+
+
+def _kill_in_the_second_fine_tuning_epoch(args: list[str], output) -> None:
+    """Start a run; SIGKILL it after the first mid-epoch backup of fine-tuning epoch 2."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    backups, seen = output / "backup" / "fine_tuning", []
+    try:
+        while proc.poll() is None and len(seen) < 2:
+            if _fine_tuning_rows(output):  # epoch 1 ended: its end backup, then step 2 of epoch 2
+                current = _checkpoint_path(backups)
+                if current and current not in seen:
+                    seen.append(current)
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.kill()
+    finally:
+        proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.timeout(400)
+def test_a_phase_killed_and_resumed_stops_early_at_the_same_epoch_with_the_same_weights(tiny_dataset, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert _run_cli(_settings(tiny_dataset, str(reference), *EARLY_STOPPING)).returncode == ExitCode.OK
+
+    _kill_in_the_second_fine_tuning_epoch(_settings(tiny_dataset, str(resumed), *EARLY_STOPPING), resumed)
+    assert len(_fine_tuning_rows(resumed)) == 1  # killed inside epoch 2
+    result = _run_cli(_settings(tiny_dataset, str(resumed), *EARLY_STOPPING))
+
+    assert result.returncode == ExitCode.OK, result.stderr[-3000:]
+    expected = json.loads((reference / "summary.json").read_text())
+    got = json.loads((resumed / "summary.json").read_text())
+    for summary in (expected, got):
+        phase = summary["phases"]["fine_tuning"]
+        assert (phase["epochs_run"], phase["best_epoch"]) == (2, None)  # 2 epochs of patience, none better
+    assert got["weights_fingerprint"] == expected["weights_fingerprint"]
+    assert got["evaluation"] == expected["evaluation"]
+
+
+# --------------------------------------------------------------------------- a stopped local launch
+
+
+def test_a_launch_stopped_between_slow_steps_backs_up_and_exits_preempted(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    # A stop check by steps only every 1000 steps (the epoch has 400): the seconds bound must bring it.
+    settings = [
+        "train.steps_per_epoch=400",
+        "runtime.stop_check_every_steps=1000",
+        "runtime.stop_check_seconds=2",
+        "phases.fine_tuning.epochs=0",
+    ]
+    launch = ["launch", "--workers", "2", *_settings(tiny_dataset, str(output), *settings)[1:]]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as sink:
+        launcher = subprocess.Popen([sys.executable, "-m", "trainer", *launch], stdout=sink, stderr=subprocess.STDOUT)
+    backups = output / "backup" / "feature_extraction"
+    while launcher.poll() is None and _checkpoint_path(backups) is None:  # training has begun: a first backup
+        time.sleep(0.1)
+    first = _checkpoint_path(backups)
+
+    stopped = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=120)
+
+    print(f"SIGTERM to exit: {time.monotonic() - stopped:.1f} s")
+    assert launcher.returncode == ExitCode.PREEMPTED, log.read_text()[-4000:]
+    assert _checkpoint_path(backups) != first  # the stop wrote a backup of its own
+    assert not (output / "metrics.jsonl").exists()  # ... mid-epoch: the epoch's end (step 400) never came

@@ -4,7 +4,8 @@ Training: the worker's own shards, shuffled, read in parallel (interleave), pars
 decoded with a random crop (JPEGs decode only the crop window, at reduced scale when it
 is much larger than the model input), flipped, resized, batched with the remainder
 dropped, prefetched. VGG16's mean subtraction happens in the model's first layer.
-Evaluation: every shard of the split, centre crop, partial last batch kept.
+Evaluation: every image of the split exactly once across the workers, centre crop, in full
+batches padded with zero-weight images (no replica ever gets an empty batch; see below).
 
 Random augmentation uses stateless ops seeded from a per-record seed stream, so with
 ``runtime.deterministic`` the whole pipeline is reproducible.
@@ -13,6 +14,7 @@ Random augmentation uses stateless ops seeded from a per-record seed stream, so 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import tensorflow as tf
 
@@ -175,10 +177,20 @@ def _parse_with_shape(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.T
 # --------------------------------------------------------------------------- datasets
 
 
-def _options(deterministic: bool, shard_policy: tf.data.experimental.AutoShardPolicy) -> tf.data.Options:
+def dataset_options(
+    deterministic: bool, shard_policy: tf.data.experimental.AutoShardPolicy, autotune: bool = False
+) -> tf.data.Options:
+    """Options of every dataset the trainer feeds to a model (see ``DataConfig.autotune``).
+
+    Why autotuning is off by default: its background thread waits on a timer that doubles up
+    to 60 s, and under MultiWorkerMirroredStrategy deleting the iterator at the end of ``fit``
+    waited for that timer (measured: 30-34 s on a worker, at each phase's end, TF 2.21).
+    Without it, AUTOTUNE parallelism is the host's core count and prefetch buffers still adapt.
+    """
     options = tf.data.Options()
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = shard_policy
+    options.autotune.enabled = autotune
     return options
 
 
@@ -236,23 +248,80 @@ def training_dataset(
     ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
     if probe is not None:
         ds = probe.stamp_dataset(ds)
-    return ds.with_options(_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF))
+    return ds.with_options(dataset_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF, cfg.autotune))
 
 
-def evaluation_dataset(
-    files: Sequence[str], cfg: DataConfig, num_classes: int, batch_size: int, deterministic: bool = True
-) -> tf.data.Dataset:
-    """One pass over ``files`` with centre crops; the last partial batch is kept.
+# --------------------------------------------------------------------------- exact evaluation
+#
+# An evaluation pass must count every image exactly once, and no replica may ever compute on
+# an empty batch: TensorFlow's oneDNN kernels (the default on x86) fail on zero-size inputs,
+# and tf.distribute hands a replica an empty batch whenever its worker runs out of data
+# before its peers (uneven shards, or the last partial batch split across replicas).
+# So every input pipeline of an evaluation yields the same number of *full* batches of
+# (image, label, weight): its share of the split with weight 1, then zero-weight padding.
+# Sums weighted that way are exact; the padding costs at most one global batch per pass.
 
-    Under multi-worker training Keras splits this dataset across workers by file (AUTO
-    policy, falling back to elements when there are fewer files than workers).
+
+@dataclass(frozen=True)
+class EvalShare:
+    """What one input pipeline (worker) evaluates of a split.
+
+    Whole files when the split has a shard for every pipeline (no byte is read twice);
+    otherwise every ``stride``-th record of all files, from ``offset`` (each pipeline reads
+    the whole split and decodes only its own records).
     """
-    ds = _read(files, cfg, deterministic, shuffle_seed=None)
+
+    files: tuple[str, ...]
+    images: int
+    stride: int = 1
+    offset: int = 0
+
+
+def evaluation_shares(paths: Sequence[str], records: Sequence[int], num_pipelines: int) -> list[EvalShare]:
+    """Divide a split's shards (with their record counts, from the manifest) among the pipelines."""
+    if len(paths) >= num_pipelines:
+        return [
+            EvalShare(tuple(paths[i::num_pipelines]), sum(records[i::num_pipelines])) for i in range(num_pipelines)
+        ]
+    total = sum(records)
+    return [
+        EvalShare(tuple(paths), len(range(i, total, num_pipelines)), num_pipelines, i) for i in range(num_pipelines)
+    ]
+
+
+def evaluation_steps(images_per_pipeline: Sequence[int], replicas_per_pipeline: int, batch_per_replica: int) -> int:
+    """Steps of one pass: enough for the largest share, with one full batch per replica per step."""
+    per_step = replicas_per_pipeline * batch_per_replica
+    return max(-(-images // per_step) for images in images_per_pipeline)
+
+
+def padded_batches(elements: tf.data.Dataset, batch: int, batches: int, autotune: bool = False) -> tf.data.Dataset:
+    """(x, y) elements -> exactly ``batches`` full batches of (x, y, weight), ready to distribute.
+
+    The elements get weight 1; zero-weight padding (zeros of the same shape) fills up the
+    rest. ``elements`` must not hold more than ``batch * batches`` items (callers size it
+    from the manifest; a surplus would be cut, and the image count check reports it).
+    The caller shards (one dataset per input pipeline), so tf.distribute must not.
+    """
+    x_spec, y_spec = elements.element_spec
+    real = elements.map(lambda x, y: (x, y, tf.constant(1.0)))
+    padding = tf.data.Dataset.from_tensors(
+        (tf.zeros(x_spec.shape, x_spec.dtype), tf.zeros(y_spec.shape, y_spec.dtype), tf.constant(0.0))
+    ).repeat()
+    ds = real.concatenate(padding).take(batch * batches).batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.with_options(dataset_options(True, tf.data.experimental.AutoShardPolicy.OFF, autotune))
+
+
+def evaluation_images(
+    files: Sequence[str], cfg: DataConfig, num_classes: int, stride: int = 1, offset: int = 0
+) -> tf.data.Dataset:
+    """The images of ``files`` in a fixed order (centre crops), every ``stride``-th from ``offset``."""
+    ds = _read(files, cfg, deterministic=True, shuffle_seed=None)  # the order defines the record shares
+    if stride > 1:
+        ds = ds.shard(stride, offset)
 
     def _eval_example(serialized: tf.Tensor):
         encoded, label = _parse(serialized)
         return decode_for_eval(encoded, cfg.image_size, cfg.center_crop_fraction), tf.one_hot(label, num_classes)
 
-    ds = ds.map(_eval_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.batch(batch_size).prefetch(cfg.prefetch_batches or AUTOTUNE)
-    return ds.with_options(_options(deterministic, tf.data.experimental.AutoShardPolicy.AUTO))
+    return ds.map(_eval_example, num_parallel_calls=AUTOTUNE)

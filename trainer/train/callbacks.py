@@ -188,26 +188,67 @@ class KeepBest(keras.callbacks.Callback):
             log.info("phase ends with its best epoch %d (%s=%.4f)", self.best_epoch, self.monitor, self.best)
 
 
+class EarlyStopping(keras.callbacks.Callback):
+    """Ends a phase ``patience`` epochs after its best epoch, as ``KeepBest`` scores epochs.
+
+    An epoch counts as an improvement exactly when KeepBest keeps it (accuracy ties broken
+    by the loss). With no improving epoch yet, patience counts from the phase's start, so a
+    fine-tuning phase that never beats the frozen phase's best stops after ``patience``
+    epochs. Nothing to back up: the best epoch is in KeepBest's record and the epochs done
+    are in the restored backup, so a resumed phase stops at the same epoch as an
+    uninterrupted one. Place it after KeepBest.
+    """
+
+    def __init__(self, keep_best: KeepBest, patience: int):
+        super().__init__()
+        self.keep_best, self.patience = keep_best, patience
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done - (self.keep_best.best_epoch or 0) < self.patience:
+            return
+        self.stopped_epoch = done
+        self.model.stop_training = True
+        since = f"its best epoch {self.keep_best.best_epoch}" if self.keep_best.best_epoch else "the phase's start"
+        log.info("early stopping after epoch %d: %d epoch(s) without improvement since %s", done, self.patience, since)
+
+
 class StopRequest:
     """A SIGTERM seen by any worker, turned into one decision every worker takes at the same step.
 
     Synchronous training needs every worker in each step, and a backup under
     MultiWorkerMirroredStrategy is written by all workers together, so they must stop at the
     same step. On Kubernetes only the pods of a preempted node get SIGTERM; the others learn it
-    here: each check all-reduces the local flag (one float), so all see "someone was asked to
-    stop" at the same step. Single-process runs just read the flag.
+    here: each check all-reduces the local flag, so all see "someone was asked to stop" at the
+    same step. Single-process runs just read the flag after every step.
+
+    Checks come at least every ``every_steps`` steps and, when steps are slow, at least every
+    ``every_seconds`` seconds (or after every step, when one step is slower than that). The
+    interval is agreed, not guessed: each check also all-reduces the workers' step times
+    (whole milliseconds, so the sum is exact and the same everywhere), and every worker derives
+    the next interval from the same mean. The first check comes after the first step.
     """
 
-    def __init__(self, strategy, multi_worker: bool, every_steps: int = 1):
+    def __init__(self, strategy, multi_worker: bool, every_steps: int = 10, every_seconds: float = 10.0):
         self._signalled = threading.Event()
         self._any_worker = sum_over_workers(strategy) if multi_worker else None
-        self._every_steps = every_steps if multi_worker else 1
-        self._steps = 0
+        self._replicas = strategy.num_replicas_in_sync
+        self._every_steps, self._every_seconds = every_steps, every_seconds
+        self._interval = 1
+        self._since_check = 0
+        self._last_check = time.perf_counter()
         self._previous_handler = None
+
+    @property
+    def interval_steps(self) -> int:
+        """Steps between two checks, as last agreed."""
+        return self._interval
 
     def install(self) -> None:
         # Only note the signal; the step in progress finishes and the backup is written between steps.
         self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+        self._last_check, self._since_check = time.perf_counter(), 0
 
     def uninstall(self) -> None:
         if self._previous_handler is not None:
@@ -215,15 +256,23 @@ class StopRequest:
             self._previous_handler = None
 
     def agreed_after_step(self) -> bool:
-        """``agreed()`` every ``every_steps`` steps (the check costs an all-reduce); else False."""
-        self._steps += 1
-        return self._steps % self._every_steps == 0 and self.agreed()
+        """``agreed()`` when the agreed interval has passed since the last check (it costs an all-reduce)."""
+        self._since_check += 1
+        return self._since_check >= self._interval and self.agreed()
 
     def agreed(self) -> bool:
         """True on every worker at once when at least one of them got SIGTERM. Collective."""
         if self._any_worker is None:
             return self._signalled.is_set()
-        return float(self._any_worker(tf.constant(1.0 if self._signalled.is_set() else 0.0))) > 0
+        now = time.perf_counter()
+        step_ms = round(1000 * (now - self._last_check) / max(self._since_check, 1))
+        flag = 1.0 if self._signalled.is_set() else 0.0
+        totals = self._any_worker(tf.constant([flag, float(step_ms)])).numpy()
+        mean_step_seconds = float(totals[1]) / self._replicas / 1000  # each replica added its worker's figure
+        by_time = int(self._every_seconds / mean_step_seconds) if mean_step_seconds > 0 else self._every_steps
+        self._interval = max(1, min(self._every_steps, by_time))
+        self._since_check, self._last_check = 0, time.perf_counter()
+        return float(totals[0]) > 0
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):

@@ -22,7 +22,8 @@ blocks (which are never cached) augment as configured. Validation features come 
 evaluation pipeline, so validation metrics equal the full model's on the images.
 
 Multi-worker: each worker caches its own training shards (the files it would read anyway)
-and the whole validation split, which Keras then splits across workers as it does images.
+and the whole validation split, then validates its share of the cached records (every n-th),
+exactly as on images (trainer.train.evaluation).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from trainer.contract import Env
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest
 from trainer.errors import ConfigError
+from trainer.train.evaluation import EvaluationData, exact_pass
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class FitInputs:
 
     model: keras.Model
     train_data: object
-    validation_data: object | None
+    validation: EvaluationData | None
     cached: bool = False
 
 
@@ -79,16 +81,16 @@ def fit_inputs(
     train_files: list[str],
     global_batch: int,
     train_data,
-    validation_data,
+    validation: EvaluationData | None,
 ) -> Iterator[FitInputs]:
     """The phase's fit inputs: cached features when the option is on and the base is frozen."""
     if not applies(model, cfg, unfreeze_blocks):
-        yield FitInputs(model, train_data, validation_data)
+        yield FitInputs(model, train_data, validation)
         return
     directory = os.path.join(_scratch_root(), f"feature-cache-{uuid.uuid4().hex[:8]}")
     os.makedirs(directory)
     try:
-        yield _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validation_data)
+        yield _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validation is not None)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -158,6 +160,10 @@ class CacheFile:
 
         return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
+    def elements(self, num_classes: int) -> tf.data.Dataset:
+        """The records in file order, one (features, one-hot label) at a time."""
+        return self.dataset(num_classes, EXTRACT_BATCH).unbatch()
+
 
 def write_cache(extractor: keras.Model, images: tf.data.Dataset, path: str) -> CacheFile:
     """Run ``images`` (batches of (image, one-hot label)) through ``extractor`` into ``path``."""
@@ -201,7 +207,7 @@ def unaugmented_training_images(files: list[str], cfg: Config, num_classes: int)
     return ds.batch(EXTRACT_BATCH).prefetch(tf.data.AUTOTUNE)
 
 
-def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validation_data) -> FitInputs:
+def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validates) -> FitInputs:
     started = time.perf_counter()
     cluster = dist.cluster
     own = pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
@@ -214,12 +220,13 @@ def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, direct
         extractor, unaugmented_training_images(own, cfg, num_classes), os.path.join(directory, "train.bin")
     )
     validation = None
-    if validation_data is not None:
-        validation_cache = write_cache(extractor, validation_data, os.path.join(directory, "validation.bin"))
-        # Every worker cached the whole split: Keras splits it between them by batches (DATA).
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        validation = validation_cache.dataset(num_classes, global_batch).with_options(options)
+    if validates:
+        validation_cache = write_cache(
+            extractor, validation_images(cfg, manifest), os.path.join(directory, "validation.bin")
+        )
+        validation = _cached_validation(
+            dist, validation_cache, num_classes, cfg.train.batch_size_per_replica, cfg.data.autotune
+        )
     compile_head(head, model, cfg, dist.strategy)
     train = _distributed_cache(dist.strategy, train_cache, num_classes, global_batch, cfg)
     log.info(
@@ -237,6 +244,27 @@ def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, direct
     return FitInputs(head, train, validation, cached=True)
 
 
+def validation_images(cfg: Config, manifest: Manifest) -> tf.data.Dataset:
+    """The whole validation split in the evaluation pipeline's order, as (image, one-hot label) batches."""
+    files = pipeline.shard_paths(cfg.data.dataset, manifest, "validation")
+    return pipeline.evaluation_images(files, cfg.data, manifest.num_classes).batch(EXTRACT_BATCH)
+
+
+def _cached_validation(
+    dist, cache: CacheFile, num_classes: int, batch_per_replica: int, autotune: bool
+) -> EvaluationData:
+    """Every worker cached the whole split: worker i validates records i, i+n, i+2n, ..."""
+    workers = dist.cluster.num_workers
+    return exact_pass(
+        dist.strategy,
+        "validation",
+        [len(range(i, cache.records, workers)) for i in range(workers)],
+        batch_per_replica,
+        lambda index: cache.elements(num_classes).shard(workers, index),
+        autotune,
+    )
+
+
 def _distributed_cache(strategy, cache: CacheFile, num_classes: int, global_batch: int, cfg: Config):
     """Each worker reads its own cache file (its shards' features), like it reads its own shards."""
 
@@ -247,9 +275,8 @@ def _distributed_cache(strategy, cache: CacheFile, num_classes: int, global_batc
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.runtime.seed + context.input_pipeline_id,
         )
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options)
+        off = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(pipeline.dataset_options(cfg.runtime.deterministic, off, cfg.data.autotune))
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 

@@ -19,7 +19,15 @@ from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
 from trainer.strategy import scaled_learning_rate
-from trainer.train.callbacks import BackupAndRestore, EpochTimer, KeepBest, MetricsLog, StopRequest
+from trainer.train.callbacks import (
+    BackupAndRestore,
+    EarlyStopping,
+    EpochTimer,
+    KeepBest,
+    MetricsLog,
+    StopRequest,
+)
+from trainer.train.evaluation import EvaluationData, Validation
 from trainer.train.layout import RunLayout
 from trainer.train.state import PhaseResult
 
@@ -120,14 +128,14 @@ def run_phase(
     cfg: Config,
     layout: RunLayout,
     train_data,
-    validation_data,
+    validation: EvaluationData | None,
     is_chief: bool,
     class_names: list[str],
     baseline: tuple[float, float] | None = None,
     telemetry=None,
 ) -> PhaseResult:
-    """Fit one phase with backups, best-weights tracking, early stopping and logs."""
-    monitor = cfg.train.monitor if validation_data is not None else cfg.train.monitor.removeprefix("val_")
+    """Fit one phase with exact validation, backups, best-weights tracking, early stopping and logs."""
+    monitor = cfg.train.monitor if validation is not None else cfg.train.monitor.removeprefix("val_")
 
     def save(m, path):
         model_lib.save_weights(m, path, class_names)
@@ -148,18 +156,14 @@ def run_phase(
     ]
     if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
         telemetry.instrument(callbacks, model, plan)
+    if validation is not None:  # first: the callbacks after it read val_loss and val_accuracy
+        callbacks.insert(0, Validation(validation, cfg.train.label_smoothing, plan.validation_steps))
     if plan.config.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                patience=plan.config.early_stopping_patience,
-                mode="min" if monitor.endswith("loss") else "max",
-            )
-        )
+        callbacks.append(EarlyStopping(keep_best, plan.config.early_stopping_patience))
     # Last, so an epoch-end backup records an epoch whose end the other callbacks have handled.
     strategy = model.distribute_strategy
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps)
+    stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps, cfg.runtime.stop_check_seconds)
     on_backup = telemetry.backup_finished if telemetry is not None else None
     callbacks.append(
         BackupAndRestore(
@@ -172,8 +176,6 @@ def run_phase(
             train_data,
             epochs=plan.config.epochs,
             steps_per_epoch=plan.steps_per_epoch,
-            validation_data=validation_data,
-            validation_steps=plan.validation_steps,
             callbacks=callbacks,
             verbose=cfg.runtime.verbose,
         )

@@ -36,7 +36,7 @@ from trainer.data.manifest import Manifest, read_manifest
 from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
 from trainer.strategy import Distribution, sum_over_workers
-from trainer.train import feature_cache
+from trainer.train import evaluation, feature_cache
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, load_state, save_state
@@ -116,7 +116,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
     telemetry = _telemetry(cfg, dist, layout, steps)
     train_data = _distributed_training_data(cfg, dist, manifest, checked.train_files, telemetry.probe)
-    validation_data = _evaluation_data(cfg, manifest, "validation", global_batch)
+    validation = evaluation.split_data(cfg, dist.strategy, cluster.num_workers, manifest, "validation")
 
     with dist.strategy.scope():
         model = model_lib.build_model(
@@ -134,10 +134,10 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         baseline = _best_so_far(state)
         with feature_cache.fit_inputs(
             model, phase_cfg.unfreeze_blocks, cfg, dist, manifest, checked.train_files, global_batch,
-            train_data, validation_data,
+            train_data, validation,
         ) as fit:  # fmt: skip
             result = run_phase(
-                fit.model, plan, cfg, layout, fit.train_data, fit.validation_data, is_chief, manifest.class_names,
+                fit.model, plan, cfg, layout, fit.train_data, fit.validation, is_chief, manifest.class_names,
                 baseline, telemetry,
             )  # fmt: skip
         first_step += result.epochs_run * steps
@@ -148,8 +148,8 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             storage.remove_tree(layout.backup(name))
 
     telemetry.run_finished()
-    evaluation = _final_evaluation(model, cfg, manifest, global_batch)
-    for split, values in evaluation.items():
+    results = _final_evaluation(model, cfg, dist, manifest, validation)
+    for split, values in results.items():
         telemetry.metrics.set_evaluation(split, values)
     fingerprint = weights_fingerprint(model)
     log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
@@ -161,7 +161,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             dist,
             manifest,
             state,
-            evaluation,
+            results,
             exported,
             fingerprint,
             global_batch,
@@ -267,23 +267,25 @@ def _stager(cfg: Config, manifest: Manifest, files: list[str], own: list[str]):
     )
 
 
-def _evaluation_data(cfg: Config, manifest: Manifest, split: str, global_batch: int) -> tf.data.Dataset | None:
-    if not manifest.has_split(split):
-        return None
-    files = pipeline.shard_paths(cfg.data.dataset, manifest, split)
-    return pipeline.evaluation_dataset(files, cfg.data, manifest.num_classes, global_batch)
-
-
-def _final_evaluation(model: keras.Model, cfg: Config, manifest: Manifest, global_batch: int) -> dict[str, Any]:
-    """Validation, then the held-out test split, reported separately (test never selects)."""
+def _final_evaluation(
+    model: keras.Model,
+    cfg: Config,
+    dist: Distribution,
+    manifest: Manifest,
+    validation: evaluation.EvaluationData | None,
+) -> dict[str, Any]:
+    """Validation, then the held-out test split, reported separately (test never selects). Exact."""
+    evaluator = evaluation.Evaluator(model, cfg.train.label_smoothing)
+    test = evaluation.split_data(cfg, dist.strategy, dist.cluster.num_workers, manifest, "test")
     results: dict[str, Any] = {}
-    for split in ("validation", "test"):
-        data = _evaluation_data(cfg, manifest, split, global_batch)
+    for data in (validation, test):
         if data is None:
             continue
-        metrics = model.evaluate(data, return_dict=True, verbose=0)
-        results[split] = {k: float(v) for k, v in metrics.items()} | {"images": manifest.split_size(split)}
-        log.info("final %s: %s", split, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        results[data.split] = evaluator.run(data)
+        log.info(
+            "final %s: loss=%.4f, accuracy=%.4f over %d images",
+            data.split, results[data.split]["loss"], results[data.split]["accuracy"], results[data.split]["images"],
+        )  # fmt: skip
     return results
 
 
@@ -312,7 +314,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, global_batch, steps, seconds):
+def _summary(cfg, dist, manifest, state, results, exported, fingerprint, global_batch, steps, seconds):
     return {
         "status": "complete",
         "config": config_lib.to_dict(cfg),
@@ -329,7 +331,7 @@ def _summary(cfg, dist, manifest, state, evaluation, exported, fingerprint, glob
             "mixed_precision": dist.mixed_precision,
         },
         "phases": {name: asdict(result) for name, result in state.phases.items()},
-        "evaluation": evaluation,
+        "evaluation": results,
         "export": exported,
         "weights_fingerprint": fingerprint,
         "timings": {
