@@ -69,12 +69,6 @@ class DataConfig:
     shuffle_buffer: int = _f(2048, "Records in the training shuffle buffer (per worker).", ge=1)
     read_parallelism: int = _f(0, "Shards read concurrently per worker; 0 = tf.data AUTOTUNE.", ge=0)
     prefetch_batches: int = _f(0, "Batches prefetched ahead of training; 0 = AUTOTUNE.", ge=0)
-    autotune: bool = _f(
-        False,
-        "tf.data's autotuner (a background thread resizing parallelism and buffers). Off: AUTOTUNE "
-        "parallelism is then the host's core count, which decoded 4-20% faster on 2 cores, and the "
-        "autotuner's thread held the end of every phase for up to a minute under multi-worker training.",
-    )
     augment: AugmentConfig = _section(AugmentConfig, "Training-time augmentation.")
     staging: StagingConfig = _section(StagingConfig, "Optional local copies of remote (gs://) training shards.")
 

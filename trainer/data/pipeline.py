@@ -177,20 +177,11 @@ def _parse_with_shape(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.T
 # --------------------------------------------------------------------------- datasets
 
 
-def dataset_options(
-    deterministic: bool, shard_policy: tf.data.experimental.AutoShardPolicy, autotune: bool = False
-) -> tf.data.Options:
-    """Options of every dataset the trainer feeds to a model (see ``DataConfig.autotune``).
-
-    Why autotuning is off by default: its background thread waits on a timer that doubles up
-    to 60 s, and under MultiWorkerMirroredStrategy deleting the iterator at the end of ``fit``
-    waited for that timer (measured: 30-34 s on a worker, at each phase's end, TF 2.21).
-    Without it, AUTOTUNE parallelism is the host's core count and prefetch buffers still adapt.
-    """
+def dataset_options(deterministic: bool, shard_policy: tf.data.experimental.AutoShardPolicy) -> tf.data.Options:
+    """Options of the datasets the trainer feeds to a model (``shard_policy``: OFF where it shards itself)."""
     options = tf.data.Options()
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = shard_policy
-    options.autotune.enabled = autotune
     return options
 
 
@@ -248,7 +239,7 @@ def training_dataset(
     ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
     if probe is not None:
         ds = probe.stamp_dataset(ds)
-    return ds.with_options(dataset_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF, cfg.autotune))
+    return ds.with_options(dataset_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF))
 
 
 # --------------------------------------------------------------------------- exact evaluation
@@ -295,7 +286,7 @@ def evaluation_steps(images_per_pipeline: Sequence[int], replicas_per_pipeline: 
     return max(-(-images // per_step) for images in images_per_pipeline)
 
 
-def padded_batches(elements: tf.data.Dataset, batch: int, batches: int, autotune: bool = False) -> tf.data.Dataset:
+def padded_batches(elements: tf.data.Dataset, batch: int, batches: int) -> tf.data.Dataset:
     """(x, y) elements -> exactly ``batches`` full batches of (x, y, weight), ready to distribute.
 
     The elements get weight 1; zero-weight padding (zeros of the same shape) fills up the
@@ -309,7 +300,7 @@ def padded_batches(elements: tf.data.Dataset, batch: int, batches: int, autotune
         (tf.zeros(x_spec.shape, x_spec.dtype), tf.zeros(y_spec.shape, y_spec.dtype), tf.constant(0.0))
     ).repeat()
     ds = real.concatenate(padding).take(batch * batches).batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
-    return ds.with_options(dataset_options(True, tf.data.experimental.AutoShardPolicy.OFF, autotune))
+    return ds.with_options(dataset_options(True, tf.data.experimental.AutoShardPolicy.OFF))
 
 
 def evaluation_images(

@@ -45,7 +45,6 @@ def exact_input(
     replicas_in_sync: int,
     batch_per_replica: int,
     elements: Callable[[int], tf.data.Dataset],
-    autotune: bool = False,
 ) -> tuple[Callable[[tf.distribute.InputContext], tf.data.Dataset], int]:
     """(dataset_fn for ``distribute_datasets_from_function``, steps of one pass).
 
@@ -60,7 +59,7 @@ def exact_input(
         if context.num_input_pipelines != pipelines:
             raise RuntimeError(f"{split}: planned for {pipelines} input pipelines, got {context.num_input_pipelines}")
         batches = steps * replicas_per_pipeline  # each local replica takes one batch per step
-        return pipeline.padded_batches(elements(context.input_pipeline_id), batch_per_replica, batches, autotune)
+        return pipeline.padded_batches(elements(context.input_pipeline_id), batch_per_replica, batches)
 
     return dataset_fn, steps
 
@@ -71,11 +70,10 @@ def exact_pass(
     images_per_pipeline: Sequence[int],
     batch_per_replica: int,
     elements: Callable[[int], tf.data.Dataset],
-    autotune: bool = False,
 ) -> EvaluationData:
     """A split's exact pass under ``strategy`` (see ``exact_input``)."""
     dataset_fn, steps = exact_input(
-        split, images_per_pipeline, strategy.num_replicas_in_sync, batch_per_replica, elements, autotune
+        split, images_per_pipeline, strategy.num_replicas_in_sync, batch_per_replica, elements
     )
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     return EvaluationData(split, dataset, steps, sum(images_per_pipeline))
@@ -91,7 +89,7 @@ def split_input(cfg: Config, manifest: Manifest, split: str, num_workers: int, r
         return pipeline.evaluation_images(share.files, cfg.data, manifest.num_classes, share.stride, share.offset)
 
     images = [share.images for share in shares]
-    return exact_input(split, images, replicas_in_sync, cfg.train.batch_size_per_replica, elements, cfg.data.autotune)
+    return exact_input(split, images, replicas_in_sync, cfg.train.batch_size_per_replica, elements)
 
 
 def split_data(cfg: Config, strategy, num_workers: int, manifest: Manifest, split: str) -> EvaluationData | None:

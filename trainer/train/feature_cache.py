@@ -224,9 +224,7 @@ def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, direct
         validation_cache = write_cache(
             extractor, validation_images(cfg, manifest), os.path.join(directory, "validation.bin")
         )
-        validation = _cached_validation(
-            dist, validation_cache, num_classes, cfg.train.batch_size_per_replica, cfg.data.autotune
-        )
+        validation = _cached_validation(dist, validation_cache, num_classes, cfg.train.batch_size_per_replica)
     compile_head(head, model, cfg, dist.strategy)
     train = _distributed_cache(dist.strategy, train_cache, num_classes, global_batch, cfg)
     log.info(
@@ -250,9 +248,7 @@ def validation_images(cfg: Config, manifest: Manifest) -> tf.data.Dataset:
     return pipeline.evaluation_images(files, cfg.data, manifest.num_classes).batch(EXTRACT_BATCH)
 
 
-def _cached_validation(
-    dist, cache: CacheFile, num_classes: int, batch_per_replica: int, autotune: bool
-) -> EvaluationData:
+def _cached_validation(dist, cache: CacheFile, num_classes: int, batch_per_replica: int) -> EvaluationData:
     """Every worker cached the whole split: worker i validates records i, i+n, i+2n, ..."""
     workers = dist.cluster.num_workers
     return exact_pass(
@@ -261,7 +257,6 @@ def _cached_validation(
         [len(range(i, cache.records, workers)) for i in range(workers)],
         batch_per_replica,
         lambda index: cache.elements(num_classes).shard(workers, index),
-        autotune,
     )
 
 
@@ -276,7 +271,7 @@ def _distributed_cache(strategy, cache: CacheFile, num_classes: int, global_batc
             seed=cfg.runtime.seed + context.input_pipeline_id,
         )
         off = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(pipeline.dataset_options(cfg.runtime.deterministic, off, cfg.data.autotune))
+        return ds.with_options(pipeline.dataset_options(cfg.runtime.deterministic, off))
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
