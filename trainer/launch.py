@@ -158,7 +158,7 @@ class WorkerGroup:
             self._terminate()
         else:
             _say(f"{name} again: killing the workers; the run resumes from its last backup")
-            self.kill_all()
+            self.kill_all(reap=False)  # in a signal handler: the wait loop reaps them
 
     def wait(self) -> int:
         while True:
@@ -213,15 +213,17 @@ class WorkerGroup:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    def _kill(self, index: int) -> None:
+    def _kill(self, index: int, reap: bool = True) -> None:
         proc = self.procs[index]
-        if proc.poll() is not None:
+        if proc.returncode is not None:
             return
         self.killed.add(index)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: children go too
-        proc.wait()
+        if reap:
+            proc.wait()
 
-    def kill_all(self) -> None:
+    def kill_all(self, reap: bool = True) -> None:
+        """SIGKILL every worker still running (``reap=False`` in a signal handler: no Popen.wait there)."""
         for index in range(len(self.procs)):
-            self._kill(index)
+            self._kill(index, reap)

@@ -21,8 +21,9 @@ from tests.support.training import TINY_RUN, LogSink, make_tiny_dataset, set_arg
 from trainer.contract import ExitCode
 from trainer.data import pipeline, records
 from trainer.data.manifest import read_manifest
+from trainer.errors import DataError
 from trainer.launch import launch_local
-from trainer.train.evaluation import exact_input
+from trainer.train.evaluation import EvaluationData, Evaluator, exact_input, exact_pass
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLASSES = 3
@@ -89,6 +90,23 @@ def test_mirrored_replicas_never_see_an_empty_batch_and_the_figures_are_exact():
         assert reported["images"] == case["images"]
         assert abs(reported["accuracy"] * case["images"] - case["correct"]) <= case["ambiguous"], case
         assert reported["loss"] == pytest.approx(case["loss"], rel=1e-4), case
+
+
+def test_a_pass_that_counts_other_than_the_manifest_is_a_one_line_data_error():
+    import tf_keras as keras
+
+    strategy = tf.distribute.get_strategy()
+    model = keras.Sequential([keras.layers.Dense(CLASSES, activation="softmax", input_shape=(2,))])
+    labels = np.eye(CLASSES, dtype="float32")[[0] * 5]
+    elements = tf.data.Dataset.from_tensor_slices((np.ones((5, 2), "float32"), labels))
+    data = exact_pass(strategy, "validation", [5], 2, lambda _: elements)
+    assert Evaluator(model).run(data)["images"] == 5
+
+    damaged = EvaluationData("validation", data.dataset, data.steps, images=6)  # the manifest says 6
+    with pytest.raises(DataError) as info:
+        Evaluator(model).run(damaged)
+    message = str(info.value)
+    assert "\n" not in message and "gave 5 images but the manifest lists 6" in message and "trainer prepare" in message
 
 
 # --------------------------------------------------------------------------- a real 2-worker run
