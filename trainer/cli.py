@@ -183,11 +183,9 @@ def _run(args: argparse.Namespace) -> int | None:
     if args.command == "prepare":
         return _prepare(args, cfg)
     if args.command == "launch":
-        from trainer.contract import STOP_MARGIN_SECONDS
-        from trainer.launch import launch_local
+        from trainer.launch import launch_local, stop_grace_seconds
 
-        grace = cfg.runtime.stop_check_seconds + STOP_MARGIN_SECONDS
-        return launch_local(args.workers, _train_args(args), grace_seconds=grace)
+        return launch_local(args.workers, _train_args(args), grace_seconds=stop_grace_seconds(cfg.runtime))
     if args.command == "train":
         return _train(cfg)
     raise ConfigError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first

@@ -26,11 +26,18 @@ import time
 from collections.abc import Sequence
 
 from trainer.cluster import make_tf_config
+from trainer.config import RuntimeConfig
 from trainer.contract import ENTRYPOINT, STOP_MARGIN_SECONDS, Env, ExitCode
 from trainer.errors import ConfigError
 
-#: The grace with the default ``runtime.stop_check_seconds`` (10 s).
-GRACE_SECONDS = 10.0 + STOP_MARGIN_SECONDS
+
+def stop_grace_seconds(runtime: RuntimeConfig) -> float:
+    """How long a stopping worker may take: the next stop check, then the step in progress and a backup."""
+    return runtime.stop_check_seconds + STOP_MARGIN_SECONDS
+
+
+#: The grace with the default configuration.
+GRACE_SECONDS = stop_grace_seconds(RuntimeConfig())
 
 
 def entrypoint_command() -> list[str]:

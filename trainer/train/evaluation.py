@@ -79,8 +79,10 @@ def exact_pass(
     return EvaluationData(split, dataset, steps, sum(images_per_pipeline))
 
 
-def split_input(cfg: Config, manifest: Manifest, split: str, num_workers: int, replicas_in_sync: int):
-    """(dataset_fn, steps) of an exact pass over the images of a prepared split (see ``exact_input``)."""
+def split_data(cfg: Config, strategy, num_workers: int, manifest: Manifest, split: str) -> EvaluationData | None:
+    """The images of a prepared split, divided among the workers (None when the split is empty)."""
+    if not manifest.has_split(split):
+        return None
     files = pipeline.shard_paths(cfg.data.dataset, manifest, split)
     shares = pipeline.evaluation_shares(files, [s.records for s in manifest.shards[split]], num_workers)
 
@@ -88,17 +90,8 @@ def split_input(cfg: Config, manifest: Manifest, split: str, num_workers: int, r
         share = shares[index]
         return pipeline.evaluation_images(share.files, cfg.data, manifest.num_classes, share.stride, share.offset)
 
-    images = [share.images for share in shares]
-    return exact_input(split, images, replicas_in_sync, cfg.train.batch_size_per_replica, elements)
-
-
-def split_data(cfg: Config, strategy, num_workers: int, manifest: Manifest, split: str) -> EvaluationData | None:
-    """The images of a prepared split, divided among the workers (None when the split is empty)."""
-    if not manifest.has_split(split):
-        return None
-    dataset_fn, steps = split_input(cfg, manifest, split, num_workers, strategy.num_replicas_in_sync)
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    return EvaluationData(split, dataset, steps, manifest.split_size(split))
+    images = [share.images for share in shares]  # their sum is the manifest's split size (Manifest.check)
+    return exact_pass(strategy, split, images, cfg.train.batch_size_per_replica, elements)
 
 
 class Evaluator:
