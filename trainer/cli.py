@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, predict, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+    p = sub.add_parser("evaluate", help="evaluation report of an exported model on a prepared split")
+    p.add_argument("model", help="run directory (output.dir), its export/ or the SavedModel; local or gs://")
+    p.add_argument("dataset", help="prepared dataset directory (local or gs://)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default test)")
+    p.add_argument("--output", default=None, help="directory for the report (default ./evaluation-<split>)")
+    p.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
 
     p = sub.add_parser("job", help="run the chart's Indexed Job on this machine (`helm template` output)")
     job_sub = p.add_subparsers(dest="job_command", required=True)
@@ -154,6 +161,10 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.predict import predict_command
 
         return predict_command(args.model, args.images, args.top_k, args.json)
+    if args.command == "evaluate":
+        from trainer.report import evaluate_command
+
+        return evaluate_command(args.model, args.dataset, args.split, args.output, args.top_k)
     if args.command == "job":
         from trainer.jobrunner import run_job_file
 
@@ -178,8 +189,7 @@ def _run(args: argparse.Namespace) -> int | None:
 
     gcs.set_retry_budget(cfg.storage.retry_budget_seconds)
     if args.command == "config":
-        print(config_lib.to_yaml(cfg), end="")
-        return None
+        return _show_config(cfg)
     if args.command == "prepare":
         return _prepare(args, cfg)
     if args.command == "launch":
@@ -189,6 +199,29 @@ def _run(args: argparse.Namespace) -> int | None:
     if args.command == "train":
         return _train(cfg)
     raise ConfigError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
+
+
+def _show_config(cfg) -> None:
+    """The effective configuration (YAML), then the plan it gives as YAML comments.
+
+    With data.dataset set, the plan uses the dataset's image stats and size (for 1 replica:
+    the global batch and learning rates grow with the workers as the plan lines say).
+    """
+    from trainer import config as config_lib
+    from trainer.data.manifest import read_manifest
+    from trainer.data.stats import ImageStats
+    from trainer.train.plan import make_plan
+
+    manifest = read_manifest(cfg.data.dataset) if cfg.data.dataset else None
+    stats = ImageStats.from_manifest_extra(manifest.extra) if manifest else None
+    batch = cfg.train.batch_size_per_replica
+    steps = cfg.train.steps_per_epoch or (manifest.split_size("train") // batch if manifest else 0)
+    resolved, plan = make_plan(cfg, stats, batch, steps)
+    print(config_lib.to_yaml(resolved), end="")
+    where = f"on {cfg.data.dataset}" if manifest else "without a dataset (set data.dataset for its image stats)"
+    print(f"# the plan for 1 replica {where}:")
+    for line in [*plan.lines(), *(f"warning: {w}" for w in plan.warnings)]:
+        print(f"# {line}")
 
 
 def _train_args(args: argparse.Namespace) -> list[str]:

@@ -82,6 +82,8 @@ RUN_CURVES_FILE = "training-curves.png"  # the chief's picture of the run, besid
 RUN_ATTEMPTS_FILE = "attempts.json"  # how often the run was started (trainer_group_restarts)
 METRICS_LOG_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.txt"
+EVALUATION_FILE = "evaluation.json"  # trainer.report: the per-class evidence of a model on a split
+CONFUSION_MATRIX_FILE = "confusion-matrix.png"
 
 # Packaging: the Helm chart, the plain manifests and the container image use these.
 #: Name of the Helm chart (helm/<CHART_NAME>/) and of the container image.

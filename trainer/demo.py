@@ -18,6 +18,7 @@ from trainer.train.layout import RunLayout
 
 #: The demo's training settings, in the same --set syntax a user would type.
 DEMO_SETTINGS = [
+    "recipe=transfer",  # both phases, as a pretrained run has them; its generated shapes need no more
     "model.weights=none",
     "model.head.dense_units=[64]",
     "model.head.dropout=0.2",
@@ -88,6 +89,20 @@ def _report(layout: RunLayout, seconds: float) -> None:
     print(f"demo finished in {seconds:.0f} s")
     for split, metrics in evaluation.items():
         print(f"  {split} accuracy: {metrics['accuracy']:.3f} on {metrics['images']} images")
+    report = summary.get("evaluation_report") or {}
+    if report.get("json"):
+        from trainer.report import table_lines
+
+        with open(report["json"]) as fh:
+            figures = json.load(fh)
+        print()
+        for line in table_lines(figures, report["split"]):
+            print(f"  {line}")
+        print()
+        print(f"  evaluation:    {report['json']}")
+        if report.get("confusion_matrix"):
+            print(f"  confusion (PNG): {report['confusion_matrix']}")
+        print(f"  re-evaluate:   trainer evaluate {layout.export} DATASET --split test")
     print(f"  run summary:   {layout.summary}")
     print(f"  metrics log:   {layout.metrics_log}")
     if os.path.exists(layout.curves):

@@ -22,13 +22,13 @@ class Prediction:
 
 
 def saved_model_dir(path: str) -> str:
-    """Accept the export directory or the SavedModel inside it."""
-    nested = storage.join(path, "saved_model")
-    if storage.exists(storage.join(nested, "saved_model.pb")):
-        return nested
-    if storage.exists(storage.join(path, "saved_model.pb")):
-        return path
-    raise ConfigError(f"no SavedModel at {path}; pass the run's export directory (<output.dir>/export)")
+    """Accept the run directory (output.dir), its export directory or the SavedModel itself."""
+    for candidate in (storage.join(path, "export", "saved_model"), storage.join(path, "saved_model"), path):
+        if storage.exists(storage.join(candidate, "saved_model.pb")):
+            return candidate
+    raise ConfigError(
+        f"no SavedModel at {path}; pass the run's output.dir or its export directory (<output.dir>/export)"
+    )
 
 
 def read_labels(saved_model: str, num_classes: int) -> list[str]:

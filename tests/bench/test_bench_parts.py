@@ -35,6 +35,7 @@ def _result(product_vs_baseline: float) -> dict:
         "input_pipeline": {"1": inputs, "2": inputs},
         "training_step": {"pipeline_vs_synthetic": 0.99},
         "feature_cache": {"speedup_after_first_epoch": 25.0},
+        "time_to_accuracy": {"time_ratio": 12.0, "accuracy_difference": 0.1},
     }
 
 
@@ -69,3 +70,13 @@ def test_a_goal_without_its_measurement_is_not_met_and_says_so():
     missing = verdicts["input pipeline (c) vs the baseline (a), 2 cores"]
     assert (missing["measured"], missing["met"], missing["short_by"]) == (None, False, None)
     assert verdicts["input pipeline (c) vs the limit (d), 1 core"]["met"]
+
+
+def test_time_to_accuracy_counts_only_when_the_product_is_at_least_as_accurate():
+    result = _result(product_vs_baseline=2.5)
+    result["time_to_accuracy"] = {"time_ratio": 30.0, "accuracy_difference": -0.01}
+
+    verdicts = {g["goal"]: g for g in report.evaluate_goals(result)}
+
+    (goal,) = [g for name, g in verdicts.items() if name.startswith("time to the notebook's test accuracy")]
+    assert (goal["measured"], goal["met"]) == (0.0, False)

@@ -64,6 +64,19 @@ def test_training_steps_cache_runs_and_start_up_were_measured(quick):
         assert run["peak_rss_mb"] > 200  # a TensorFlow process with VGG16 in memory
 
 
+def test_the_product_and_the_notebook_ran_on_the_real_digits(quick):
+    result, table = quick
+    t = result["time_to_accuracy"]
+
+    assert t["dataset"]["images"] == {"train": 56, "validation": 12, "test": 12}  # 8 per class, 70/15/15
+    for side in ("product", "notebook"):
+        assert 0.0 <= t[side]["test_accuracy"] <= 1.0 and positive(t[side]["seconds"])
+    assert t["product"]["recipe"] == "scratch"  # model.weights=none and nothing else
+    assert t["notebook"]["test_images"] == 12
+    assert t["time_ratio"] == pytest.approx(t["notebook"]["seconds"] / t["product"]["seconds"], rel=0.01)
+    assert "## 6. Time to accuracy on real images" in table
+
+
 def test_communication_volumes_are_counted_from_the_real_models(quick):
     result, _ = quick
     comm = result["communication"]

@@ -49,7 +49,7 @@ SCHEMA_REJECTS = [
         {"trainer": {"phases": {"fine_tuning": {"unfreeze_blocks": ["block6"]}}}},
         "at '/trainer/phases/fine_tuning/unfreeze_blocks/0': value must be one of 'block1'",
     ),
-    ({"trainer": {"output": {"dir": "gs://x/y"}}}, "at '/trainer': additional properties 'output' not allowed"),
+    ({"trainer": {"output": {"dir": "gs://x/y"}}}, "at '/trainer/output': additional properties 'dir' not allowed"),
     ({"trainer": {"data": {"dataset": "gs://x/y"}}}, "at '/trainer/data': additional properties 'dataset' not allowed"),
 ]
 

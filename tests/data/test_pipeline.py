@@ -268,4 +268,3 @@ def test_evaluation_images_are_decode_for_eval_of_the_records(shards, data_cfg):
 
     expected = pipeline.decode_for_eval(encoded, IMAGE_SIZE, data_cfg.center_crop_fraction).numpy()
     np.testing.assert_allclose(images[0], expected, atol=1e-4)
-

@@ -71,9 +71,11 @@ def assert_one_live_pod_per_index(runner: JobRunner) -> None:
 
 #: The trainer's config for a run small enough for 2 CPU cores (the chart's `trainer` value).
 TINY_TRAINER = {
+    "recipe": "transfer",
     "model": {"weights": "none", "head": {"dense_units": [16]}},
     "data": {"image_size": 32, "shuffle_buffer": 64},
     "train": {"batch_size_per_replica": 4, "steps_per_epoch": 4, "backup_every_steps": 2},
     "phases": {"feature_extraction": {"epochs": 1}, "fine_tuning": {"epochs": 2}},
     "runtime": {"verbose": 0, "collective_timeout_seconds": 120},
+    "output": {"evaluation_report": False},  # seconds per run; tests/train/test_evaluation.py checks the report
 }

@@ -9,8 +9,10 @@ from trainer.config import set_args  # re-exported for the tests
 
 __all__ = ["TINY_RUN", "LogSink", "make_tiny_dataset", "set_args"]
 
-#: A run small enough for 2 CPU cores: random-weight VGG16 at 32x32, a few steps per phase.
+#: A run small enough for 2 CPU cores: random-weight VGG16 at 32x32, a few steps per phase. The
+#: transfer recipe (frozen base, then block5) keeps both phases and their fast steps.
 TINY_RUN = [
+    "recipe=transfer",
     "model.weights=none",
     "model.head.dense_units=[16]",
     "data.image_size=32",
@@ -22,6 +24,7 @@ TINY_RUN = [
     "phases.fine_tuning.epochs=2",
     "runtime.verbose=0",
     "runtime.collective_timeout_seconds=120",
+    "output.evaluation_report=false",  # seconds per run; tests/train/test_evaluation.py turns it on
 ]
 
 
@@ -38,8 +41,6 @@ def make_tiny_dataset(
     from trainer.data.synthetic import make_demo_images
 
     make_demo_images(str(root / "images"), classes=3, per_class=per_class, size=40, seed=1)
-    cfg = PrepareConfig(
-        validation_fraction=validation_fraction, test_fraction=test_fraction, min_shards=4, processes=1
-    )
+    cfg = PrepareConfig(validation_fraction=validation_fraction, test_fraction=test_fraction, min_shards=4, processes=1)
     prepare_dataset(str(root / "images"), str(root / "dataset"), cfg, progress=lambda _: None)
     return str(root / "dataset")

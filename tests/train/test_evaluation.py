@@ -134,7 +134,8 @@ def test_two_workers_report_what_the_exported_model_scores_on_odd_sized_splits(t
     output = tmp_path / "run"
     log = LogSink()
 
-    code = launch_local(2, ["train", *set_args(*TINY_RUN, f"data.dataset={dataset}", f"output.dir={output}")], sink=log)
+    settings = [*TINY_RUN, "output.evaluation_report=true", f"data.dataset={dataset}", f"output.dir={output}"]
+    code = launch_local(2, ["train", *set_args(*settings)], sink=log)
 
     assert code == ExitCode.OK, log.text[-4000:]
     summary = json.loads((output / "summary.json").read_text())
@@ -150,3 +151,41 @@ def test_two_workers_report_what_the_exported_model_scores_on_odd_sized_splits(t
         assert reported["images"] == len(labels) == manifest.split_size(split)
         assert abs(reported["accuracy"] * len(labels) - correct) <= ambiguous, (split, reported, correct)
         assert reported["loss"] == pytest.approx(loss, rel=1e-3), (split, reported, loss)
+        if split == "test":
+            _check_the_report(summary, output, probabilities, labels, dataset, tmp_path)
+
+
+def _check_the_report(summary, output, probabilities, labels, dataset, tmp_path) -> None:
+    """The run's evaluation report is the serving signature's predictions, each test image once,
+    and `trainer evaluate` on the export reproduces it."""
+    pointer = summary["evaluation_report"]
+    assert pointer["split"] == "test" and pointer["json"] == str(output / "evaluation" / "test" / "evaluation.json")
+    report = json.loads(pathlib.Path(pointer["json"]).read_text())
+    assert pathlib.Path(pointer["confusion_matrix"]).read_bytes()[:4] == b"\x89PNG"
+    assert not list((output / "evaluation" / "test").glob("predictions-worker-*"))  # the parts are joined and gone
+    predicted = probabilities.argmax(axis=1)
+    matrix = np.zeros((CLASSES, CLASSES), int)
+    for true, guess in zip(labels, predicted, strict=True):
+        matrix[true, guess] += 1
+    assert report["images"] == len(labels) == sum(map(sum, report["confusion_matrix"]["rows_true_columns_predicted"]))
+    assert report["confusion_matrix"]["rows_true_columns_predicted"] == matrix.tolist()
+    assert report["accuracy"] == pytest.approx(summary["evaluation"]["test"]["accuracy"])
+    assert len(report["misclassified"]) == int((predicted != labels).sum())
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", str(output), dataset, "--output", str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
+    for key in ("images", "accuracy", "confusion_matrix", "per_class", "top_k_accuracy"):
+        assert again[key] == report[key], key
+    assert again["loss"] == pytest.approx(report["loss"], rel=1e-5)
+
+    def wrong(r):  # the order among equal scores, and the last float bits, may differ between processes
+        return sorted((m["source"], m["true"], m["predicted"], round(m["score"], 4)) for m in r["misclassified"])
+
+    assert wrong(again) == wrong(report)

@@ -58,8 +58,9 @@ def test_features_through_the_head_model_are_the_models_predictions(model):
 
 
 def test_cached_training_features_are_the_unaugmented_centre_squares_with_their_labels(model, dataset, tmp_path):
-    cfg = config_from_dict({"data": {"image_size": SIZE}})  # augmentation on (the default)
-    assert cfg.data.augment.random_crop and cfg.data.augment.horizontal_flip
+    cfg = config_from_dict(
+        {"data": {"image_size": SIZE, "augment": {"random_crop": True, "horizontal_flip": True}}}
+    )  # augmentation on: the cache must ignore it
     manifest = read_manifest(dataset)
     shard = pipeline.shard_paths(dataset, manifest, "train")[:1]
     extractor, _ = feature_cache.split_at_head(model)
@@ -117,6 +118,7 @@ def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp
         "train.batch_size_per_replica=8",
         "train.steps_per_epoch=8",
         "train.cache_frozen_features=true",
+        "data.augment.horizontal_flip=true",  # asked for, and ignored by the cached phase (it warns)
         "phases.feature_extraction.epochs=4",
         "phases.feature_extraction.optimizer.learning_rate=0.01",
         "phases.fine_tuning.epochs=0",
@@ -126,7 +128,7 @@ def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp
         assert main(["train", *set_args(*settings)]) == ExitCode.OK
 
     assert "feature cache: 36 training and 12 validation images" in caplog.text
-    assert "ignores data.augment" in caplog.text  # augmentation is on by default: documented, and said
+    assert "ignores data.augment" in caplog.text  # the flips asked for are not applied: documented, and said
     summary = json.loads((output / "summary.json").read_text())
     phase = summary["phases"]["feature_extraction"]
     best = phase["history"][phase["best_epoch"] - 1]

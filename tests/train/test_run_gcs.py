@@ -86,3 +86,16 @@ def test_two_workers_train_and_export_on_gcs_through_storage_faults(gcs, gcs_buc
     top = json.loads(predicted.stdout)["top"]
     assert sorted(entry["label"] for entry in top) == sorted(classes)
     assert abs(sum(entry["probability"] for entry in top) - 1.0) < 1e-4
+
+    # The evaluation report (no test split here: validation) lives in the bucket; evaluate reproduces it there.
+    assert {"run/evaluation/validation/evaluation.json", "run/evaluation/validation/confusion-matrix.png"} <= names
+    assert not [n for n in names if "predictions-worker" in n]
+    evaluated = subprocess.run(
+        [*entrypoint_command(), "evaluate", f"{bucket}/run", f"{bucket}/data", "--split", "validation",
+         "--output", f"{bucket}/again"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(gcs.client().bucket(gcs_bucket).blob("again/evaluation.json").download_as_bytes())
+    assert again["accuracy"] == pytest.approx(summary["evaluation"]["validation"]["accuracy"])
+    assert again["images"] == summary["evaluation"]["validation"]["images"]

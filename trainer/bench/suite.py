@@ -5,7 +5,9 @@ Order: generate the JPEG set and prepare it with the product's `prepare`, then
 2. training steps fed by the pipeline vs by in-memory tensors (one worker process);
 3. communication volume counted from the real models, and the scaling model;
 4. real `trainer train` runs: feature extraction without and with the feature cache
-   (epoch times, start-up, peak memory), then two workers (start-up, memory per worker).
+   (epoch times, start-up, peak memory), then two workers (start-up, memory per worker);
+5. time to accuracy on real images (scanned digits): the product's default run, then the
+   notebook recipe it replaces (trainer.bench.accuracy).
 Quick mode (for the tests) runs the same code on tiny sizes, all processes at once, and
 skips the two-worker run: its figures mean nothing, only its shape does.
 """
@@ -51,17 +53,20 @@ class Settings:
     two_worker_run: bool
     concurrent_runs: bool
     timeout_seconds: float
+    accuracy_timeout_seconds: float  # each command of the time-to-accuracy figure
 
 
 FULL = Settings(
     classes=4, per_class=80, input_image_size=224, input_rounds=6, input_batches=12, input_warmup=3,
     model_image_size=32, train_batch=32, train_rounds=5, train_steps=4, train_warmup=1,
     run_epochs=4, run_batch=32, two_worker_run=True, concurrent_runs=False, timeout_seconds=600,
+    accuracy_timeout_seconds=5400,
 )  # fmt: skip
 QUICK = Settings(
     classes=2, per_class=8, input_image_size=224, input_rounds=1, input_batches=1, input_warmup=1,
     model_image_size=32, train_batch=4, train_rounds=1, train_steps=1, train_warmup=1,
     run_epochs=2, run_batch=4, two_worker_run=False, concurrent_runs=True, timeout_seconds=300,
+    accuracy_timeout_seconds=300,
 )  # fmt: skip
 CORE_COUNTS = (1, 2)
 
@@ -136,6 +141,9 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
     result["training_step"] = _summarize_training(results[last][1])
     result["communication"] = results[last][2]
     result.update(_summarize_runs(outcomes, settings, root))
+    from trainer.bench.accuracy import time_to_accuracy
+
+    result["time_to_accuracy"] = time_to_accuracy(root, quick, settings.accuracy_timeout_seconds, say)
     return result
 
 

@@ -22,6 +22,7 @@ from trainer import storage
 from trainer.config import AugmentConfig, DataConfig
 from trainer.data import records
 from trainer.data.manifest import Manifest
+from trainer.data.stats import default_horizontal_flip, default_random_crop
 from trainer.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -153,9 +154,12 @@ def decode_for_training(
     """
     shape = _image_shape(encoded) if shape is None else shape
     is_jpeg = tf.io.is_jpeg(encoded) if is_jpeg is None else is_jpeg
-    window = random_window(shape, seed, augment.crop_area_min) if augment.random_crop else center_window(shape, 1.0)
+    # auto (None) here means no image stats: a run decides it from them first (trainer.train.plan).
+    random_crop = default_random_crop(image_size) if augment.random_crop is None else augment.random_crop
+    flip = default_horizontal_flip(None) if augment.horizontal_flip is None else augment.horizontal_flip
+    window = random_window(shape, seed, augment.crop_area_min) if random_crop else center_window(shape, 1.0)
     image = decode_window(encoded, is_jpeg, window, image_size)
-    if augment.horizontal_flip:
+    if flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
     if augment.vertical_flip:
         image = tf.image.stateless_random_flip_up_down(image, seed=seed + 2)
@@ -271,9 +275,7 @@ class EvalShare:
 def evaluation_shares(paths: Sequence[str], records: Sequence[int], num_pipelines: int) -> list[EvalShare]:
     """Divide a split's shards (with their record counts, from the manifest) among the pipelines."""
     if len(paths) >= num_pipelines:
-        return [
-            EvalShare(tuple(paths[i::num_pipelines]), sum(records[i::num_pipelines])) for i in range(num_pipelines)
-        ]
+        return [EvalShare(tuple(paths[i::num_pipelines]), sum(records[i::num_pipelines])) for i in range(num_pipelines)]
     total = sum(records)
     return [
         EvalShare(tuple(paths), len(range(i, total, num_pipelines)), num_pipelines, i) for i in range(num_pipelines)
@@ -301,6 +303,20 @@ def padded_batches(elements: tf.data.Dataset, batch: int, batches: int) -> tf.da
     ).repeat()
     ds = real.concatenate(padding).take(batch * batches).batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
     return ds.with_options(dataset_options(True, tf.data.experimental.AutoShardPolicy.OFF))
+
+
+def labelled_records(files: Sequence[str], stride: int = 1, offset: int = 0) -> tf.data.Dataset:
+    """(encoded bytes, label, source path) of ``files`` in the fixed order of ``evaluation_images``."""
+    spec = {**records.feature_spec(), records.SOURCE: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    ds = _read(files, DataConfig(), deterministic=True, shuffle_seed=None)
+    if stride > 1:
+        ds = ds.shard(stride, offset)
+
+    def _fields(serialized: tf.Tensor):
+        features = tf.io.parse_single_example(serialized, spec)
+        return features[records.ENCODED], features[records.LABEL], features[records.SOURCE]
+
+    return ds.map(_fields, num_parallel_calls=AUTOTUNE)
 
 
 def evaluation_images(

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from trainer import storage
 from trainer.config import PrepareConfig
 from trainer.contract import MANIFEST_FILE, PREPARE_REPORT_FILE
-from trainer.data import records
+from trainer.data import records, stats
 from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
 from trainer.errors import ConfigError, DataError
 
@@ -79,6 +79,7 @@ class ImageCheck:
     height: int = 0
     width: int = 0
     nbytes: int = 0  # size of the bytes that go into the record
+    thumbnail: bytes = b""  # trainer.data.stats.thumbnail: for the image stats the training plan uses
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ class PrepareReport:
                     f"  {split}: {m.split_size(split)} images in {len(m.shards[split])} shard(s); "
                     f"{_describe_class_counts(m.counts[split])}"
                 )
+        image_stats = stats.ImageStats.from_manifest_extra(m.extra)
+        if image_stats is not None:
+            lines += image_stats.report_lines()
         if self.skipped:
             grouped = self.skipped_by_reason()
             lines.append(f"skipped {len(self.skipped)} file(s): {_count_phrase(grouped)}")
@@ -196,7 +200,7 @@ def prepare_dataset(
         source=os.path.abspath(source),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         skipped=len(skipped),
-        extra=_provenance(layout, cfg),
+        extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
     )
     manifest.check(manifest_path(output))
     seconds = time.monotonic() - started
@@ -204,6 +208,14 @@ def prepare_dataset(
     storage.write_text(storage.join(output, PREPARE_REPORT_FILE), _report_json(report, sources, checks))
     write_manifest(output, manifest)  # last: its presence marks the dataset complete
     return report
+
+
+def _image_stats(entries: list[Entry], layout: SourceLayout) -> stats.ImageStats:
+    thumbnails: dict[int, list[bytes]] = {}
+    for entry in entries:
+        thumbnails.setdefault(entry.label, []).append(entry.check.thumbnail)
+    sizes = [(entry.check.width, entry.check.height) for entry in entries]
+    return stats.image_stats(sizes, thumbnails, len(layout.class_names))
 
 
 def _print_to_stderr(message: str) -> None:
@@ -440,12 +452,16 @@ def inspect_image(path: str, min_side: int) -> ImageCheck:
     if min(width, height) < min_side:
         return ImageCheck(path, TOO_SMALL, f"{width}x{height}, shorter side below {min_side}")
     if image.format in _JPEG_FORMATS and image.mode in _PASSTHROUGH_JPEG_MODES:
-        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=len(data))
+        thumb = stats.thumbnail(image)
+        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=len(data), thumbnail=thumb)
     try:
         encoded, fmt = reencode(image)
+        thumb = stats.thumbnail(to_rgb(image))
     except (ValueError, OSError) as err:
         return ImageCheck(path, UNSUPPORTED, f"mode {image.mode}: {err}")
-    return ImageCheck(path, None, fmt=fmt, reencode=True, height=height, width=width, nbytes=len(encoded))
+    return ImageCheck(
+        path, None, fmt=fmt, reencode=True, height=height, width=width, nbytes=len(encoded), thumbnail=thumb
+    )
 
 
 def reencode(image: Any) -> tuple[bytes, str]:
@@ -694,6 +710,7 @@ def _report_json(report: PrepareReport, files: list[SourceFile], checks: dict[st
         "images_per_second": round(report.images_per_second, 1),
         "files": len(files),
         "images": {split: m.split_size(split) for split in SPLITS},
+        "image_stats": m.extra.get("image_stats"),  # what the training plan decides from (trainer.data.stats)
         "skipped_count": len(skipped),
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,

@@ -72,6 +72,36 @@ class EpochTimer(keras.callbacks.Callback):
         return self.steps * self.global_batch / self.train_seconds if self.train_seconds else 0.0
 
 
+class FirstStepsEstimate(keras.callbacks.Callback):
+    """Times the first steps of a phase (after the first, which traces the graph) and reports
+    seconds per step once: how long the epochs and the phase will take, before they do."""
+
+    def __init__(self, report: Callable[[float], None], measure_steps: int = 5):
+        super().__init__()
+        self.report, self.measure_steps = report, measure_steps
+        self._started: float | None = None
+        self._first = self._last = 0
+        self._done = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._done:
+            return
+        now = time.perf_counter()
+        if self._started is None:  # the end of the first step: tracing and warm-up are behind
+            self._started, self._first = now, batch
+        self._last, self._last_time = batch, now
+        if self._last - self._first >= self.measure_steps:
+            self._finish()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._done and self._last > self._first:  # a short epoch: what it had
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.report((self._last_time - self._started) / (self._last - self._first))
+
+
 class MetricsLog(keras.callbacks.Callback):
     """Appends one JSON object per epoch to ``metrics.jsonl`` (chief only).
 

@@ -54,6 +54,14 @@ class RunLayout:
     def labels(self) -> str:
         return storage.join(self.export, LABELS_FILE)
 
+    def evaluation(self, split: str) -> str:
+        """The evaluation report of the export on ``split`` (trainer.report)."""
+        return storage.join(self.root, "evaluation", split)
+
+    def evaluation_part(self, split: str, worker_index: int) -> str:
+        """One worker's predictions on its share of ``split``, until the chief has joined them."""
+        return storage.join(self.evaluation(split), f"predictions-worker-{worker_index}.npz")
+
     @property
     def summary(self) -> str:
         return storage.join(self.root, RUN_SUMMARY_FILE)

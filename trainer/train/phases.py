@@ -23,6 +23,7 @@ from trainer.train.callbacks import (
     BackupAndRestore,
     EarlyStopping,
     EpochTimer,
+    FirstStepsEstimate,
     KeepBest,
     MetricsLog,
     StopRequest,
@@ -133,6 +134,7 @@ def run_phase(
     class_names: list[str],
     baseline: tuple[float, float] | None = None,
     telemetry=None,
+    run_plan=None,
 ) -> PhaseResult:
     """Fit one phase with exact validation, backups, best-weights tracking, early stopping and logs."""
     monitor = cfg.train.monitor if validation is not None else cfg.train.monitor.removeprefix("val_")
@@ -154,6 +156,13 @@ def run_phase(
         metrics_log,
         keras.callbacks.TensorBoard(storage.join(layout.tensorboard, plan.name), profile_batch=0),
     ]
+    if run_plan is not None and is_chief:  # trainer.train.plan.Plan: the expected epoch time, from the first steps
+
+        def report(seconds_per_step: float) -> None:
+            estimate = run_plan.record_estimate(plan.name, seconds_per_step, plan.steps_per_epoch, plan.config.epochs)
+            log.info("%s", estimate)
+
+        callbacks.append(FirstStepsEstimate(report))
     if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
         telemetry.instrument(callbacks, model, plan)
     if validation is not None:  # first: the callbacks after it read val_loss and val_accuracy

@@ -25,18 +25,22 @@ import tf_keras as keras
 
 import trainer
 from trainer import config as config_lib
+from trainer import export as export_lib
 from trainer import metrics as metrics_lib
 from trainer import model as model_lib
+from trainer import report as report_lib
 from trainer import storage
 from trainer.cluster import ClusterSpec
 from trainer.config import Config
 from trainer.contract import Env
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest, read_manifest
+from trainer.data.stats import ImageStats
 from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
 from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import evaluation, feature_cache
+from trainer.train import plan as plan_lib
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, load_state, save_state
@@ -114,6 +118,9 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
 
     global_batch = cfg.train.batch_size_per_replica * dist.replicas
     steps = steps_per_epoch(manifest.split_size("train"), global_batch, cfg.train.steps_per_epoch)
+    cfg, run_plan = plan_lib.make_plan(cfg, ImageStats.from_manifest_extra(manifest.extra), global_batch, steps)
+    if is_chief:
+        _log_plan(run_plan)
     telemetry = _telemetry(cfg, dist, layout, steps)
     train_data = _distributed_training_data(cfg, dist, manifest, checked.train_files, telemetry.probe)
     validation = evaluation.split_data(cfg, dist.strategy, cluster.num_workers, manifest, "validation")
@@ -138,7 +145,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         ) as fit:  # fmt: skip
             result = run_phase(
                 fit.model, plan, cfg, layout, fit.train_data, fit.validation, is_chief, manifest.class_names,
-                baseline, telemetry,
+                baseline, telemetry, run_plan,
             )  # fmt: skip
         first_step += result.epochs_run * steps
         state.phases[name] = result
@@ -154,8 +161,9 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     fingerprint = weights_fingerprint(model)
     log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
     summary: dict[str, Any] = {}
+    exported = _export(model, cfg, manifest, layout) if is_chief else {}
+    report = _evaluation_report(cfg, dist, manifest, layout)
     if is_chief:
-        exported = _export(model, cfg, manifest, layout)
         summary = _summary(
             cfg,
             dist,
@@ -164,10 +172,10 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             results,
             exported,
             fingerprint,
-            global_batch,
-            steps,
+            run_plan,
             time.perf_counter() - started,
         )
+        summary["evaluation_report"] = report
         storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
         if cfg.monitoring.curves:
             _write_curves(layout, state)
@@ -177,6 +185,13 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         log.info("run summary written to %s", layout.summary)
     barrier(dist)
     return summary
+
+
+def _log_plan(run_plan: plan_lib.Plan) -> None:
+    for line in run_plan.lines():
+        log.info("%s", line)
+    for warning in run_plan.warnings:
+        log.warning("%s", warning)
 
 
 def _telemetry(cfg: Config, dist: Distribution, layout: RunLayout, steps: int) -> RunTelemetry:
@@ -326,6 +341,51 @@ def _export(model: keras.Model, cfg: Config, manifest: Manifest, layout: RunLayo
     return export_model(plain, manifest.class_names, cfg.data.image_size, cfg.data.center_crop_fraction, layout)
 
 
+def _evaluation_report(cfg: Config, dist: Distribution, manifest: Manifest, layout: RunLayout) -> dict[str, Any]:
+    """The report (trainer.report) of the export on the test split (else validation); chief: its paths.
+
+    Every worker runs the exported serving signature over its share of the split's records and
+    writes its predictions beside the report; the chief joins them in worker order.
+    """
+    split = "test" if manifest.has_split("test") else "validation"
+    if not cfg.output.evaluation_report or not manifest.has_split(split):
+        return {}
+    cluster = dist.cluster
+    barrier(dist)  # the chief's export is complete
+    files = pipeline.shard_paths(cfg.data.dataset, manifest, split)
+    share = pipeline.evaluation_shares(files, [s.records for s in manifest.shards[split]], cluster.num_workers)[
+        cluster.worker_index
+    ]
+    serve = export_lib.load_serving(layout.saved_model)
+    predictions = report_lib.predict_records(serve, share.files, share.stride, share.offset)
+    directory = layout.evaluation(split)
+    storage.write_bytes(layout.evaluation_part(split, cluster.worker_index), predictions.to_npz())
+    barrier(dist)  # every share is written
+    if not cluster.is_chief:
+        return {}
+    parts = [layout.evaluation_part(split, i) for i in range(cluster.num_workers)]
+    joined = report_lib.Predictions.concatenate([report_lib.Predictions.from_npz(storage.read_bytes(p)) for p in parts])
+    if len(joined.labels) != manifest.split_size(split):
+        raise DataError(
+            f"the evaluation report saw {len(joined.labels)} {split} images but the manifest lists "
+            f"{manifest.split_size(split)}; the split's shards do not match it, re-run `trainer prepare`"
+        )
+    report = {
+        "split": split,
+        "model": layout.saved_model,
+        "dataset": cfg.data.dataset,
+        "computed_with": f"the {export_lib.SIGNATURE} signature of the exported SavedModel",
+        **report_lib.build_report(joined, manifest.class_names),
+    }
+    paths = report_lib.write_report(report, directory)
+    for part in parts:
+        storage.remove_tree(part)
+    for line in report_lib.table_lines(report, split):
+        log.info("%s", line)
+    log.info("evaluation report written to %s", paths["json"])
+    return {"split": split, **paths}
+
+
 def barrier(dist: Distribution) -> None:
     """All workers meet here before leaving, so none exits while a peer still needs it."""
     if not dist.cluster.is_multi_worker:
@@ -342,10 +402,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def _summary(cfg, dist, manifest, state, results, exported, fingerprint, global_batch, steps, seconds):
+def _summary(cfg, dist, manifest, state, results, exported, fingerprint, run_plan, seconds):
+    global_batch, steps = run_plan.global_batch, run_plan.steps_per_epoch
     return {
         "status": "complete",
         "config": config_lib.to_dict(cfg),
+        "plan": run_plan.to_dict(),
         "dataset": {
             "classes": manifest.class_names,
             "images": {split: manifest.split_size(split) for split in manifest.counts},

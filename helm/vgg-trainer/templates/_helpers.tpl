@@ -103,7 +103,7 @@ app.kubernetes.io/part-of: vgg-trainer
 
 {{/*
 The trainer's configuration file: values.trainer with data.dataset and output.dir filled in from
-the top-level `dataset` and `output` values. The trainer validates it again at start (exit 64).
+the top-level `dataset` and `output` values (the other keys of trainer.data and trainer.output stay). The trainer validates it again at start (exit 64).
 */}}
 {{- define "vgg-trainer.config" -}}
 {{- $dataset := required "dataset is required: --set dataset=gs://BUCKET/PREFIX (the output of `trainer prepare`)" .Values.dataset -}}
@@ -112,7 +112,9 @@ the top-level `dataset` and `output` values. The trainer validates it again at s
 {{- $data := deepCopy (default dict $cfg.data) -}}
 {{- $_ := set $data "dataset" $dataset -}}
 {{- $_ = set $cfg "data" $data -}}
-{{- $_ = set $cfg "output" (dict "dir" $output) -}}
+{{- $out := deepCopy (default dict $cfg.output) -}}
+{{- $_ = set $out "dir" $output -}}
+{{- $_ = set $cfg "output" $out -}}
 {{- toYaml $cfg -}}
 {{- end }}
 
