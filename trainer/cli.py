@@ -212,13 +212,22 @@ def _show_config(cfg) -> None:
     from trainer.data.stats import ImageStats
     from trainer.train.plan import make_plan
 
-    manifest = read_manifest(cfg.data.dataset) if cfg.data.dataset else None
+    manifest, unread = None, ""
+    if cfg.data.dataset:
+        try:
+            manifest = read_manifest(cfg.data.dataset)
+        except DataError as err:  # the configuration is still worth seeing
+            unread = f" ({err})"
     stats = ImageStats.from_manifest_extra(manifest.extra) if manifest else None
     batch = cfg.train.batch_size_per_replica
     steps = cfg.train.steps_per_epoch or (manifest.split_size("train") // batch if manifest else 0)
     resolved, plan = make_plan(cfg, stats, batch, steps)
     print(config_lib.to_yaml(resolved), end="")
-    where = f"on {cfg.data.dataset}" if manifest else "without a dataset (set data.dataset for its image stats)"
+    where = (
+        f"on {cfg.data.dataset}"
+        if manifest
+        else f"without a dataset{unread or ' (set data.dataset for its image stats)'}"
+    )
     print(f"# the plan for 1 replica {where}:")
     for line in [*plan.lines(), *(f"warning: {w}" for w in plan.warnings)]:
         print(f"# {line}")

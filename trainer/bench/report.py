@@ -336,6 +336,14 @@ def _time_to_accuracy(r: dict) -> list[str]:
         f"{notebook['test_accuracy']:.3f} | {notebook['epochs_run']} | {notebook['seconds']:.0f} |",
         "",
         f"Notebook seconds / product seconds: **{t['time_ratio']:.2f}x**; test accuracy, product minus notebook: "
-        f"**{t['accuracy_difference']:+.3f}**.",
+        f"**{t['accuracy_difference']:+.3f}**. "
+        + (
+            f"The product's validation accuracy first reached the notebook's test accuracy at epoch "
+            f"{product['epoch_reaching_notebook_accuracy']}, {product['seconds_to_notebook_accuracy']:.0f} s after "
+            f"its start ({notebook['seconds'] / product['seconds_to_notebook_accuracy']:.1f}x sooner than the "
+            "notebook's whole run)."
+            if product.get("seconds_to_notebook_accuracy")
+            else "The product's validation accuracy never reached the notebook's test accuracy."
+        ),
         "",
     ]

@@ -139,7 +139,7 @@ def _decide_augmentation(cfg: Config, stats: ImageStats | None):
     if flip is None:
         flip = default_horizontal_flip(stats)
         if stats is None:
-            reason = "the dataset has no image stats (prepared by an older trainer); re-run `prepare` to measure"
+            reason = "no image stats (no dataset given, or one prepared by an older trainer: re-run `prepare`)"
         elif stats.mirror_dependent:
             reason = (
                 f"`prepare` found the classes mirror-dependent (mirroring costs {stats.mirror_cost:.0%} of a "
