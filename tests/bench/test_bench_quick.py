@@ -92,8 +92,9 @@ def test_communication_volumes_are_counted_from_the_real_models(quick):
 
 def test_goals_and_markdown_table(quick):
     result, table = quick
-    assert len(result["goals"]) == 5
-    assert all(isinstance(goal["met"], bool) and positive(goal["measured"]) for goal in result["goals"])
+    assert len(result["goals"]) == 6
+    # The time-to-accuracy goal counts 0 when the product is less accurate (likely after quick mode's 1 epoch).
+    assert all(isinstance(goal["met"], bool) and goal["measured"] >= 0 for goal in result["goals"])
     for heading in ("## Goals", "## 1. Input pipeline", "## 2. Training step", "## 3. Feature-extraction phase",
                     "## 4. Start-up and memory", "## 5. Communication volume"):  # fmt: skip
         assert heading in table

@@ -20,7 +20,7 @@ from trainer.launch import entrypoint_command, launch_local
 
 pytestmark = pytest.mark.slow
 
-RUN = [*TINY_RUN, "phases.fine_tuning.epochs=1"]
+RUN = [*TINY_RUN, "phases.fine_tuning.epochs=1", "output.evaluation_report=true"]  # the report on gs:// too
 
 
 def _vgg16_notop_weights(path) -> None:
