@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,49 @@ def test_predict_on_a_file_that_is_not_an_image_is_a_data_error(exported, tmp_pa
 def test_predict_without_an_export_is_a_config_error(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "x.jpg"]) == ExitCode.CONFIG_ERROR
     assert "no SavedModel" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- trainer evaluate
+
+
+def _prepared(root: Path, classes: list[str], test_fraction: float = 0.25) -> str:
+    from trainer.config import PrepareConfig
+    from trainer.data.prepare import prepare_dataset
+
+    for c, name in enumerate(classes):
+        (root / "src" / name).mkdir(parents=True)
+        for i in range(4):
+            (root / "src" / name / f"{i}.png").write_bytes(_image_bytes("PNG", seed=10 * c + i))
+    cfg = PrepareConfig(validation_fraction=0.25, test_fraction=test_fraction, min_shards=1, processes=1)
+    prepare_dataset(str(root / "src"), str(root / "data"), cfg, progress=lambda _: None)
+    return str(root / "data")
+
+
+def test_evaluate_reports_the_serving_signatures_predictions_on_a_split(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    dataset = _prepared(tmp_path, CLASSES)
+
+    code = main(["evaluate", layout.root, dataset, "--split", "test", "--output", str(tmp_path / "report")])
+
+    assert code == ExitCode.OK
+    report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert report["split"] == "test" and report["images"] == 3  # one test image per class
+    assert report["model"] == layout.saved_model
+    assert [row["support"] for row in report["per_class"]] == [1, 1, 1]
+    wrong = {m["source"] for m in report["misclassified"]}
+    predictions = predict_files(layout.export, sorted(str(p) for p in (tmp_path / "src").glob("*/*.png")), top_k=1)
+    mistaken = {p.path for p in predictions if p.top[0][0] != Path(p.path).parent.name}
+    assert wrong <= {str(Path(p).relative_to(tmp_path / "src")) for p in mistaken}  # the same model, the same calls
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:5]] == CLASSES
+
+
+def test_evaluate_refuses_a_dataset_of_other_classes_and_a_missing_split(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    other = _prepared(tmp_path / "other", ["ants", "bees", "wasps"])
+    no_test = _prepared(tmp_path / "no-test", CLASSES, test_fraction=0.0)
+
+    assert main(["evaluate", layout.root, other]) == ExitCode.DATA_ERROR
+    assert "are not the dataset's" in capsys.readouterr().err
+    assert main(["evaluate", layout.root, no_test, "--split", "test"]) == ExitCode.CONFIG_ERROR
+    assert "has no test split; choose --split from: train, validation" in capsys.readouterr().err

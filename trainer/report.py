@@ -189,6 +189,32 @@ def _misclassified(predictions: Predictions, predicted: np.ndarray, class_names:
     ]
 
 
+def split_report(
+    predictions: Predictions, class_names: Sequence[str], split: str, expected_images: int, model: str, dataset: str,
+    top_k: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """evaluation.json of one split: where its figures came from, then the figures.
+
+    ``expected_images`` is the manifest's count: a report over fewer or more images than the
+    split holds is a data error, not a report.
+    """
+    from trainer.errors import DataError
+    from trainer.export import SIGNATURE
+
+    if len(predictions.labels) != expected_images:
+        raise DataError(
+            f"the {split} split gave {len(predictions.labels)} images but the manifest lists {expected_images}; "
+            "its shards do not match the manifest (damaged or replaced), re-run `trainer prepare`"
+        )
+    return {
+        "split": split,
+        "model": model,
+        "dataset": dataset,
+        "computed_with": f"the {SIGNATURE} signature of the exported SavedModel",
+        **build_report(predictions, class_names, top_k),
+    }
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -269,7 +295,7 @@ def evaluate_export(model_path: str, dataset: str, split: str = "test", top_k: i
     from trainer.data import pipeline
     from trainer.data.manifest import read_manifest
     from trainer.errors import ConfigError, DataError
-    from trainer.export import SIGNATURE, load_serving
+    from trainer.export import load_serving
     from trainer.predict import read_labels, saved_model_dir
 
     if top_k < 1:
@@ -286,18 +312,9 @@ def evaluate_export(model_path: str, dataset: str, split: str = "test", top_k: i
             f"({', '.join(manifest.class_names[:5])}...); evaluate it on a dataset prepared with the same class folders"
         )
     predictions = predict_records(load_serving(saved_model), pipeline.shard_paths(dataset, manifest, split))
-    if len(predictions.labels) != manifest.split_size(split):
-        raise DataError(
-            f"the {split} split gave {len(predictions.labels)} images but the manifest lists "
-            f"{manifest.split_size(split)}; its shards do not match the manifest, re-run `trainer prepare`"
-        )
-    return {
-        "split": split,
-        "model": saved_model,
-        "dataset": dataset,
-        "computed_with": f"the {SIGNATURE} signature of the exported SavedModel",
-        **build_report(predictions, manifest.class_names, top_k),
-    }
+    return split_report(
+        predictions, manifest.class_names, split, manifest.split_size(split), saved_model, dataset, top_k
+    )
 
 
 def evaluate_command(model_path: str, dataset: str, split: str, output: str | None, top_k: int) -> None:

@@ -332,7 +332,8 @@ def _time_to_accuracy(r: dict) -> list[str]:
         f"`trainer prepare` + `trainer train`, one worker | {product['test_accuracy']:.3f} | "
         f"{product['epochs_run']} | {product['seconds']:.0f} ({product['prepare_seconds']:.0f} + "
         f"{product['train_seconds']:.0f}) |",
-        f"| the notebook recipe as written (ImageDataGenerator + `model.fit`, trainer/bench/notebook.py) | "
+        f"| the notebook recipe (ImageDataGenerator + `model.fit` as written, trainer/bench/notebook.py), at the "
+        f"same {data['image_size']}x{data['image_size']} input (the notebook's own 224 would take hours here) | "
         f"{notebook['test_accuracy']:.3f} | {notebook['epochs_run']} | {notebook['seconds']:.0f} |",
         "",
         f"Notebook seconds / product seconds: **{t['time_ratio']:.2f}x**; test accuracy, product minus notebook: "

@@ -365,18 +365,9 @@ def _evaluation_report(cfg: Config, dist: Distribution, manifest: Manifest, layo
         return {}
     parts = [layout.evaluation_part(split, i) for i in range(cluster.num_workers)]
     joined = report_lib.Predictions.concatenate([report_lib.Predictions.from_npz(storage.read_bytes(p)) for p in parts])
-    if len(joined.labels) != manifest.split_size(split):
-        raise DataError(
-            f"the evaluation report saw {len(joined.labels)} {split} images but the manifest lists "
-            f"{manifest.split_size(split)}; the split's shards do not match it, re-run `trainer prepare`"
-        )
-    report = {
-        "split": split,
-        "model": layout.saved_model,
-        "dataset": cfg.data.dataset,
-        "computed_with": f"the {export_lib.SIGNATURE} signature of the exported SavedModel",
-        **report_lib.build_report(joined, manifest.class_names),
-    }
+    report = report_lib.split_report(
+        joined, manifest.class_names, split, manifest.split_size(split), layout.saved_model, cfg.data.dataset
+    )
     paths = report_lib.write_report(report, directory)
     for part in parts:
         storage.remove_tree(part)
