@@ -73,7 +73,7 @@ def run_demo(workdir: str, workers: int = 2) -> int:
     for prediction in predict_files(layout.export, samples, top_k=2):
         ranked = ", ".join(f"{label} {p:.1%}" for label, p in prediction.top)
         print(f"    {os.path.relpath(prediction.path, workdir)}: {ranked}")
-    _report(layout, time.perf_counter() - started)
+    _report(layout, dataset, time.perf_counter() - started)
     return ExitCode.OK
 
 
@@ -81,7 +81,7 @@ def _say(message: str) -> None:
     print(f"demo: {message}", flush=True)
 
 
-def _report(layout: RunLayout, seconds: float) -> None:
+def _report(layout: RunLayout, dataset: str, seconds: float) -> None:
     with open(layout.summary) as fh:
         summary = json.load(fh)
     evaluation = summary["evaluation"]
@@ -101,8 +101,8 @@ def _report(layout: RunLayout, seconds: float) -> None:
         print()
         print(f"  evaluation:    {report['json']}")
         if report.get("confusion_matrix"):
-            print(f"  confusion (PNG): {report['confusion_matrix']}")
-        print(f"  re-evaluate:   trainer evaluate {layout.export} DATASET --split test")
+            print(f"  confusion:     {report['confusion_matrix']}")
+        print(f"  re-evaluate:   trainer evaluate {layout.root} {dataset} --split {report['split']}")
     print(f"  run summary:   {layout.summary}")
     print(f"  metrics log:   {layout.metrics_log}")
     if os.path.exists(layout.curves):
