@@ -121,7 +121,7 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
     output = tmp_path / "run"
     trainer = _trainer(
         **LEARNABLE,
-        # Check for a stop after every step, so the group stops inside epoch 2, not at its end.
+        # Check for a stop after every step, so the group stops within a step of the eviction.
         runtime={"collective_timeout_seconds": 30, "stop_check_every_steps": 1},
     )
     text = render(tmp_path, {"workers": 2, "dataset": dataset, "output": str(output), "trainer": trainer})
@@ -137,8 +137,9 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
         chief_log = runner.pod_log(0, attempt=0)
         backup = re.search(r"backup written in ([\d.]+) s at epoch (\d+), step (\d+)", chief_log)
 
-        # 2. A crash: SIGKILL pod 0 (the chief) once the new group has trained again.
-        resumed = runner.wait_for_log(1, "resumed from backup: epoch 2", timeout=300)
+        # 2. A crash: SIGKILL pod 0 (the chief) once the new group has trained again. (The eviction
+        #    can land before epoch 1's end-of-epoch stop check: then the group resumes at its end.)
+        resumed = runner.wait_for_log(1, "resumed from backup: epoch ", timeout=300)
         assert resumed.name != evicted
         runner.wait_for_log(0, "fine_tuning epoch 2:", timeout=300)  # the new generation's chief
         time.sleep(1)  # past epoch 2's end backup, into epoch 3
