@@ -73,7 +73,7 @@ def test_the_product_and_the_notebook_ran_on_the_real_digits(quick):
         assert 0.0 <= t[side]["test_accuracy"] <= 1.0 and positive(t[side]["seconds"])
     assert t["product"]["recipe"] == "scratch"  # model.weights=none and nothing else
     assert t["notebook"]["test_images"] == 12
-    assert t["time_ratio"] == pytest.approx(t["notebook"]["seconds"] / t["product"]["seconds"], rel=0.01)
+    assert t["time_ratio"] == pytest.approx(t["notebook"]["seconds"] / t["product"]["seconds"], abs=0.006)  # 2 decimals
     assert "## 6. Time to accuracy on real images" in table
 
 
