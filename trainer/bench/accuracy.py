@@ -80,7 +80,7 @@ def _first_epoch_at(output: str, accuracy: float) -> dict | None:
 
 def _run(command: list[str], root: str, name: str, timeout: float) -> float:
     """Run ``command`` to completion, its output in ``root/<name>.log``; wall seconds."""
-    from trainer.bench.suite import BenchError
+    from trainer.bench.suite import step_failed  # suite imports this module
 
     log_path = os.path.join(root, f"{name}.log")
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -92,7 +92,5 @@ def _run(command: list[str], root: str, name: str, timeout: float) -> float:
         except subprocess.TimeoutExpired:
             code = "timeout"
     if code != 0:
-        with open(log_path, errors="replace") as fh:
-            tail = fh.read()[-1500:]
-        raise BenchError(f"benchmark step {name!r} failed ({code}); see {log_path}:\n{tail}")
+        raise step_failed(name, f"exit {code}" if code != "timeout" else "timeout", log_path)
     return time.perf_counter() - started

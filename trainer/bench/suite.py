@@ -78,6 +78,13 @@ class BenchError(TrainerError):
     """A benchmark step failed (its log is named in the message)."""
 
 
+def step_failed(name: str, outcome: str, log_path: str) -> BenchError:
+    """The error for a failed benchmark step: what ended it, its log, and the log's last lines."""
+    with open(log_path, errors="replace") as fh:
+        tail = fh.read()[-1500:]
+    return BenchError(f"benchmark step {name!r} failed ({outcome}); see {log_path}:\n{tail}")
+
+
 def run_bench(out_json: str, out_table: str, quick: bool, workdir: str | None, say: Callable[[str], None]) -> dict:
     if importlib.util.find_spec("scipy") is None:
         raise ConfigError(
@@ -230,9 +237,7 @@ def _finish_worker(handle: _WorkerHandle, timeout: float) -> list[dict]:
         handle.proc.kill()
         code = handle.proc.wait()
     if code != 0:
-        with open(handle.log_path, errors="replace") as fh:
-            tail = fh.read()[-1500:]
-        raise BenchError(f"benchmark step {handle.name!r} failed (exit {code}); see {handle.log_path}:\n{tail}")
+        raise step_failed(handle.name, f"exit {code}", handle.log_path)
     with open(handle.result_path) as fh:
         return json.load(fh)
 
