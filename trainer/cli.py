@@ -304,11 +304,20 @@ def _exit_code_of(err: BaseException) -> int:
 
 def _train_cluster(cfg, cluster) -> dict | None:
     """Train; the run summary (chief) or {} (other workers), None when the run was complete already."""
-    from trainer import cluster as cluster_lib
-    from trainer.strategy import build_distribution
-    from trainer.train.run import preflight, train
+    from trainer.train.run import preflight
 
     checked = preflight(cfg, cluster)  # bad input fails here, before waiting for peers
+    try:
+        return _train_checked(cfg, cluster, checked)
+    finally:
+        checked.release()  # the chief's lease on output.dir, however the run ends
+
+
+def _train_checked(cfg, cluster, checked) -> dict | None:
+    from trainer import cluster as cluster_lib
+    from trainer.strategy import build_distribution
+    from trainer.train.run import train
+
     if checked.state.complete:
         log.info("the run in %s is already complete; nothing to do", checked.layout.root)
         return None

@@ -250,6 +250,19 @@ class OutputConfig:
         "At the end, run the export's serving signature over the test split (else validation) on every worker "
         "and write evaluation/<split>/evaluation.json and confusion-matrix.png (trainer.report).",
     )
+    lease_seconds: float = _f(
+        120.0,
+        "The chief holds output.dir with a lease (owner.json) renewed every quarter of this; a lease not "
+        "renewed for this long is stale and another run may take it (trainer.train.lease).",
+        ge=10,
+    )
+    lease_wait_seconds: float = _f(
+        0.0,
+        "How long a run waits for another live run holding output.dir to end before it fails (exit 75). "
+        "0 = fail at once; the chart sets terminationGracePeriodSeconds + lease_seconds, so the Job a "
+        "`helm upgrade` starts waits for the old Job's pods to stop.",
+        ge=0,
+    )
 
 
 @dataclass

@@ -51,6 +51,9 @@ class Env(enum.StrEnum):
     IMAGE = "TRAINER_IMAGE"  # the container image reference, reported in trainer_build_info
     # The metrics endpoint's port, overriding monitoring.port: the local launcher gives each worker its own.
     METRICS_PORT = "TRAINER_METRICS_PORT"
+    # Who owns the run (trainer.train.lease), set by the local launcher for its workers: a re-run of
+    # the same launcher takes over its own lease.
+    RUN_OWNER = "TRAINER_RUN_OWNER"
 
 
 #: What a stop may take beyond ``runtime.stop_check_seconds``: the step in progress and one backup.
@@ -82,6 +85,7 @@ RUN_CURVES_FILE = "training-curves.png"  # the chief's picture of the run, besid
 RUN_ATTEMPTS_FILE = "attempts.json"  # how often the run was started (trainer_group_restarts)
 METRICS_LOG_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.txt"
+LEASE_FILE = "owner.json"  # trainer.train.lease: which run holds an output.dir
 EVALUATION_FILE = "evaluation.json"  # trainer.report: the per-class evidence of a model on a split
 CONFUSION_MATRIX_FILE = "confusion-matrix.png"
 

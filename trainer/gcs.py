@@ -268,3 +268,53 @@ def download_file(uri: str, local_path: str, expected_size: int | None = None) -
             f"{uri} has {got} bytes, the manifest says {expected_size}; the dataset changed, re-run `trainer prepare`"
         )
     os.replace(tmp, local_path)
+
+
+# --------------------------------------------------------------------------- conditional writes (leases)
+
+
+def read_with_generation(uri: str) -> tuple[bytes, int] | None:
+    """(bytes, generation) of an object, or None when absent; the bytes are of that generation."""
+    from google.api_core import exceptions
+
+    path = GcsPath.parse(uri)
+    while True:
+        blob = call("read", uri, client().bucket(path.bucket).get_blob, path.name)
+        if blob is None:
+            return None
+        try:
+            data = blob.download_as_bytes(if_generation_match=blob.generation, retry=_retry())
+        except exceptions.PreconditionFailed:
+            continue  # rewritten between the two calls: read the new generation
+        except exceptions.NotFound:
+            return None
+        except Exception as err:
+            raise classify(err, "read", uri) from None
+        return data, int(blob.generation)
+
+
+def write_if_generation(uri: str, data: bytes, generation: int) -> int | None:
+    """Write only if the object is at ``generation`` (0: absent); its new generation, or None if it was not."""
+    from google.api_core import exceptions
+
+    blob = _blob(GcsPath.parse(uri))
+    try:
+        # Conditional, so retrying is safe (the library retries such calls only when a precondition is set).
+        blob.upload_from_string(data, if_generation_match=generation, retry=_retry())
+    except exceptions.PreconditionFailed:
+        return None
+    except Exception as err:
+        raise classify(err, "write", uri) from None
+    return int(blob.generation)
+
+
+def delete_if_generation(uri: str, generation: int) -> None:
+    """Delete the object only if it is still at ``generation``."""
+    from google.api_core import exceptions
+
+    try:
+        _blob(GcsPath.parse(uri)).delete(if_generation_match=generation, retry=_retry())
+    except (exceptions.PreconditionFailed, exceptions.NotFound):
+        pass
+    except Exception as err:
+        raise classify(err, "delete", uri) from None

@@ -69,6 +69,7 @@ def worker_env(
     env = dict(os.environ if base is None else base)
     env[Env.TF_CONFIG.value] = make_tf_config(workers, index)
     env[Env.LOG_PREFIX.value] = f"worker-{index}"
+    env.setdefault(Env.RUN_OWNER.value, f"trainer launch pid {os.getpid()} on {socket.gethostname()}")
     if metrics_port is not None:
         env[Env.METRICS_PORT.value] = str(metrics_port)
     env.setdefault("PYTHONUNBUFFERED", "1")

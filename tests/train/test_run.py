@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
 from trainer.cluster import make_tf_config
-from trainer.contract import ExitCode
+from trainer.contract import LEASE_FILE, ExitCode
 from trainer.launch import free_ports
 
 pytestmark = pytest.mark.slow
@@ -159,3 +159,37 @@ def test_a_launch_stopped_between_slow_steps_backs_up_and_exits_preempted(tiny_d
     assert launcher.returncode == ExitCode.PREEMPTED, log.read_text()[-4000:]
     assert _checkpoint_path(backups) != first  # the stop wrote a backup of its own
     assert not (output / "metrics.jsonl").exists()  # ... mid-epoch: the epoch's end (step 400) never came
+
+
+# --------------------------------------------------------------------------- one run per output
+
+
+def test_a_second_run_on_the_same_output_fails_at_once_and_the_first_is_untouched(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    first_args = _settings(tiny_dataset, str(output), "runtime.seed=1", "train.steps_per_epoch=40")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *first_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        while first.poll() is None and not (output / LEASE_FILE).exists():
+            time.sleep(0.05)
+
+        started = time.monotonic()
+        second = _run_cli(_settings(tiny_dataset, str(output), "runtime.seed=2"))
+        refused_after = time.monotonic() - started
+
+        assert second.returncode == ExitCode.TRANSIENT, second.stderr[-3000:]
+        line = _error_line(second)
+        assert f"trainer train pid {first.pid} on " in line and "in use by another run" in line
+        print(f"second run refused after {refused_after:.1f} s")
+        assert first.wait(timeout=300) == ExitCode.OK, first.stderr.read()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        first.stderr.close()
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["config"]["runtime"]["seed"] == 1
+    assert [summary["phases"][p]["epochs_run"] for p in ("feature_extraction", "fine_tuning")] == [1, 2]
+    assert not (output / LEASE_FILE).exists()  # released at the end

@@ -40,6 +40,7 @@ from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
 from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import evaluation, feature_cache
+from trainer.train import lease as lease_lib
 from trainer.train import plan as plan_lib
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
@@ -78,6 +79,16 @@ class Preflight:
     state: RunState
     weights_file: model_lib.WeightsFile | None
     train_files: list[str]  # every training shard, in order
+    lease: lease_lib.Lease | None = None  # the chief's hold on output.dir (trainer.train.lease)
+
+    def ensure_owner(self) -> None:
+        """Before the chief writes into the output: stop if another run took it over."""
+        if self.lease is not None:
+            self.lease.ensure_held()
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
@@ -90,12 +101,29 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
         raise ConfigError("output.dir is not set; pass --set output.dir=DIR (local path or gs://bucket/prefix)")
     layout = RunLayout(cfg.output.dir)
     manifest = read_manifest(cfg.data.dataset)
-    state = load_state(layout.state, manifest.class_names)
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
     weights_file = _checked_weights_file(cfg, manifest)
-    probe_writable(layout.root, cluster.worker_index)
-    return Preflight(layout, manifest, state, weights_file, train_files)
+    lease = _hold_output(cfg, layout, cluster)  # before reading the state another run may still write
+    try:
+        state = load_state(layout.state, manifest.class_names)
+        probe_writable(layout.root, cluster.worker_index)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return Preflight(layout, manifest, state, weights_file, train_files, lease)
+
+
+def _hold_output(cfg: Config, layout: RunLayout, cluster: ClusterSpec) -> lease_lib.Lease | None:
+    """The chief takes the run's lease; the other workers check no other live run holds it."""
+    me = lease_lib.this_holder()
+    if not cluster.is_chief:
+        lease_lib.wait_until_free(layout.root, me, cfg.output.lease_wait_seconds)
+        return None
+    lease = lease_lib.Lease.acquire(layout.root, me, cfg.output.lease_seconds, cfg.output.lease_wait_seconds)
+    lease.start_renewing()
+    return lease
 
 
 def probe_writable(root: str, worker_index: int) -> None:
@@ -150,6 +178,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
         first_step += result.epochs_run * steps
         state.phases[name] = result
         if is_chief:
+            checked.ensure_owner()
             model_lib.save_weights(model, layout.phase_weights(name), manifest.class_names)
             save_state(layout.state, state)
             storage.remove_tree(layout.backup(name))
@@ -161,9 +190,12 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     fingerprint = weights_fingerprint(model)
     log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
     summary: dict[str, Any] = {}
+    if is_chief:
+        checked.ensure_owner()
     exported = _export(model, cfg, manifest, layout) if is_chief else {}
     report = _evaluation_report(cfg, dist, manifest, layout)
     if is_chief:
+        checked.ensure_owner()
         summary = _summary(
             cfg,
             dist,
