@@ -31,6 +31,7 @@ GCS_MODULES = (
     "tests/support/test_gcs_harness.py",
     "tests/train/test_run_gcs.py",
     "tests/train/test_run_gcs_faults.py",
+    "tests/train/test_lease_gcs.py",
 )
 PER_TEST_LANES = ("tests/train/test_multi_worker_faults.py",)
 #: Started first, longest first, so that the last lane to start is a short one.

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainer.contract import METRICS_PORT
+from trainer.contract import DEFAULT_LEASE_SECONDS, METRICS_PORT
 from trainer.errors import ConfigError
 
 VGG16_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
@@ -251,7 +251,7 @@ class OutputConfig:
         "and write evaluation/<split>/evaluation.json and confusion-matrix.png (trainer.report).",
     )
     lease_seconds: float = _f(
-        120.0,
+        float(DEFAULT_LEASE_SECONDS),
         "The chief holds output.dir with a lease (owner.json) renewed every quarter of this; a lease not "
         "renewed for this long is stale and another run may take it (trainer.train.lease).",
         ge=10,

@@ -61,6 +61,10 @@ class Env(enum.StrEnum):
 #: launcher waits this long past the stop check for workers it stops after a failure.
 STOP_MARGIN_SECONDS = 20
 
+#: Seconds a run's lease on its output.dir lasts without renewal (trainer.train.lease; the chart adds
+#: it to terminationGracePeriodSeconds for output.lease_wait_seconds).
+DEFAULT_LEASE_SECONDS = 120
+
 #: Port each worker listens on for tf.distribute collectives (the chart's worker port).
 WORKER_PORT = 2222
 #: Port of the Prometheus metrics endpoint on every worker.

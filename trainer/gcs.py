@@ -282,15 +282,16 @@ def read_with_generation(uri: str) -> tuple[bytes, int] | None:
         blob = call("read", uri, client().bucket(path.bucket).get_blob, path.name)
         if blob is None:
             return None
+        generation = int(blob.generation)  # before the download, which may reset it from response headers
         try:
-            data = blob.download_as_bytes(if_generation_match=blob.generation, retry=_retry())
+            data = blob.download_as_bytes(if_generation_match=generation, retry=_retry())
         except exceptions.PreconditionFailed:
             continue  # rewritten between the two calls: read the new generation
         except exceptions.NotFound:
             return None
         except Exception as err:
             raise classify(err, "read", uri) from None
-        return data, int(blob.generation)
+        return data, generation
 
 
 def write_if_generation(uri: str, data: bytes, generation: int) -> int | None:

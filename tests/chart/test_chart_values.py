@@ -164,6 +164,7 @@ def test_the_charts_contract_is_trainer_contract():
         "healthPath": contract.HEALTH_PATH,
         "exitPreempted": contract.ExitCode.PREEMPTED,
         "exitNonRetriable": sorted(int(c) for c in contract.NON_RETRIABLE_EXIT_CODES),
+        "leaseSeconds": contract.DEFAULT_LEASE_SECONDS,
     }
 
 

@@ -28,6 +28,7 @@ metricsPortName: metrics
 healthPath: /healthz
 exitPreempted: 76
 exitNonRetriable: [64, 65]
+leaseSeconds: 120
 {{- end }}
 
 {{- define "vgg-trainer.name" -}}
@@ -103,7 +104,9 @@ app.kubernetes.io/part-of: vgg-trainer
 
 {{/*
 The trainer's configuration file: values.trainer with data.dataset and output.dir filled in from
-the top-level `dataset` and `output` values (the other keys of trainer.data and trainer.output stay). The trainer validates it again at start (exit 64).
+the top-level `dataset` and `output` values (the other keys of trainer.data and trainer.output stay),
+and output.lease_wait_seconds, unless set, from job.terminationGracePeriodSeconds + the lease's expiry.
+The trainer validates it again at start (exit 64).
 */}}
 {{- define "vgg-trainer.config" -}}
 {{- $dataset := required "dataset is required: --set dataset=gs://BUCKET/PREFIX (the output of `trainer prepare`)" .Values.dataset -}}
@@ -114,6 +117,11 @@ the top-level `dataset` and `output` values (the other keys of trainer.data and 
 {{- $_ = set $cfg "data" $data -}}
 {{- $out := deepCopy (default dict $cfg.output) -}}
 {{- $_ = set $out "dir" $output -}}
+{{- if not (hasKey $out "lease_wait_seconds") -}}
+{{- /* The Job a `helm upgrade` starts waits for the old Job's pods (grace period) or their lease to expire. */ -}}
+{{- $lease := default (include "vgg-trainer.contract" . | fromYaml).leaseSeconds $out.lease_seconds -}}
+{{- $_ = set $out "lease_wait_seconds" (add (int .Values.job.terminationGracePeriodSeconds) (int $lease)) -}}
+{{- end -}}
 {{- $_ = set $cfg "output" $out -}}
 {{- toYaml $cfg -}}
 {{- end }}
