@@ -319,3 +319,13 @@ def delete_if_generation(uri: str, generation: int) -> None:
         pass
     except Exception as err:
         raise classify(err, "delete", uri) from None
+
+
+def list_sizes(prefix_uri: str) -> dict[str, int]:
+    """{gs:// URI: size} of every object under a prefix, in one listing (the iteration is what calls)."""
+    path = GcsPath.parse(prefix_uri)
+    try:
+        blobs = client().list_blobs(path.bucket, prefix=path.name, retry=_retry())
+        return {f"{SCHEME}{path.bucket}/{blob.name}": int(blob.size) for blob in blobs}
+    except Exception as err:
+        raise classify(err, "list", prefix_uri) from None

@@ -121,6 +121,26 @@ def size(path: str) -> int:
     return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
 
 
+def sizes(directory: str, paths: list[str]) -> dict[str, int]:
+    """Sizes of those ``paths`` (under ``directory``) that exist: one listing on gs://, a stat each elsewhere."""
+    if is_gcs(directory):
+        from trainer import gcs
+
+        listed = gcs.list_sizes(directory.rstrip("/") + "/")
+        return {path: listed[path] for path in paths if path in listed}
+    found = {}
+    for path in paths:
+        if is_remote(path):
+            if _gfile().exists(path):
+                found[path] = size(path)
+            continue
+        try:
+            found[path] = os.path.getsize(path)
+        except OSError:
+            continue
+    return found
+
+
 def remove_tree(path: str) -> None:
     """Remove a file or a directory (for URIs: the object and everything under the prefix)."""
     if is_gcs(path):

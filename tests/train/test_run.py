@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
+from tests.support.training import TINY_RUN, cut_after_records, make_tiny_dataset, merge_last_two_records, set_args
 from trainer.cluster import make_tf_config
 from trainer.contract import LEASE_FILE, ExitCode
 from trainer.launch import free_ports
@@ -193,3 +194,39 @@ def test_a_second_run_on_the_same_output_fails_at_once_and_the_first_is_untouche
     assert summary["config"]["runtime"]["seed"] == 1
     assert [summary["phases"][p]["epochs_run"] for p in ("feature_extraction", "fine_tuning")] == [1, 2]
     assert not (output / LEASE_FILE).exists()  # released at the end
+
+
+# --------------------------------------------------------------------------- shards that changed after prepare
+
+
+def test_a_training_shard_cut_at_a_record_boundary_is_refused_before_training(tiny_dataset, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)
+    shard = sorted(dataset.glob("train-*.tfrecord"))[0]
+    cut_after_records(shard, 2)  # a valid TFRecord file of 2 records; the manifest says more
+
+    result = _run_cli(_settings(str(dataset), str(tmp_path / "run")))
+
+    assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert str(shard) in line and f"but the manifest says {_manifest_bytes(dataset, shard)}" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def _manifest_bytes(dataset, shard) -> int:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return next(s["bytes"] for s in manifest["shards"]["train"] if s["path"] == shard.name)
+
+
+def test_a_training_shard_with_fewer_records_of_the_same_size_is_caught_as_it_is_read(tiny_dataset, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)
+    shard = sorted(dataset.glob("train-*.tfrecord"))[0]
+    merge_last_two_records(shard)  # the manifest's bytes still match; its records do not
+
+    # The frozen phase's feature cache reads every training record once: it counts them.
+    result = _run_cli(_settings(str(dataset), str(tmp_path / "run"), "train.cache_frozen_features=true"))
+
+    assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert "training shards gave" in line and str(shard) in line  # counted by the frozen phase's feature cache

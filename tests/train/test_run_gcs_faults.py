@@ -64,6 +64,20 @@ def test_an_unwritable_output_fails_at_once_naming_identity_and_role(gcs, gcs_bu
     assert "roles/storage.objectUser" in line and "test-token" not in out
 
 
+def test_a_shard_truncated_after_prepare_is_refused_before_training(gcs, gcs_bucket, gcs_env, dataset):
+    name = "data/train-00002-of-00004.tfrecord"
+    data = gcs.get_object(gcs_bucket, name)
+    gcs.put_object(gcs_bucket, name, data[: len(data) // 2])
+
+    run = _train(gcs_env, f"data.dataset={dataset}", f"output.dir=gs://{gcs_bucket}/run")
+    out, _ = run.communicate(timeout=120)
+
+    assert run.returncode == ExitCode.DATA_ERROR, out[-3000:]
+    line = _error_line(out)
+    assert f"dataset shard gs://{gcs_bucket}/{name} has {len(data) // 2} bytes but the manifest says {len(data)}" in line
+    assert not gcs.client().bucket(gcs_bucket).blob("run/metrics.jsonl").exists()
+
+
 def test_a_shard_deleted_mid_run_is_a_clear_data_error(gcs, gcs_bucket, gcs_env, dataset):
     run = _train(gcs_env, f"data.dataset={dataset}", f"output.dir=gs://{gcs_bucket}/run")
     output = []

@@ -98,6 +98,33 @@ class Manifest:
             raise DataError(f"{where}: the dataset has no training images; re-run `trainer prepare` on a larger folder")
 
 
+def check_shard_sizes(dataset_dir: str, manifest: Manifest) -> None:
+    """Every shard of every split is there with the bytes the manifest records (one listing on gs://).
+
+    A shard cut at a record boundary reads as a shorter, valid file: only its size tells.
+    """
+    expected = {storage.join(dataset_dir, s.path): s.bytes for shards in manifest.shards.values() for s in shards}
+    sizes = storage.sizes(dataset_dir, list(expected))
+    for path, want in expected.items():
+        got = sizes.get(path)
+        if got is None:
+            raise DataError(f"dataset shard {path} is missing (the manifest lists it); re-run `trainer prepare`")
+        if got != want:
+            raise DataError(
+                f"dataset shard {path} has {got} bytes but the manifest says {want} (truncated or replaced "
+                "after `trainer prepare`); re-run `trainer prepare`"
+            )
+
+
+def count_mismatch(what: str, got: int, expected: int, files: list[str]) -> DataError:
+    """The error for shards that gave another number of records than the manifest lists."""
+    named = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return DataError(
+        f"{what} gave {got} records but the manifest lists {expected} for its shards ({named}); "
+        "the shards were changed after `trainer prepare`, re-run it"
+    )
+
+
 def manifest_path(dataset_dir: str) -> str:
     return storage.join(dataset_dir, MANIFEST_FILE)
 

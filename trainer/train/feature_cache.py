@@ -46,7 +46,7 @@ from trainer import model as model_lib
 from trainer.config import AugmentConfig, Config
 from trainer.contract import Env
 from trainer.data import pipeline
-from trainer.data.manifest import Manifest
+from trainer.data.manifest import Manifest, count_mismatch
 from trainer.errors import ConfigError
 from trainer.train.evaluation import EvaluationData, exact_pass
 
@@ -219,11 +219,17 @@ def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, direct
     train_cache = write_cache(
         extractor, unaugmented_training_images(own, cfg, num_classes), os.path.join(directory, "train.bin")
     )
+    if train_cache.records != own_images:  # the count is free here; a short shard trains on fewer images
+        raise count_mismatch(f"worker {cluster.worker_index}'s training shards", train_cache.records, own_images, own)
     validation = None
     if validates:
         validation_cache = write_cache(
             extractor, validation_images(cfg, manifest), os.path.join(directory, "validation.bin")
         )
+        expected = manifest.split_size("validation")
+        if validation_cache.records != expected:
+            files = pipeline.shard_paths(cfg.data.dataset, manifest, "validation")
+            raise count_mismatch("the validation shards", validation_cache.records, expected, files)
         validation = _cached_validation(dist, validation_cache, num_classes, cfg.train.batch_size_per_replica)
     compile_head(head, model, cfg, dist.strategy)
     train = _distributed_cache(dist.strategy, train_cache, num_classes, global_batch, cfg)

@@ -34,7 +34,7 @@ from trainer.cluster import ClusterSpec
 from trainer.config import Config
 from trainer.contract import Env
 from trainer.data import pipeline
-from trainer.data.manifest import Manifest, read_manifest
+from trainer.data.manifest import Manifest, check_shard_sizes, read_manifest
 from trainer.data.stats import ImageStats
 from trainer.errors import ConfigError, DataError
 from trainer.export import export_model
@@ -101,13 +101,14 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
         raise ConfigError("output.dir is not set; pass --set output.dir=DIR (local path or gs://bucket/prefix)")
     layout = RunLayout(cfg.output.dir)
     manifest = read_manifest(cfg.data.dataset)
+    check_shard_sizes(cfg.data.dataset, manifest)
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
     weights_file = _checked_weights_file(cfg, manifest)
+    probe_writable(layout.root, cluster.worker_index)
     lease = _hold_output(cfg, layout, cluster)  # before reading the state another run may still write
     try:
         state = load_state(layout.state, manifest.class_names)
-        probe_writable(layout.root, cluster.worker_index)
     except BaseException:
         if lease is not None:
             lease.release()
