@@ -74,7 +74,8 @@ def test_a_shard_truncated_after_prepare_is_refused_before_training(gcs, gcs_buc
 
     assert run.returncode == ExitCode.DATA_ERROR, out[-3000:]
     line = _error_line(out)
-    assert f"dataset shard gs://{gcs_bucket}/{name} has {len(data) // 2} bytes but the manifest says {len(data)}" in line
+    cut = len(data) // 2
+    assert f"dataset shard gs://{gcs_bucket}/{name} has {cut} bytes but the manifest says {len(data)}" in line
     assert not gcs.client().bucket(gcs_bucket).blob("run/metrics.jsonl").exists()
 
 
