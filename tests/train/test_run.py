@@ -230,3 +230,70 @@ def test_a_training_shard_with_fewer_records_of_the_same_size_is_caught_as_it_is
     assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
     line = _error_line(result)
     assert "training shards gave" in line and str(shard) in line  # counted by the frozen phase's feature cache
+
+
+# --------------------------------------------------------------------------- resuming with other settings
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_dataset, tmp_path_factory):
+    """A run killed in its first phase, after its first backup: (output dir, its files and their bytes)."""
+    output = tmp_path_factory.mktemp("interrupted") / "run"
+    args = _settings(tiny_dataset, str(output), "train.steps_per_epoch=200")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and _checkpoint_path(output / "backup" / "feature_extraction") is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return output, _files(output)
+
+
+def _files(root, leaving_out: tuple[str, ...] = ()) -> dict[str, bytes]:
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in leaving_out)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+@pytest.mark.parametrize(
+    ("setting", "started_with"),
+    [
+        ("data.image_size=48", "data.image_size=32"),
+        ("model.head.dense_units=[32]", 'model.head={"pooling":"avg","dense_units":[16]'),
+        ("model.weights=imagenet", "model.weights=none"),
+    ],
+)
+def test_a_resume_with_a_setting_the_backup_cannot_survive_is_refused(
+    interrupted_run, tiny_dataset, setting, started_with
+):
+    output, before = interrupted_run
+
+    result = _run_cli(_settings(tiny_dataset, str(output), "train.steps_per_epoch=200", setting))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert f"was started with {started_with}" in line and "new output.dir" in line
+    lease = (LEASE_FILE, f"{LEASE_FILE}.lock")  # the killed run's stale lease, taken over and released
+    assert _files(output, lease) == {k: v for k, v in before.items() if k not in lease}  # nothing lost or changed
+
+
+def test_a_resume_with_safe_changes_logs_them_and_completes(interrupted_run, tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(interrupted_run[0], output)
+    changed = [
+        "train.steps_per_epoch=6",
+        "phases.fine_tuning.epochs=1",
+        "phases.fine_tuning.optimizer.learning_rate=0.002",
+    ]
+
+    result = _run_cli(_settings(tiny_dataset, str(output), *changed))
+
+    assert result.returncode == ExitCode.OK, result.stderr[-3000:]
+    assert "train.steps_per_epoch: 200 -> 6" in result.stderr
+    assert "phases.fine_tuning.optimizer.learning_rate: 0.0001 -> 0.002" in result.stderr
+    state = json.loads((output / "state.json").read_text())
+    assert state["settings"]["train"]["steps_per_epoch"] == 200  # the start's settings stay the reference
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["config"]["phases"]["fine_tuning"]["epochs"] == 1

@@ -44,7 +44,7 @@ from trainer.train import lease as lease_lib
 from trainer.train import plan as plan_lib
 from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
-from trainer.train.state import RunState, load_state, save_state
+from trainer.train.state import RunState, check_resume, load_state, save_state
 from trainer.train.telemetry import RunTelemetry, count_attempt
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,27 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
     lease = _hold_output(cfg, layout, cluster)  # before reading the state another run may still write
     try:
         state = load_state(layout.state, manifest.class_names)
+        _check_resume(cfg, layout, state, cluster.is_chief)
     except BaseException:
         if lease is not None:
             lease.release()
         raise
     return Preflight(layout, manifest, state, weights_file, train_files, lease)
+
+
+def _check_resume(cfg: Config, layout: RunLayout, state: RunState, is_chief: bool) -> None:
+    """A run that trained refuses settings its backup cannot survive; the chief records a new run's settings."""
+    settings = config_lib.to_dict(cfg)
+    trained = bool(state.phases) or storage.exists(storage.join(layout.root, "backup"))
+    if trained:
+        changes = check_resume(state, settings, layout.root)
+        if changes and is_chief:
+            log.info(
+                "resuming with settings changed since the run started (its backup stays valid): %s", "; ".join(changes)
+            )
+    if is_chief and not (trained and state.settings):
+        state.settings = settings
+        save_state(layout.state, state)
 
 
 def _hold_output(cfg: Config, layout: RunLayout, cluster: ClusterSpec) -> lease_lib.Lease | None:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainer import storage
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 
 STATE_VERSION = 1
 
@@ -32,6 +32,7 @@ class RunState:
     phases: dict[str, PhaseResult] = field(default_factory=dict)  # completed phases, in order
     complete: bool = False
     version: int = STATE_VERSION
+    settings: dict[str, Any] = field(default_factory=dict)  # the configuration the run started with
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -45,6 +46,7 @@ class RunState:
                 phases={name: PhaseResult(**result) for name, result in raw.get("phases", {}).items()},
                 complete=bool(raw.get("complete", False)),
                 version=int(raw.get("version", STATE_VERSION)),
+                settings=dict(raw.get("settings") or {}),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(
@@ -63,6 +65,46 @@ def load_state(path: str, class_names: list[str]) -> RunState:
             f"{list(class_names)}; use a new output.dir (or delete the old run) to train on this dataset"
         )
     return state
+
+
+#: Settings a backup cannot survive: they change the model's shape or what its weights mean.
+#: Classes are checked by load_state. Everything else may change on a resume and is logged.
+BINDING_SETTINGS = ("data.image_size", "model.head", "model.weights")
+#: Settings that name where things are rather than what is trained: a change is not worth a line.
+PLACES = ("output.dir",)
+
+
+def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) for every setting that differs; a binding one as a whole."""
+    changes = []
+
+    def walk(old: Any, new: Any, key: str) -> None:
+        if key in BINDING_SETTINGS or not (isinstance(old, dict) and isinstance(new, dict)):
+            if old != new and key not in PLACES:
+                changes.append((key, old, new))
+            return
+        for name in sorted(set(old) | set(new)):
+            walk(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+
+    walk(recorded, current, "")
+    return changes
+
+
+def check_resume(state: RunState, settings: dict[str, Any], root: str) -> list[str]:
+    """Refuse a resume whose settings invalidate what the run trained; the safe changes, as lines to log."""
+    changes = changed_settings(state.settings, settings) if state.settings else []
+    for key, old, new in changes:
+        if key in BINDING_SETTINGS:
+            raise ConfigError(
+                f"the run in {root} was started with {key}={_shown(old)} and cannot resume with {_shown(new)} "
+                f"(its backup and weights are for the old value); resume with --set {key}={_shown(old)}, "
+                "or use a new output.dir to start over"
+            )
+    return [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else str(value)
 
 
 def save_state(path: str, state: RunState) -> None:
