@@ -10,16 +10,34 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
 
 from trainer.contract import Env, ExitCode
-from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
+from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError, tf_error_summary
 
 log = logging.getLogger("trainer")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the trainer's contract: a bad command line is one line and exit 64, not a usage block and 2.
+
+    Sub-commands' parsers are of this class too (argparse builds them with the parent's class).
+    """
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+        raise SystemExit(int(ExitCode.CONFIG_ERROR))
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options are found by the top parser; the hint should name the sub-command they were given to.
+        parsed, extras = self.parse_known_args(args, namespace)
+        owner = vars(parsed).pop("_parser", self)
+        if extras:
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +57,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
+    parser = Parser(prog="trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the effective configuration (YAML)")
@@ -91,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
     p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    for command in [*sub.choices.values(), *job_sub.choices.values()]:
+        command.set_defaults(_parser=command)  # the innermost command's parser wins: Parser.parse_args
     return parser
 
 
@@ -143,19 +163,6 @@ def classify(err: Exception) -> TrainerError | None:
     return None
 
 
-def tf_error_summary(message: str) -> str:
-    """The informative line of a TensorFlow error (not "Graph execution error:" or a traceback)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
-    useful = [line for line in lines if not line.startswith(noise)]
-    line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", (useful or lines or [""])[0])
-    line = re.sub(r" with body '.*$", "", line)  # an HTTP error body: long, and says the same
-    uri = re.search(r"gs://[^\s'\"]+", message)
-    if uri and uri.group(0).rstrip(".,;:") not in line:
-        line += f" at {uri.group(0).rstrip('.,;:')}"
-    return line
-
-
 def _run(args: argparse.Namespace) -> int | None:
     if args.command == "predict":
         from trainer.predict import predict_command
@@ -192,6 +199,7 @@ def _run(args: argparse.Namespace) -> int | None:
         return _show_config(cfg)
     if args.command == "prepare":
         return _prepare(args, cfg)
+    config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds
 

@@ -314,6 +314,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(raw)
 
 
+#: Settings without a usable default: what each takes, for the message when one is missing.
+REQUIRED = {
+    "data.dataset": "DATASET (a directory written by `trainer prepare`, local or gs://bucket/prefix)",
+    "output.dir": "RUN_DIR (local path or gs://bucket/prefix)",
+}
+
+
+def require(config: Config, *paths: str) -> None:
+    """ConfigError naming each setting of ``paths`` that is empty and how to set it."""
+    missing = [path for path in paths if not _lookup(config, path)]
+    if not missing:
+        return
+    how = " ".join(f"--set {path}={REQUIRED[path]}" for path in missing)
+    verb, pronoun = ("is", "it") if len(missing) == 1 else ("are", "them")
+    raise ConfigError(f"{' and '.join(missing)} {verb} not set; pass {how}, or set {pronoun} in the --config file")
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config; every problem is reported in one ConfigError.
 
