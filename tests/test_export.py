@@ -203,3 +203,18 @@ def test_evaluate_refuses_a_dataset_of_other_classes_and_a_missing_split(exporte
     assert "are not the dataset's" in capsys.readouterr().err
     assert main(["evaluate", layout.root, no_test, "--split", "test"]) == ExitCode.CONFIG_ERROR
     assert "has no test split; choose --split from: train, validation" in capsys.readouterr().err
+
+
+def test_evaluate_into_an_output_that_is_a_file_is_a_config_error(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    dataset = _prepared(tmp_path, CLASSES)
+    (tmp_path / "report").write_text("a file")
+
+    assert main(["evaluate", layout.root, dataset, "--output", str(tmp_path / "report")]) == ExitCode.CONFIG_ERROR
+
+    err = capsys.readouterr().err
+    report = tmp_path / "report"
+    assert (
+        err
+        == f"error: cannot write {report}/evaluation.json: {report} is a file, not a directory; choose another path\n"
+    )

@@ -8,6 +8,7 @@ faults are.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -146,7 +147,11 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def classify(err: Exception) -> TrainerError | None:
-    """Map TensorFlow's runtime errors to user errors or transient faults."""
+    """Map TensorFlow's runtime errors and the OS's write errors to user errors or transient faults."""
+    if isinstance(err, OSError) and err.errno in _OS_WRITE_ERRNOS:
+        from trainer import storage
+
+        return storage.local_write_error(err, err.filename or "a file")
     if "tensorflow" not in sys.modules:
         return None
     import tensorflow as tf
@@ -158,9 +163,24 @@ def classify(err: Exception) -> TrainerError | None:
         return DataError(f"a dataset file is corrupt ({first_line}); re-run `trainer prepare`")
     if isinstance(err, tf.errors.NotFoundError):
         return DataError(f"a file is missing ({first_line}); check data.dataset and re-run `trainer prepare`")
+    # TensorFlow's own writes (checkpoints, TensorBoard, SavedModel) fail as "<path>; <strerror>".
+    if isinstance(err, tf.errors.ResourceExhaustedError) and first_line.endswith(_NO_SPACE):
+        from trainer import storage
+
+        return storage.local_write_error(OSError(errno.ENOSPC, _NO_SPACE), first_line.removesuffix(_NO_SPACE))
+    if isinstance(err, tf.errors.PermissionDeniedError) and first_line.endswith(_READ_ONLY):
+        return ConfigError(
+            f"cannot write {first_line.removesuffix(_READ_ONLY)}: read-only file system; choose a writable location"
+        )
     if isinstance(err, tf.errors.PermissionDeniedError):
         return DataError(f"permission denied ({first_line}); grant access to the dataset and output locations")
     return None
+
+
+#: OS errors of writes that the trainer's storage layer would have named (scratch files, TF-free writers).
+_OS_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_NO_SPACE = "; No space left on device"
+_READ_ONLY = "; Read-only file system"
 
 
 def _run(args: argparse.Namespace) -> int | None:

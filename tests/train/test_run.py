@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -159,3 +161,71 @@ def test_a_launch_stopped_between_slow_steps_backs_up_and_exits_preempted(tiny_d
     assert launcher.returncode == ExitCode.PREEMPTED, log.read_text()[-4000:]
     assert _checkpoint_path(backups) != first  # the stop wrote a backup of its own
     assert not (output / "metrics.jsonl").exists()  # ... mid-epoch: the epoch's end (step 400) never came
+
+
+# --------------------------------------------------------------------------- unusable outputs
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    output.write_text("not a directory")
+
+    result = _run_cli(_settings(tiny_dataset, str(output)))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: output.dir: cannot write {output}/.probe-worker-0-")
+    assert line.endswith(f": {output} is a file, not a directory; choose another path")
+
+
+def _in_a_mount_namespace(mounts: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`trainer ARGS` after the shell commands ``mounts``, in a private mount namespace (root only)."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--mount", "--fork", "true"]).returncode != 0:
+        pytest.skip("needs root and `unshare --mount` to mount a read-only or a small file system")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    trainer = shlex.join([sys.executable, "-m", "trainer", *args])
+    return subprocess.run(
+        ["unshare", "--mount", "--fork", "sh", "-c", f"set -e; {mounts}; exec {trainer}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_read_only_output_dir_is_a_config_error_naming_it(tiny_dataset, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mount = f"mount --bind {read_only} {read_only}; mount -o remount,bind,ro {read_only}"
+
+    result = _in_a_mount_namespace(mount, _settings(tiny_dataset, str(read_only / "run")))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: output.dir: cannot write {read_only}/run/.probe-worker-0-")
+    assert line.endswith(": read-only file system; choose a writable location")
+
+
+def test_a_full_disk_while_training_is_a_transient_error(tiny_dataset, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    # 2 MB: the probe and the first small files fit, the first backup (60 MB of VGG16 weights) does not.
+    result = _in_a_mount_namespace(f"mount -t tmpfs -o size=2m tmpfs {small}", _settings(tiny_dataset, f"{small}/run"))
+
+    assert result.returncode == ExitCode.TRANSIENT, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: cannot write {small}/run/backup/")
+    assert "no space left on the device; free space or enlarge the volume" in line
+
+
+def test_what_a_run_writes_is_readable_by_other_users(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", *_settings(tiny_dataset, str(output), "phases.fine_tuning.epochs=1")],
+        capture_output=True, text=True, env=env, timeout=180, preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+
+    assert result.returncode == ExitCode.OK, result.stderr[-3000:]
+    modes = {str(p.relative_to(output)): stat.S_IMODE(p.stat().st_mode) for p in output.rglob("*") if p.is_file()}
+    for name in ("summary.json", "state.json", "export/labels.txt", "phases/fine_tuning.weights.h5", "metrics.jsonl"):
+        assert name in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}

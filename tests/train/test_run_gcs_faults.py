@@ -60,7 +60,9 @@ def test_an_unwritable_output_fails_at_once_naming_identity_and_role(gcs, gcs_bu
 
     assert time.monotonic() - started < 60  # before any TensorFlow cluster work, no retries
     line = _error_line(out)
-    assert re.match(rf"error: permission denied to write gs://{gcs_bucket}/run/\.probe-worker-0-\w+ as anonymous", line)
+    assert re.match(
+        rf"error: output.dir: permission denied to write gs://{gcs_bucket}/run/\.probe-worker-0-\w+ as anonymous", line
+    )
     assert "roles/storage.objectUser" in line and "test-token" not in out
 
 
