@@ -218,3 +218,21 @@ def test_evaluate_into_an_output_that_is_a_file_is_a_config_error(exported, tmp_
         err
         == f"error: cannot write {report}/evaluation.json: {report} is a file, not a directory; choose another path\n"
     )
+
+
+def test_evaluate_on_a_damaged_shard_names_it(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    dataset = Path(_prepared(tmp_path, CLASSES))
+    (shard,) = dataset.glob("test-*.tfrecord")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
+    shard.write_bytes(bytes(data))
+
+    assert main(["evaluate", layout.root, str(dataset), "--output", str(tmp_path / "report")]) == ExitCode.DATA_ERROR
+
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"error: shard {re.escape(str(shard))} is corrupt: the record at byte \d+ fails its checksum; "
+        r"re-run `trainer prepare`\n",
+        err,
+    )

@@ -351,7 +351,10 @@ def _train_cluster(cfg, cluster) -> dict | None:
             os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
         wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    summary = train(cfg, dist, checked)
+    from trainer.data.pipeline import naming_damaged_shards
+
+    with naming_damaged_shards(cfg.data.dataset, checked.manifest):
+        summary = train(cfg, dist, checked)
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave
 

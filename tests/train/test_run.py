@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -163,7 +164,39 @@ def test_a_launch_stopped_between_slow_steps_backs_up_and_exits_preempted(tiny_d
     assert not (output / "metrics.jsonl").exists()  # ... mid-epoch: the epoch's end (step 400) never came
 
 
-# --------------------------------------------------------------------------- unusable outputs
+# --------------------------------------------------------------------------- damaged shards, unusable outputs
+
+
+def _damaged_copy(dataset: str, tmp_path, shard: str, damage) -> str:
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    path = copy / shard
+    path.write_bytes(damage(path.read_bytes()))
+    return str(copy)
+
+
+def _overwrite_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + b"\xff" * 16 + data[middle + 16 :]
+
+
+@pytest.mark.parametrize(
+    ("shard", "damage"),
+    [
+        # Same size, bytes changed inside a record: TF says only "corrupted record at <offset>".
+        pytest.param("train-00001-of-00004.tfrecord", _overwrite_middle, id="overwritten"),
+        # Cut off mid-record (TF: "truncated record at <offset>"); read by the validation after epoch 1.
+        pytest.param("validation-00000-of-00004.tfrecord", lambda data: data[: len(data) // 2], id="truncated"),
+    ],
+)
+def test_a_damaged_shard_is_a_data_error_naming_it(tiny_dataset, tmp_path, shard, damage):
+    dataset = _damaged_copy(tiny_dataset, tmp_path, shard, damage)
+
+    result = _run_cli(_settings(dataset, str(tmp_path / "run")))
+
+    assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: shard {dataset}/{shard} ") and line.endswith("; re-run `trainer prepare`")
 
 
 def test_an_output_dir_that_is_a_file_is_a_config_error(tiny_dataset, tmp_path):
