@@ -292,8 +292,65 @@ def test_invalid_yaml_file_is_a_one_line_config_error(tmp_path):
 
     message = config_error(path=str(path))
 
-    assert message.startswith(f"config file {path} is not valid YAML at line ")
+    assert message.startswith(f"config file {path} is not valid YAML: line 3, column 6: ")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A whole section twice: the first one's settings would vanish unseen.
+        ("train:\n  steps_per_epoch: 1\nmodel:\n  weights: none\ntrain:\n  backups_to_keep: 3\n",
+         "line 5, column 1: key 'train' is given twice (first on line 1)"),
+        ("train:\n  steps_per_epoch: 1\n  steps_per_epoch: 2\n",
+         "line 3, column 3: key 'steps_per_epoch' is given twice (first on line 2)"),
+        ("data: {image_size: 32, image_size: 64}\n", "line 1, column 24: key 'image_size' is given twice"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_is_a_config_error_naming_it_and_its_lines(tmp_path, text, expected):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+
+    message = config_error(path=str(path))
+
+    assert message.startswith(f"config file {path} is not valid YAML: {expected}")
+    assert "\n" not in message
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "phases:\n  feature_extraction: &phase {epochs: 2, early_stopping_patience: 1}\n"
+        "  fine_tuning:\n    <<: *phase\n    epochs: 3\n"
+    )
+
+    cfg = load_config(str(path))
+
+    assert (cfg.phases.fine_tuning.epochs, cfg.phases.fine_tuning.early_stopping_patience) == (3, 1)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "-Infinity"])
+@pytest.mark.parametrize(
+    "setting",
+    ["phases.fine_tuning.optimizer.learning_rate", "runtime.peer_wait_seconds", "prepare.shard_size_mb",
+     "data.staging.budget_gb", "train.label_smoothing"],
+)  # fmt: skip
+def test_a_float_setting_must_be_finite(setting, value):
+    message = config_error(overrides=[f"{setting}={value}"])
+
+    assert re.fullmatch(
+        rf"1 configuration problem: {re.escape(setting)}: expected a finite number, got -?(inf|nan)", message
+    )
+
+
+def test_a_non_finite_float_in_a_file_names_the_setting(tmp_path):
+    path = tmp_path / "inf.yaml"
+    path.write_text("phases:\n  feature_extraction:\n    optimizer:\n      learning_rate: .inf\n")
+
+    message = config_error(path=str(path))
+
+    setting = "phases.feature_extraction.optimizer.learning_rate"
+    assert message == f"1 configuration problem: {setting}: expected a finite number, got inf"
 
 
 def test_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path):

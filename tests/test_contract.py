@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -99,8 +103,57 @@ def test_cli_train_on_missing_dataset_exits_65_with_one_error_line(clean_env, ca
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`trainer ARGS` in a fresh process, without a cluster or config file from the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in (Env.TF_CONFIG.value, Env.CONFIG_FILE.value)}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "problem", "hint"),
+    [
+        ([], "the following arguments are required: command", "trainer --help"),
+        (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1", "trainer train --help"),
+        (["launch", "--workers", "two"], "argument --workers: invalid int value: 'two'", "trainer launch --help"),
+        (["job", "run"], "the following arguments are required: manifests", "trainer job run --help"),
+        (["job", "run", "m.yaml", "--network", "wifi"], "argument --network: invalid choice: 'wifi'",
+         "trainer job run --help"),
+        (["evaluate", "run", "data", "--split", "dev"], "argument --split: invalid choice: 'dev'",
+         "trainer evaluate --help"),
+    ],
+)  # fmt: skip
+def test_a_bad_command_line_is_one_line_and_exit_64_with_a_help_hint(args, problem, hint):
+    result = _cli(*args)
+
+    assert result.returncode == ExitCode.CONFIG_ERROR
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {problem}"), result.stderr
+    assert result.stderr.endswith(f"; see `{hint}`\n")
+    assert result.stdout == ""
+
+
+def test_help_still_exits_0():
+    result = _cli("train", "--help")
+
+    assert result.returncode == 0 and result.stdout.startswith("usage: trainer train")
+
+
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_a_missing_required_setting_is_a_config_error_saying_how_to_set_it(command, tmp_path):
+    only_output = _cli(command, "--set", f"output.dir={tmp_path / 'run'}")
+    neither = _cli(command)
+
+    assert only_output.returncode == neither.returncode == ExitCode.CONFIG_ERROR
+    assert only_output.stderr.startswith("error: data.dataset is not set; pass --set data.dataset=DATASET ")
+    assert only_output.stderr.count("\n") == 1
+    assert neither.stderr.startswith("error: data.dataset and output.dir are not set; pass --set data.dataset=")
+    assert "--set output.dir=RUN_DIR" in neither.stderr and neither.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_tensorflow_errors_are_summarised_by_their_informative_line():
-    from trainer.cli import tf_error_summary
+    from trainer.errors import tf_error_summary
 
     message = (
         "Graph execution error:\n\nDetected at node IteratorGetNext defined at (most recent call last):\n"
@@ -118,3 +171,13 @@ def test_tensorflow_errors_are_summarised_by_their_informative_line():
     assert tf_error_summary(gcs_404) == (
         "Error executing an HTTP request: HTTP response code 404 at gs://bucket/data/train-00001-of-00004.tfrecord"
     )
+    decode = (
+        "Graph execution error:\n\nDetected at node map/while/DecodeImage defined at (most recent call last):\n"
+        "<stack traces unavailable>\nInput is empty.\n\t [[{{node map/while/DecodeImage}}]] [Op:__inference_serve_1]"
+    )
+    assert tf_error_summary(decode) == "Input is empty."
+    no_space = (
+        "{{function_node __wrapped__SaveV2_dtypes_2_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+        "/run/backup/ckpt-1_temp; No space left on device [Op:SaveV2]"
+    )
+    assert tf_error_summary(no_space) == "/run/backup/ckpt-1_temp; No space left on device"

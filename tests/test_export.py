@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,59 @@ def test_predict_on_a_file_that_is_not_an_image_is_a_data_error(exported, tmp_pa
 
     assert main(["predict", layout.export, str(text)]) == ExitCode.DATA_ERROR
 
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: cannot decode") and "\n" not in err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: 1 of 1 image(s) could not be classified: {text} (Unknown image file format")
+    assert err.count("\n") == 1
+
+
+def test_predict_classifies_the_good_images_and_names_each_bad_one(exported, tmp_path, capsys):
+    _, layout, _, images = exported
+    jpeg = Path(images[0]).read_bytes()
+    bad = {"empty.jpg": b"", "cut.jpg": jpeg[: len(jpeg) // 3], "text.png": b"hello"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    args = [images[0], str(tmp_path / "empty.jpg"), images[1], str(tmp_path / "cut.jpg"), str(tmp_path / "gone.png"),
+            str(tmp_path / "text.png"), images[2]]  # fmt: skip
+
+    assert main(["predict", layout.export, *args, "--json"]) == ExitCode.DATA_ERROR
+
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["image"] for line in out.splitlines()] == images  # the good ones, in order
+    assert err.count("\n") == 1 and err.startswith("error: 4 of 7 image(s) could not be classified: ")
+    assert err.endswith("; pass readable JPEG or PNG files (the others are classified above)\n")
+    listed = err.split("could not be classified: ", 1)[1].rsplit("; pass readable JPEG or PNG files", 1)[0]
+    named = [re.fullmatch(r"(\S+) \((.*)\)", item).groups() for item in listed.split("; ")]
+    assert [path for path, _ in named] == [str(tmp_path / n) for n in ("empty.jpg", "cut.jpg", "gone.png", "text.png")]
+    assert [reason for _, reason in named] == [
+        "Input is empty", "jpeg::Uncompress failed. Invalid JPEG data or crop window", "no such file",
+        "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required",
+    ]  # fmt: skip
+
+
+def test_predict_refuses_a_directory_argument_before_loading_the_model(exported, tmp_path, capsys):
+    _, layout, _, images = exported
+
+    assert main(["predict", layout.export, images[0], str(tmp_path)]) == ExitCode.CONFIG_ERROR
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: {tmp_path} is a directory, not an image; pass image files (e.g. {tmp_path}/*.jpg)\n"
+
+
+def test_predict_with_a_saved_model_without_the_serving_signature_is_a_data_error(tmp_path, capsys):
+    model = build_model(len(CLASSES), SIZE, ModelConfig(weights="none", head=HeadConfig(dense_units=[8])), seed=3)
+    tf.saved_model.save(model, str(tmp_path / "saved_model"))  # a plain save: its signature takes pixels
+    image = tmp_path / "a.png"
+    image.write_bytes(_image_bytes("PNG", seed=1))
+
+    assert main(["predict", str(tmp_path), str(image)]) == ExitCode.DATA_ERROR
+
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: the SavedModel {tmp_path / 'saved_model'} has no serving_default signature taking image_bytes"
+    )
+    assert "(it has serving_default(" in err and "trainer.export.export_model" in err
+    assert err.count("\n") == 1
 
 
 def test_predict_without_an_export_is_a_config_error(tmp_path, capsys):
@@ -151,3 +203,36 @@ def test_evaluate_refuses_a_dataset_of_other_classes_and_a_missing_split(exporte
     assert "are not the dataset's" in capsys.readouterr().err
     assert main(["evaluate", layout.root, no_test, "--split", "test"]) == ExitCode.CONFIG_ERROR
     assert "has no test split; choose --split from: train, validation" in capsys.readouterr().err
+
+
+def test_evaluate_into_an_output_that_is_a_file_is_a_config_error(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    dataset = _prepared(tmp_path, CLASSES)
+    (tmp_path / "report").write_text("a file")
+
+    assert main(["evaluate", layout.root, dataset, "--output", str(tmp_path / "report")]) == ExitCode.CONFIG_ERROR
+
+    err = capsys.readouterr().err
+    report = tmp_path / "report"
+    assert (
+        err
+        == f"error: cannot write {report}/evaluation.json: {report} is a file, not a directory; choose another path\n"
+    )
+
+
+def test_evaluate_on_a_damaged_shard_names_it(exported, tmp_path, capsys):
+    _, layout, _, _ = exported
+    dataset = Path(_prepared(tmp_path, CLASSES))
+    (shard,) = dataset.glob("test-*.tfrecord")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
+    shard.write_bytes(bytes(data))
+
+    assert main(["evaluate", layout.root, str(dataset), "--output", str(tmp_path / "report")]) == ExitCode.DATA_ERROR
+
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"error: shard {re.escape(str(shard))} is corrupt: the record at byte \d+ fails its checksum; "
+        r"re-run `trainer prepare`\n",
+        err,
+    )

@@ -119,3 +119,31 @@ def test_missing_credentials_are_a_config_error_with_the_ways_to_fix_it(monkeypa
         assert raised.value.exit_code == 64
     finally:
         gcs_module_reset()
+
+
+def test_a_missing_bucket_is_a_config_error_naming_it_for_listing_reading_and_writing(bucket, gcs):
+    missing = f"{bucket}-typo"
+    calls = {
+        "exists": lambda: storage.exists(f"gs://{missing}/run/state.json"),  # falls through to a listing
+        "glob": lambda: storage.glob(f"gs://{missing}/data/train-*.tfrecord"),
+        "read": lambda: storage.read_text(f"gs://{missing}/data/manifest.json"),
+        "write": lambda: storage.write_text(f"gs://{missing}/run/.probe", "x"),
+    }
+
+    for name, call in calls.items():
+        with pytest.raises(ConfigError) as raised:
+            call()
+        assert str(raised.value).startswith(f"bucket {missing} does not exist (gs://{missing}/"), name
+        assert "check the bucket name in output.dir / data.dataset" in str(raised.value), name
+
+
+def test_a_denied_listing_fails_at_once_naming_identity_and_role(bucket, gcs):
+    storage.write_text(f"gs://{bucket}/run/a.json", "{}")
+    gcs.deny(403, methods=["GET"], path_contains=f"/b/{bucket}/o?")  # object listings only
+
+    with pytest.raises(ConfigError) as raised:
+        storage.glob(f"gs://{bucket}/run/*.json")
+
+    assert str(raised.value).startswith(f"permission denied to list gs://{bucket}/run/ as anonymous (emulator)")
+    assert gcs_lib.READ_ROLE in str(raised.value)
+    assert len(gcs.requests(method="GET", path_contains=f"/b/{bucket}/o?")) == 1  # not retried

@@ -208,6 +208,26 @@ def test_manifests_are_read_into_typed_models(tmp_path):
     assert any(name.startswith("ServiceAccount/") for name in manifests.ignored)
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("kind: Job\nmetadata: [\n name", "line 3, column 6: expected ',' or ']', but got '<stream end>'"),
+        ("kind: Job\nmetadata:\n  name: a\n  name: b\n", "line 4, column 3: key 'name' is given twice"),
+    ],
+)
+def test_malformed_manifests_are_one_line_naming_the_file_line_and_column(tmp_path, text, where):
+    path = tmp_path / "manifests.yaml"
+    path.write_text(text)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "job", "run", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == ExitCode.CONFIG_ERROR
+    assert result.stderr.startswith(f"error: manifests file {path} is not valid YAML: {where}"), result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 # --- the Job ---------------------------------------------------------------------------------
 
 

@@ -8,18 +8,37 @@ faults are.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
 
 from trainer.contract import Env, ExitCode
-from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
+from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError, tf_error_summary
 
 log = logging.getLogger("trainer")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the trainer's contract: a bad command line is one line and exit 64, not a usage block and 2.
+
+    Sub-commands' parsers are of this class too (argparse builds them with the parent's class).
+    """
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+        raise SystemExit(int(ExitCode.CONFIG_ERROR))
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options are found by the top parser; the hint should name the sub-command they were given to.
+        parsed, extras = self.parse_known_args(args, namespace)
+        owner = vars(parsed).pop("_parser", self)
+        if extras:
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +58,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
+    parser = Parser(prog="trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the effective configuration (YAML)")
@@ -91,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
     p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    for command in [*sub.choices.values(), *job_sub.choices.values()]:
+        command.set_defaults(_parser=command)  # the innermost command's parser wins: Parser.parse_args
     return parser
 
 
@@ -126,7 +147,11 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def classify(err: Exception) -> TrainerError | None:
-    """Map TensorFlow's runtime errors to user errors or transient faults."""
+    """Map TensorFlow's runtime errors and the OS's write errors to user errors or transient faults."""
+    if isinstance(err, OSError) and err.errno in _OS_WRITE_ERRNOS:
+        from trainer import storage
+
+        return storage.local_write_error(err, err.filename or "a file")
     if "tensorflow" not in sys.modules:
         return None
     import tensorflow as tf
@@ -138,22 +163,24 @@ def classify(err: Exception) -> TrainerError | None:
         return DataError(f"a dataset file is corrupt ({first_line}); re-run `trainer prepare`")
     if isinstance(err, tf.errors.NotFoundError):
         return DataError(f"a file is missing ({first_line}); check data.dataset and re-run `trainer prepare`")
+    # TensorFlow's own writes (checkpoints, TensorBoard, SavedModel) fail as "<path>; <strerror>".
+    if isinstance(err, tf.errors.ResourceExhaustedError) and first_line.endswith(_NO_SPACE):
+        from trainer import storage
+
+        return storage.local_write_error(OSError(errno.ENOSPC, _NO_SPACE), first_line.removesuffix(_NO_SPACE))
+    if isinstance(err, tf.errors.PermissionDeniedError) and first_line.endswith(_READ_ONLY):
+        return ConfigError(
+            f"cannot write {first_line.removesuffix(_READ_ONLY)}: read-only file system; choose a writable location"
+        )
     if isinstance(err, tf.errors.PermissionDeniedError):
         return DataError(f"permission denied ({first_line}); grant access to the dataset and output locations")
     return None
 
 
-def tf_error_summary(message: str) -> str:
-    """The informative line of a TensorFlow error (not "Graph execution error:" or a traceback)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
-    useful = [line for line in lines if not line.startswith(noise)]
-    line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", (useful or lines or [""])[0])
-    line = re.sub(r" with body '.*$", "", line)  # an HTTP error body: long, and says the same
-    uri = re.search(r"gs://[^\s'\"]+", message)
-    if uri and uri.group(0).rstrip(".,;:") not in line:
-        line += f" at {uri.group(0).rstrip('.,;:')}"
-    return line
+#: OS errors of writes that the trainer's storage layer would have named (scratch files, TF-free writers).
+_OS_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_NO_SPACE = "; No space left on device"
+_READ_ONLY = "; Read-only file system"
 
 
 def _run(args: argparse.Namespace) -> int | None:
@@ -192,6 +219,7 @@ def _run(args: argparse.Namespace) -> int | None:
         return _show_config(cfg)
     if args.command == "prepare":
         return _prepare(args, cfg)
+    config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds
 
@@ -332,7 +360,10 @@ def _train_checked(cfg, cluster, checked) -> dict | None:
             os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
         wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    summary = train(cfg, dist, checked)
+    from trainer.data.pipeline import naming_damaged_shards
+
+    with naming_damaged_shards(cfg.data.dataset, checked.manifest):
+        summary = train(cfg, dist, checked)
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave
 

@@ -5,7 +5,8 @@ built-in defaults -> YAML file (``--config``) -> ``--set a.b=value`` overrides.
 
 Validation happens here, at the edge, and reports every problem at once, each with its
 field path (``phases.fine_tuning.epochs: expected an integer >= 0, got -1``). Unknown
-keys are errors, with a suggestion when one is close, so typos never pass silently.
+keys are errors, with a suggestion when one is close, so typos never pass silently; so are a
+key given twice in the YAML file (PyYAML would keep the last) and a non-finite number.
 
 Every field's ``doc`` metadata is the configuration reference: ``docs/configuration.md``
 is generated from it (``trainer config --reference``) and a test keeps the two in sync.
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +327,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(raw)
 
 
+#: Settings without a usable default: what each takes, for the message when one is missing.
+REQUIRED = {
+    "data.dataset": "DATASET (a directory written by `trainer prepare`, local or gs://bucket/prefix)",
+    "output.dir": "RUN_DIR (local path or gs://bucket/prefix)",
+}
+
+
+def require(config: Config, *paths: str) -> None:
+    """ConfigError naming each setting of ``paths`` that is empty and how to set it."""
+    missing = [path for path in paths if not _lookup(config, path)]
+    if not missing:
+        return
+    how = " ".join(f"--set {path}={REQUIRED[path]}" for path in missing)
+    verb, pronoun = ("is", "it") if len(missing) == 1 else ("are", "them")
+    raise ConfigError(f"{' and '.join(missing)} {verb} not set; pass {how}, or set {pronoun} in the --config file")
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config; every problem is reported in one ConfigError.
 
@@ -436,16 +455,49 @@ def _read_yaml(path: str) -> dict[str, Any]:
             f"config file {path} cannot be read ({type(err).__name__}); pass a readable YAML file to --config"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}; fix that line") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    A repeated section (two ``train:`` blocks) would drop every setting of the first one unseen.
+    Merge keys (``<<: *defaults``) may still be overridden: only keys written out are compared.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first on line {seen[key]})", key_node.start_mark
+                        )
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(err, "context", None)
+    context_mark = getattr(err, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != getattr(mark, "line", None):
+        context += f" that starts on line {context_mark.line + 1}"
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def set_args(*settings: str) -> list[str]:
@@ -545,6 +597,9 @@ def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[s
             errors.append(f"{path}: expected a number, got {_describe(value)}")
             return value
         value = float(value)
+        if not math.isfinite(value):  # YAML's .inf/.nan and "inf"/"nan" pass every range check or none
+            errors.append(f"{path}: expected a finite number, got {value}")
+            return value
     elif hint is str:
         if value is None:
             value = ""
@@ -620,7 +675,8 @@ def reference_markdown() -> str:
         "Generated by `trainer config --reference` from `trainer/config.py`; do not edit by hand.",
         "",
         "Set values in a YAML file (`--config run.yaml`) or on the command line",
-        "(`--set phases.fine_tuning.epochs=3`). Unknown keys and wrong types are errors.",
+        "(`--set phases.fine_tuning.epochs=3`). Unknown keys, keys given twice, wrong types and",
+        "non-finite numbers (`.inf`, `nan`) are errors.",
         "",
     ]
     lines += _top_level_rows()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from trainer.contract import ExitCode
 
 
@@ -36,3 +38,17 @@ class Preempted(TrainerError):
     """The process was asked to stop (SIGTERM) and saved its state first."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+def tf_error_summary(message: str) -> str:
+    """The informative line of a TensorFlow error (not "Graph execution error:" or a traceback)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback", "<stack traces unavailable>")
+    useful = [line for line in lines if not line.startswith(noise)]
+    line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", (useful or lines or [""])[0])
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)  # which kernel ran it: noise to the user
+    line = re.sub(r" with body '.*$", "", line)  # an HTTP error body: long, and says the same
+    uri = re.search(r"gs://[^\s'\"]+", message)
+    if uri and uri.group(0).rstrip(".,;:") not in line:
+        line += f" at {uri.group(0).rstrip('.,;:')}"
+    return line

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
+OUTPUT_NAME = "probabilities"
 
 
 class ServingModule(tf.Module):
@@ -76,6 +77,31 @@ def export_model(
 
 
 def load_serving(path: str):
-    """The exported serving function: bytes tensor -> dict of outputs."""
+    """The exported serving function: bytes tensor -> dict of outputs.
+
+    A SavedModel not written by :func:`export_model` (e.g. ``tf.saved_model.save`` of a Keras
+    model, whose signature takes pixels) is a DataError saying what the trainer expects,
+    instead of a TypeError at the first call.
+    """
+    from trainer.errors import DataError
+
     loaded = tf.saved_model.load(path)
-    return loaded.signatures[SIGNATURE]
+    serve = loaded.signatures.get(SIGNATURE)
+    if serve is None or not _takes_image_bytes(serve):
+        found = ", ".join(f"{name}({', '.join(_input_names(fn))})" for name, fn in loaded.signatures.items())
+        raise DataError(
+            f"the SavedModel {path} has no {SIGNATURE} signature taking {INPUT_NAME} (encoded JPEG/PNG strings) "
+            f"and returning {OUTPUT_NAME} (it has {found or 'no signatures'}); use the export of a run "
+            "(<output.dir>/export) or write one with trainer.export.export_model"
+        )
+    return serve
+
+
+def _input_names(fn) -> list[str]:
+    return sorted(fn.structured_input_signature[1])
+
+
+def _takes_image_bytes(fn) -> bool:
+    inputs = fn.structured_input_signature[1]
+    spec = inputs.get(INPUT_NAME)
+    return set(inputs) == {INPUT_NAME} and spec.dtype == tf.string and OUTPUT_NAME in (fn.structured_outputs or {})

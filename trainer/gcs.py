@@ -133,6 +133,8 @@ def classify(err: BaseException, action: str, uri: str) -> Exception:
             f"permission denied to {action} {uri} as {identity()}; grant it {role} on the bucket "
             "(or fix the Workload Identity / key file in use)"
         )
+    if isinstance(err, exceptions.NotFound) and action in _BUCKET_ACTIONS:
+        return missing_bucket(uri)
     if isinstance(err, exceptions.NotFound):
         return DataError(f"{uri} not found while trying to {action} it; check the bucket and path")
     if isinstance(err, FileNotFoundError):
@@ -154,6 +156,31 @@ def classify(err: BaseException, action: str, uri: str) -> Exception:
     return err
 
 
+#: Calls that answer 404 only when the bucket itself is missing (a listing or an upload never lacks an object).
+_BUCKET_ACTIONS = ("list", "write", "upload")
+
+
+def missing_bucket(uri: str) -> ConfigError:
+    bucket = GcsPath.parse(uri).bucket
+    return ConfigError(
+        f"bucket {bucket} does not exist ({uri}); check the bucket name in output.dir / data.dataset "
+        "(or the command's gs:// arguments), or create the bucket"
+    )
+
+
+def bucket_exists(bucket: str) -> bool:
+    """Whether ``bucket`` exists, by listing one object (objectViewer may list; buckets.get needs more)."""
+    from google.api_core import exceptions
+
+    try:
+        list(client().list_blobs(bucket, max_results=1, retry=_retry()))
+    except exceptions.NotFound:
+        return False
+    except Exception:  # denied or unreachable: not a missing bucket; the caller's own error stands
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- objects
 
 
@@ -168,6 +195,8 @@ def read_bytes(uri: str) -> bytes:
     try:
         return _blob(path).download_as_bytes(retry=_retry())
     except exceptions.NotFound:
+        if not bucket_exists(path.bucket):  # a typo in the bucket name is not "run `trainer prepare` first"
+            raise missing_bucket(uri) from None
         raise FileNotFoundError(uri) from None
     except Exception as err:
         raise classify(err, "read", uri) from None
@@ -205,8 +234,11 @@ def list_names(prefix_uri: str, max_results: int | None = None) -> Iterator[str]
     """Full gs:// URIs of the objects under a prefix."""
     path = GcsPath.parse(prefix_uri)
     blobs = call("list", prefix_uri, client().list_blobs, path.bucket, prefix=path.name, max_results=max_results)
-    for blob in blobs:
-        yield f"{SCHEME}{path.bucket}/{blob.name}"
+    try:  # the listing is lazy: its pages are requested, and fail, while iterating
+        for blob in blobs:
+            yield f"{SCHEME}{path.bucket}/{blob.name}"
+    except Exception as err:
+        raise classify(err, "list", prefix_uri) from None
 
 
 def delete(uri: str) -> None:

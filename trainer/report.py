@@ -311,7 +311,9 @@ def evaluate_export(model_path: str, dataset: str, split: str = "test", top_k: i
             f"the model's classes ({', '.join(labels[:5])}...) are not the dataset's "
             f"({', '.join(manifest.class_names[:5])}...); evaluate it on a dataset prepared with the same class folders"
         )
-    predictions = predict_records(load_serving(saved_model), pipeline.shard_paths(dataset, manifest, split))
+    serve = load_serving(saved_model)
+    with pipeline.naming_damaged_shards(dataset, manifest):
+        predictions = predict_records(serve, pipeline.shard_paths(dataset, manifest, split))
     return split_report(
         predictions, manifest.class_names, split, manifest.split_size(split), saved_model, dataset, top_k
     )

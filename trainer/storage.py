@@ -1,17 +1,24 @@
 """File access for local paths and object-store URIs.
 
-- local paths: the standard library (writes are atomic: temporary file + rename);
+- local paths: the standard library (writes are atomic: temporary file + rename, with the
+  mode the umask gives, 0644 under the usual 022, as TensorFlow's own files: a dataset or
+  run written by one user is readable by another, e.g. the container's user 10001);
 - ``gs://``: google-cloud-storage (:mod:`trainer.gcs`), with retries and clear errors;
 - other URIs (``s3://``, ``hdfs://`` ... where TensorFlow supports them): ``tf.io.gfile``.
+
+Local write failures the user can fix become the trainer's errors, naming the path: a
+parent that is a file, no permission or a read-only file system (ConfigError), a full disk
+(TransientError).
 
 TensorFlow is imported only when needed, so light commands stay fast.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 
 
 def is_remote(path: str) -> bool:
@@ -72,9 +79,16 @@ def write_bytes(path: str, data: bytes) -> None:
         with _gfile().GFile(path, "wb") as fh:
             fh.write(data)
         return
+    try:
+        _write_local(path, data)
+    except OSError as err:
+        raise local_write_error(err, path) from None
+
+
+def _write_local(path: str, data: bytes) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    fd, tmp = _create_temporary(directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -83,6 +97,60 @@ def write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _create_temporary(directory: str) -> tuple[int, str]:
+    """A new file beside the target, mode 0666 less the umask (mkstemp's 0600 would hide it from other users)."""
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # 64 random bits taken: try another name
+            continue
+
+
+#: errno -> (what it means, the fix) for local writes.
+_WRITE_ERRORS = {
+    errno.EACCES: ("permission denied", "choose a writable location or fix its permissions"),
+    errno.EPERM: ("permission denied", "choose a writable location or fix its permissions"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
+    errno.EISDIR: ("it is a directory", "choose a file path"),
+}
+#: A full disk or quota is a fault of the moment, not of the input: space is freed (old backups,
+#: other jobs), the volume grows, or the retried pod gets an empty scratch volume. So it is
+#: TRANSIENT (retried, and the run resumes from its last backup), not a user error that fails the Job.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def local_write_error(err: OSError, path: str) -> Exception:
+    """The trainer's error for a failed local write under ``path`` (``err`` itself when unknown)."""
+    from trainer.errors import ConfigError, TransientError
+
+    if err.errno in _FULL:
+        return TransientError(
+            f"cannot write {path}: no space left on the device; free space or enlarge the volume "
+            "(retrying resumes from the last backup)"
+        )
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):  # makedirs met a file where a directory must be
+        blocker = file_in_the_way(path)
+        if blocker is not None:
+            return ConfigError(f"cannot write {path}: {blocker} is a file, not a directory; choose another path")
+    if err.errno in _WRITE_ERRORS:
+        problem, fix = _WRITE_ERRORS[err.errno]
+        return ConfigError(f"cannot write {path}: {problem}; {fix}")
+    return err
+
+
+def file_in_the_way(path: str) -> str | None:
+    """The first of ``path`` and its parents that exists and is not a directory (local paths)."""
+    current = os.path.abspath(path)
+    while True:
+        if os.path.lexists(current):
+            return None if os.path.isdir(current) else current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
 
 
 def write_text(path: str, text: str) -> None:
@@ -94,8 +162,11 @@ def makedirs(path: str) -> None:
         return  # object stores have no directories
     if is_remote(path):
         _gfile().makedirs(path)
-    else:
+        return
+    try:
         os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise local_write_error(err, path) from None
 
 
 def glob(pattern: str) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +100,72 @@ def test_fewer_shards_than_workers_is_a_one_line_data_error():
     assert "\n" not in message
     assert message.startswith("split 'train' has 2 shard(s) but the run has 3 workers")
     assert "--set prepare.min_shards=12" in message
+
+
+# --------------------------------------------------------------------------- damaged shards
+
+
+def _dataset_of(directory, records_per_shard: int = 5):
+    """write_shards in ``directory`` and a manifest of them (the sizes they have now)."""
+    from trainer.data.manifest import Manifest, Shard
+
+    paths = write_shards(directory)
+    shards = [Shard(pathlib.Path(p).name, records_per_shard, pathlib.Path(p).stat().st_size) for p in paths]
+    counts = {"train": {"class0": 10}}
+    return paths, Manifest(["class0", "class1", "class2"], counts, {"train": shards})
+
+
+def _read_all(paths) -> None:
+    for _ in tf.data.TFRecordDataset(paths):
+        pass
+
+
+def _data_loss_message(paths) -> str:
+    with pytest.raises(tf.errors.DataLossError) as info:
+        _read_all(paths)
+    return str(info.value)
+
+
+def test_a_shard_with_overwritten_bytes_is_named_with_the_record(tmp_path):
+    paths, manifest = _dataset_of(tmp_path)
+    data = bytearray(pathlib.Path(paths[1]).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8  # same size: only the checksums tell
+    pathlib.Path(paths[1]).write_bytes(bytes(data))
+    assert paths[1] not in _data_loss_message(paths)  # what TensorFlow says names no file
+
+    with pytest.raises(DataError) as info, pipeline.naming_damaged_shards(str(tmp_path), manifest):
+        _read_all(paths)
+
+    message = str(info.value)
+    assert message.startswith(f"shard {paths[1]} is corrupt: the record at byte ")
+    assert message.endswith(" fails its checksum; re-run `trainer prepare`")
+
+
+def test_a_shard_cut_off_mid_record_is_named_by_its_size_or_else_by_its_framing(tmp_path):
+    paths, manifest = _dataset_of(tmp_path)
+    data = pathlib.Path(paths[0]).read_bytes()
+    pathlib.Path(paths[0]).write_bytes(data[: len(data) - 100])  # inside the last record
+    message = _data_loss_message(paths)
+
+    by_size = pipeline.damaged_shard_error(message, str(tmp_path), manifest)
+    manifest.shards["train"][0] = dataclasses.replace(manifest.shards["train"][0], bytes=len(data) - 100)
+    by_framing = pipeline.damaged_shard_error(message, str(tmp_path), manifest)
+
+    assert str(by_size) == (
+        f"shard {paths[0]} has {len(data) - 100} bytes but the manifest says {len(data)} (truncated or replaced); "
+        "re-run `trainer prepare`"
+    )
+    assert re.fullmatch(
+        rf"shard {re.escape(paths[0])} is corrupt: the record at byte \d+ is cut short; .*", str(by_framing)
+    )
+
+
+def test_a_data_loss_in_no_shard_of_the_dataset_keeps_tensorflows_error(tmp_path):
+    _, manifest = _dataset_of(tmp_path)
+
+    assert pipeline.damaged_shard_error("corrupted record at 120", str(tmp_path), manifest) is None
+    with pytest.raises(tf.errors.DataLossError), pipeline.naming_damaged_shards(str(tmp_path), manifest):
+        raise tf.errors.DataLossError(None, None, "corrupted record at 120")
 
 
 # --------------------------------------------------------------------------- per-image ops

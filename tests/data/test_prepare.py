@@ -12,6 +12,9 @@ import json
 import os
 import random
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -482,3 +485,18 @@ def test_output_inside_the_source_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="inside the source folder"):
         prepare_dataset(str(source), os.path.join(source, "prepared"), config(), progress=lambda _: None)
+
+
+def test_a_prepared_dataset_is_readable_by_other_users(tmp_path):
+    source = _flat(tmp_path / "photos", {"a": 4, "b": 4})
+    output = tmp_path / "prepared"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "prepare", str(source), str(output), "--set", "prepare.processes=1"],
+        capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in output.iterdir()}
+    assert {"manifest.json", PREPARE_REPORT_FILE} <= set(modes) and any(n.endswith(".tfrecord") for n in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}

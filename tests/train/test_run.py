@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -297,3 +299,103 @@ def test_a_resume_with_safe_changes_logs_them_and_completes(interrupted_run, tin
     assert state["settings"]["train"]["steps_per_epoch"] == 200  # the start's settings stay the reference
     summary = json.loads((output / "summary.json").read_text())
     assert summary["config"]["phases"]["fine_tuning"]["epochs"] == 1
+
+
+# --------------------------------------------------------------------------- damaged shards, unusable outputs
+
+
+def _damaged_copy(dataset: str, tmp_path, shard: str, damage) -> str:
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    path = copy / shard
+    path.write_bytes(damage(path.read_bytes()))
+    return str(copy)
+
+
+def _overwrite_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + b"\xff" * 16 + data[middle + 16 :]
+
+
+@pytest.mark.parametrize(
+    ("shard", "damage"),
+    [
+        # Same size, bytes changed inside a record: TF says only "corrupted record at <offset>".
+        pytest.param("train-00001-of-00004.tfrecord", _overwrite_middle, id="overwritten"),
+        # Cut off mid-record (TF: "truncated record at <offset>"); read by the validation after epoch 1.
+        pytest.param("validation-00000-of-00004.tfrecord", lambda data: data[: len(data) // 2], id="truncated"),
+    ],
+)
+def test_a_damaged_shard_is_a_data_error_naming_it(tiny_dataset, tmp_path, shard, damage):
+    dataset = _damaged_copy(tiny_dataset, tmp_path, shard, damage)
+
+    result = _run_cli(_settings(dataset, str(tmp_path / "run")))
+
+    assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: shard {dataset}/{shard} ") and line.endswith("; re-run `trainer prepare`")
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    output.write_text("not a directory")
+
+    result = _run_cli(_settings(tiny_dataset, str(output)))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: output.dir: cannot write {output}/.probe-worker-0-")
+    assert line.endswith(f": {output} is a file, not a directory; choose another path")
+
+
+def _in_a_mount_namespace(mounts: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`trainer ARGS` after the shell commands ``mounts``, in a private mount namespace (root only)."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--mount", "--fork", "true"]).returncode != 0:
+        pytest.skip("needs root and `unshare --mount` to mount a read-only or a small file system")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    trainer = shlex.join([sys.executable, "-m", "trainer", *args])
+    return subprocess.run(
+        ["unshare", "--mount", "--fork", "sh", "-c", f"set -e; {mounts}; exec {trainer}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_read_only_output_dir_is_a_config_error_naming_it(tiny_dataset, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mount = f"mount --bind {read_only} {read_only}; mount -o remount,bind,ro {read_only}"
+
+    result = _in_a_mount_namespace(mount, _settings(tiny_dataset, str(read_only / "run")))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: output.dir: cannot write {read_only}/run/.probe-worker-0-")
+    assert line.endswith(": read-only file system; choose a writable location")
+
+
+def test_a_full_disk_while_training_is_a_transient_error(tiny_dataset, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    # 2 MB: the probe and the first small files fit, the first backup (60 MB of VGG16 weights) does not.
+    result = _in_a_mount_namespace(f"mount -t tmpfs -o size=2m tmpfs {small}", _settings(tiny_dataset, f"{small}/run"))
+
+    assert result.returncode == ExitCode.TRANSIENT, result.stderr[-3000:]
+    line = _error_line(result)
+    assert line.startswith(f"error: cannot write {small}/run/backup/")
+    assert "no space left on the device; free space or enlarge the volume" in line
+
+
+def test_what_a_run_writes_is_readable_by_other_users(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", *_settings(tiny_dataset, str(output), "phases.fine_tuning.epochs=1")],
+        capture_output=True, text=True, env=env, timeout=180, preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+
+    assert result.returncode == ExitCode.OK, result.stderr[-3000:]
+    modes = {str(p.relative_to(output)): stat.S_IMODE(p.stat().st_mode) for p in output.rglob("*") if p.is_file()}
+    for name in ("summary.json", "state.json", "export/labels.txt", "phases/fine_tuning.weights.h5", "metrics.jsonl"):
+        assert name in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}

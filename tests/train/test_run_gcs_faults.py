@@ -60,7 +60,9 @@ def test_an_unwritable_output_fails_at_once_naming_identity_and_role(gcs, gcs_bu
 
     assert time.monotonic() - started < 60  # before any TensorFlow cluster work, no retries
     line = _error_line(out)
-    assert re.match(rf"error: permission denied to write gs://{gcs_bucket}/run/\.probe-worker-0-\w+ as anonymous", line)
+    assert re.match(
+        rf"error: output.dir: permission denied to write gs://{gcs_bucket}/run/\.probe-worker-0-\w+ as anonymous", line
+    )
     assert "roles/storage.objectUser" in line and "test-token" not in out
 
 
@@ -120,3 +122,24 @@ def test_a_worker_killed_while_writing_a_backup_restarts_from_the_previous_compl
     assert 'model_checkpoint_path: "ckpt-1"' in committed  # the half-written ckpt-2 was never committed
     assert second.returncode == ExitCode.OK, out[-3000:]
     assert gcs.client().bucket(gcs_bucket).blob("run/summary.json").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_a_bucket_that_does_not_exist_is_a_config_error_naming_it(gcs, gcs_bucket, gcs_env, dataset, command):
+    missing = f"{gcs_bucket}-typo"
+    args = [command, *(["--workers", "2"] if command == "launch" else []), *set_args(*RUN)]
+    outputs = {
+        "output.dir": [f"data.dataset={dataset}", f"output.dir=gs://{missing}/run"],
+        "data.dataset": [f"data.dataset=gs://{missing}/data", f"output.dir=gs://{gcs_bucket}/run"],
+    }
+
+    for setting, settings in outputs.items():
+        done = subprocess.run([*entrypoint_command(), *args, *set_args(*settings)], env=gcs_env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+        assert done.returncode == ExitCode.CONFIG_ERROR, done.stdout[-3000:] + done.stderr[-3000:]
+        # launch: the failed worker's line, prefixed [worker-i] (its peer may be stopped before it says it too)
+        lines = [re.sub(r"^\[worker-\d+\] ", "", line) for line in (done.stdout + done.stderr).splitlines()]
+        errors = [line for line in lines if line.startswith(f"error: bucket {missing} does not exist (gs://{missing}/")]
+        assert errors if command == "launch" else [_error_line(done.stderr)] == errors, (setting, lines[-20:])
+        assert all("check the bucket name in output.dir / data.dataset" in line for line in errors)

@@ -14,7 +14,7 @@ from typing import Any
 
 from trainer import storage
 from trainer.contract import MANIFEST_FILE
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -132,7 +132,7 @@ def manifest_path(dataset_dir: str) -> str:
 def read_manifest(dataset_dir: str) -> Manifest:
     path = manifest_path(dataset_dir)
     if not dataset_dir:
-        raise DataError("data.dataset is not set; pass --set data.dataset=DIR with a prepared dataset")
+        raise ConfigError("data.dataset is not set; pass --set data.dataset=DIR with a prepared dataset")
     try:
         text = storage.read_text(path)
     except FileNotFoundError:

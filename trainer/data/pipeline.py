@@ -9,11 +9,16 @@ batches padded with zero-weight images (no replica ever gets an empty batch; see
 
 Random augmentation uses stateless ops seeded from a per-record seed stream, so with
 ``runtime.deterministic`` the whole pipeline is reproducible.
+
+A shard TensorFlow cannot read (``DataLossError: corrupted record at N``, which names no file)
+is named by :func:`naming_damaged_shards`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -21,7 +26,7 @@ import tensorflow as tf
 from trainer import storage
 from trainer.config import AugmentConfig, DataConfig
 from trainer.data import records
-from trainer.data.manifest import Manifest
+from trainer.data.manifest import SPLITS, Manifest
 from trainer.data.stats import default_horizontal_flip, default_random_crop
 from trainer.errors import DataError
 
@@ -47,6 +52,59 @@ def shards_for_worker(paths: Sequence[str], num_workers: int, worker_index: int,
             f"re-run `trainer prepare` with --set prepare.min_shards={num_workers * 4} (or more) or use fewer workers"
         )
     return list(paths[worker_index::num_workers])
+
+
+# --------------------------------------------------------------------------- damaged shards
+
+_DAMAGE = re.compile(r"(?:corrupted|truncated) record at (\d+)")
+
+
+@contextlib.contextmanager
+def naming_damaged_shards(dataset_dir: str, manifest: Manifest) -> Iterator[None]:
+    """Turn TensorFlow's ``DataLossError`` while reading the dataset into a DataError naming the shard."""
+    try:
+        yield
+    except tf.errors.DataLossError as err:
+        named = damaged_shard_error(str(err), dataset_dir, manifest)
+        if named is None:
+            raise  # not a shard of this dataset (cli.classify still gives it one line)
+        raise named from None
+
+
+def damaged_shard_error(message: str, dataset_dir: str, manifest: Manifest) -> DataError | None:
+    """The DataError naming the shard that TensorFlow's ``message`` is about; None when none is damaged.
+
+    Run only after a read failed. First each shard's size against the manifest (one stat per
+    shard: finds truncated and replaced shards); then, for the shards longer than the offset in
+    the message, the record framing up to that offset (:func:`records.damage_at`). Both look at
+    every split's shards, so the caller need not know which split was being read.
+    """
+    match = _DAMAGE.search(message)
+    if match is None:
+        return None
+    shards = [(storage.join(dataset_dir, s.path), s.bytes) for split in SPLITS for s in manifest.shards.get(split, [])]
+    for path, expected in shards:
+        problem = _size_problem(path, expected)
+        if problem:
+            return DataError(f"shard {path} {problem}; re-run `trainer prepare`")
+    offset = int(match.group(1))
+    for path, size in shards:
+        if size > offset:
+            with tf.io.gfile.GFile(path, "rb") as fh:
+                damage = records.damage_at(fh, offset)
+            if damage:
+                return DataError(f"shard {path} is corrupt: {damage}; re-run `trainer prepare`")
+    return None
+
+
+def _size_problem(path: str, expected: int) -> str | None:
+    try:
+        actual = storage.size(path)
+    except (FileNotFoundError, tf.errors.NotFoundError):
+        return "is missing"
+    if actual != expected:
+        return f"has {actual} bytes but the manifest says {expected} (truncated or replaced)"
+    return None
 
 
 # --------------------------------------------------------------------------- per-image ops

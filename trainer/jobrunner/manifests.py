@@ -80,11 +80,14 @@ class Manifests:
         return service
 
 
-def parse_documents(text: str) -> list[dict[str, Any]]:
-    try:
-        docs = [doc for doc in yaml.safe_load_all(text) if doc]
+def parse_documents(text: str, source: str = "the manifests") -> list[dict[str, Any]]:
+    """The documents of a YAML stream; ``source`` names it in errors (the file, or stdin)."""
+    from trainer.config import UniqueKeyLoader, yaml_problem
+
+    try:  # keys given twice are refused, as kubectl's strict decoding does
+        docs = [doc for doc in yaml.load_all(text, Loader=UniqueKeyLoader) if doc]
     except yaml.YAMLError as err:
-        raise ConfigError(f"the manifests are not valid YAML ({err}); pass `helm template` output") from None
+        raise ConfigError(f"{source} is not valid YAML: {yaml_problem(err)}; pass `helm template` output") from None
     out: list[dict[str, Any]] = []
     for doc in docs:
         if not isinstance(doc, dict):
@@ -96,10 +99,10 @@ def parse_documents(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def load_manifests(text: str, job_name: str | None = None) -> Manifests:
+def load_manifests(text: str, job_name: str | None = None, source: str = "the manifests") -> Manifests:
     """Read a multi-document YAML stream; pick the Job (``job_name`` when there are several)."""
     jobs, found = [], Manifests(job=None)
-    for doc in parse_documents(text):
+    for doc in parse_documents(text, source):
         key = (doc.get("apiVersion"), doc.get("kind"))
         name = (doc.get("metadata") or {}).get("name", "")
         model = MODELS.get(key)

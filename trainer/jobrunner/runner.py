@@ -699,8 +699,9 @@ def run_job_file(
                 text = f.read()
         except OSError as err:
             raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None
+    manifests = load_manifests(text, source="standard input" if path == "-" else f"manifests file {path}")
     with JobRunner(
-        text, namespace=namespace, network=network, volume_dirs=volume_dirs, keep_workdir=keep_workdir
+        manifests, namespace=namespace, network=network, volume_dirs=volume_dirs, keep_workdir=keep_workdir
     ) as runner:
         status = runner.run(timeout)
         final = status.conditions[-1]

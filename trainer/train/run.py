@@ -36,7 +36,7 @@ from trainer.contract import Env
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest, check_shard_sizes, read_manifest
 from trainer.data.stats import ImageStats
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, TransientError
 from trainer.export import export_model
 from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import evaluation, feature_cache
@@ -149,10 +149,12 @@ def probe_writable(root: str, worker_index: int) -> None:
     try:
         storage.write_text(probe, "probe\n")
         storage.remove_tree(probe)
-    except PermissionError:
+    except PermissionError:  # other file systems (tf.io.gfile)
         raise ConfigError(
             f"cannot write to output.dir {root} (permission denied); choose a writable location"
         ) from None
+    except (ConfigError, TransientError) as err:  # storage's errors name the path; say which setting it is
+        raise type(err)(f"output.dir: {err}") from None
 
 
 def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]:
