@@ -182,10 +182,10 @@ CASES = [
     Case(
         "train: shard missing",
         lambda w: w.train(
-            dataset=_dataset_with(w, "s2", lambda d: (d / "validation-00000-of-00001.tfrecord").unlink())
+            dataset=_dataset_with(w, "s2", lambda d: (d / "validation-00001-of-00004.tfrecord").unlink())
         ),
         DATA,
-        "validation-00000",
+        "validation-00001",
     ),
     Case(
         "train: fewer shards than workers",

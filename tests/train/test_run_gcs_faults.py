@@ -77,7 +77,7 @@ def test_a_shard_truncated_after_prepare_is_refused_before_training(gcs, gcs_buc
     assert run.returncode == ExitCode.DATA_ERROR, out[-3000:]
     line = _error_line(out)
     cut = len(data) // 2
-    assert f"dataset shard gs://{gcs_bucket}/{name} has {cut} bytes but the manifest says {len(data)}" in line
+    assert f"shard gs://{gcs_bucket}/{name} has {cut} bytes but the manifest says {len(data)}" in line
     assert not gcs.client().bucket(gcs_bucket).blob("run/metrics.jsonl").exists()
 
 

@@ -108,10 +108,10 @@ def check_shard_sizes(dataset_dir: str, manifest: Manifest) -> None:
     for path, want in expected.items():
         got = sizes.get(path)
         if got is None:
-            raise DataError(f"dataset shard {path} is missing (the manifest lists it); re-run `trainer prepare`")
+            raise DataError(f"shard {path} is missing (the manifest lists it); re-run `trainer prepare`")
         if got != want:
             raise DataError(
-                f"dataset shard {path} has {got} bytes but the manifest says {want} (truncated or replaced "
+                f"shard {path} has {got} bytes but the manifest says {want} (truncated or replaced "
                 "after `trainer prepare`); re-run `trainer prepare`"
             )
 
