@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from tests.support.leases import start_together
 from trainer.contract import LEASE_FILE, Env
 from trainer.train.lease import Holder, Lease, LeaseHeld, this_holder, wait_until_free
 
@@ -99,23 +100,9 @@ def test_renewal_keeps_the_lease_fresh(tmp_path):
 
 
 def test_of_two_runs_starting_together_exactly_one_holds_the_output(tmp_path):
-    holders = [Holder(f"job default/run-{i}", f"pod-{i}", 1) for i in range(8)]
-    won, refused, barrier = [], [], threading.Barrier(len(holders))
+    won, refused = start_together(str(tmp_path), 8)
 
-    def start(holder: Holder) -> None:
-        barrier.wait()
-        try:
-            won.append(Lease.acquire(str(tmp_path), holder, expires_after=120, wait_seconds=0))
-        except LeaseHeld:
-            refused.append(holder)
-
-    threads = [threading.Thread(target=start, args=(h,)) for h in holders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert len(won) == 1 and len(refused) == len(holders) - 1
+    assert len(won) == 1 and len(refused) == 8 - 1
     assert _record(tmp_path)["token"] == won[0].record.token
 
 

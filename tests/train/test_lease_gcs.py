@@ -6,10 +6,10 @@ The proxy in front of the emulator enforces ifGenerationMatch as GCS does (tests
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
+from tests.support.leases import start_together
 from trainer import gcs as gcs_lib
 from trainer import storage
 from trainer.contract import LEASE_FILE
@@ -38,23 +38,9 @@ def _uploads(gcs):
 
 
 def test_of_two_runs_starting_together_exactly_one_holds_the_output(output, gcs):
-    holders = [Holder(f"job default/run-{i}", f"pod-{i}", 1) for i in range(6)]
-    won, refused, barrier = [], [], threading.Barrier(len(holders))
+    won, refused = start_together(output, 6)
 
-    def start(holder: Holder) -> None:
-        barrier.wait()
-        try:
-            won.append(Lease.acquire(output, holder, expires_after=120, wait_seconds=0))
-        except LeaseHeld:
-            refused.append(holder)
-
-    threads = [threading.Thread(target=start, args=(h,)) for h in holders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-
-    assert len(won) == 1 and len(refused) == len(holders) - 1
+    assert len(won) == 1 and len(refused) == 6 - 1
     assert _record(output)["token"] == won[0].record.token
     creates = [r for r in _uploads(gcs) if "ifGenerationMatch=0" in r.path]
     assert len(creates) >= 2 and sum(r.status == 200 for r in creates) == 1  # the others answered 412
