@@ -7,8 +7,10 @@ train per class with a seeded, stratified split.
 
 Every file is fully decoded once with PIL in a pool of worker processes, so damaged or
 unusable files are found here, listed in ``prepare-report.json`` and never reach a
-training job. JPEGs are stored as their original bytes (training decodes only the crop
-window); everything else becomes an RGB PNG. Shards are written first and
+training job. Memory stays bounded: a file above ``prepare.max_file_mb`` is skipped from
+its size alone, and one above ``prepare.max_image_megapixels`` from its header, before
+any pixel is decoded. JPEGs are stored as their original bytes (training decodes only the
+crop window); everything else becomes an RGB PNG. Shards are written first and
 ``manifest.json`` last, so a dataset with a manifest is complete.
 
 Only the local source folder is read with the standard library; the output goes through
@@ -18,6 +20,7 @@ Only the local source folder is read with the standard library; the output goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import math
@@ -25,23 +28,25 @@ import multiprocessing
 import os
 import random
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from trainer import storage
 from trainer.config import PrepareConfig
 from trainer.contract import MANIFEST_FILE, PREPARE_REPORT_FILE
 from trainer.data import records, stats
 from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, TrainerError
 
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -50,9 +55,12 @@ Progress = Callable[[str], None]
 NOT_AN_IMAGE = "not an image"
 CORRUPT = "corrupt"
 TOO_SMALL = "too small"
-TOO_LARGE = "too large"  # beyond PIL's decompression-bomb limit
+TOO_LARGE = "too large"  # the file is above prepare.max_file_mb: not read at all
+TOO_MANY_PIXELS = "too many pixels"  # the header says above prepare.max_image_megapixels: not decoded
 UNSUPPORTED = "unsupported"  # decodes, but has no RGB conversion (e.g. an exotic colour mode)
-UNREADABLE = "unreadable"  # the file could not be read at all (permissions, I/O error)
+UNREADABLE = "unreadable"  # the file could not be read at all (permissions, I/O error, not a regular file)
+#: Reasons whose detail (sizes against the cap) is short enough for the printed summary.
+_SUMMARY_DETAILS = (TOO_LARGE, TOO_MANY_PIXELS)
 
 #: Folder names of the split layout; ``val`` is accepted for validation.
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -80,6 +88,8 @@ class ImageCheck:
     width: int = 0
     nbytes: int = 0  # size of the bytes that go into the record
     thumbnail: bytes = b""  # trainer.data.stats.thumbnail: for the image stats the training plan uses
+    file_size: int = 0  # the source file as checked: a re-run keeps a shard only if its files are unchanged
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ class PrepareReport:
     seconds: float
     images_per_second: float
     output: str = ""
+    details: dict[str, str] = field(default_factory=dict)  # skipped path -> what was found
 
     def skipped_by_reason(self) -> dict[str, list[str]]:
         grouped: dict[str, list[str]] = {}
@@ -141,7 +152,11 @@ class PrepareReport:
             lines.append(f"skipped {len(self.skipped)} file(s): {_count_phrase(grouped)}")
             for reason, paths in grouped.items():
                 more = f" ... and {len(paths) - examples} more" if len(paths) > examples else ""
-                lines.append(f"  {reason}: {', '.join(paths[:examples])}{more}")
+                shown = [
+                    f"{p} ({self.details[p]})" if reason in _SUMMARY_DETAILS and self.details.get(p) else p
+                    for p in paths[:examples]
+                ]
+                lines.append(f"  {reason}: {', '.join(shown)}{more}")
         else:
             lines.append("skipped 0 files")
         where = self.output or "the output directory"
@@ -184,7 +199,7 @@ def prepare_dataset(
     say(f"found {len(sources)} files in {len(layout.class_names)} classes under {source}")
 
     with _worker_pool(cfg.processes, len(sources)) as pool:
-        checks = _check_images(pool, sources, cfg.min_image_side, say)
+        checks = _check_images(pool, sources, cfg, say)
         splits = _assign_splits(layout, sources, checks, cfg)
         _remove_previous_dataset(output, keep_shards=storage.is_gcs(output))
         storage.makedirs(output)
@@ -204,7 +219,8 @@ def prepare_dataset(
     )
     manifest.check(manifest_path(output))
     seconds = time.monotonic() - started
-    report = PrepareReport(manifest, skipped, seconds, len(sources) / max(seconds, 1e-9), output)
+    details = {f.rel: checks[f.path].detail for f in sources if checks[f.path].problem}
+    report = PrepareReport(manifest, skipped, seconds, len(sources) / max(seconds, 1e-9), output, details)
     storage.write_text(storage.join(output, PREPARE_REPORT_FILE), _report_json(report, sources, checks))
     write_manifest(output, manifest)  # last: its presence marks the dataset complete
     return report
@@ -229,6 +245,8 @@ def _provenance(layout: SourceLayout, cfg: PrepareConfig) -> dict[str, Any]:
         "validation_fraction": cfg.validation_fraction,
         "test_fraction": cfg.test_fraction,
         "min_image_side": cfg.min_image_side,
+        "max_file_mb": cfg.max_file_mb,
+        "max_image_megapixels": cfg.max_image_megapixels,
     }
 
 
@@ -430,30 +448,55 @@ def _check_classes(
 # --------------------------------------------------------------------------- checking images
 
 
-def inspect_image(path: str, min_side: int) -> ImageCheck:
-    """Fully decode one file with PIL and decide how it will be stored (runs in a worker process)."""
+def inspect_image(path: str, min_side: int, *, max_bytes: int, max_pixels: int) -> ImageCheck:
+    """Check one file and decide how it will be stored (runs in a worker process).
+
+    Memory stays bounded whatever the file holds: its size is checked before a byte is
+    read, its pixel count (from the header, all that PIL's ``open`` reads) before a pixel
+    is decoded. Only then is every pixel decoded, so truncated or damaged data fails here.
+    """
+    try:
+        fh, st = _open_regular_file(path)
+    except OSError as err:
+        return ImageCheck(path, UNREADABLE, err.strerror or str(err))
+    with fh:
+        check = _inspect_open_file(path, fh, st.st_size, min_side, max_bytes, max_pixels)
+    return replace(check, file_size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _inspect_open_file(
+    path: str, fh: BinaryIO, size: int, min_side: int, max_bytes: int, max_pixels: int
+) -> ImageCheck:
     from PIL import Image, UnidentifiedImageError
 
+    if size > max_bytes:
+        return ImageCheck(path, TOO_LARGE, f"{size} bytes > {max_bytes}, the cap set by prepare.max_file_mb")
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        return ImageCheck(path, UNREADABLE, str(err))
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decodes every pixel: truncated or damaged data fails here
+        with _pil_pixel_limit(None):  # the cap is checked below, naming the image's size
+            image = Image.open(fh)  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            return ImageCheck(
+                path,
+                TOO_MANY_PIXELS,
+                f"{width}x{height} = {width * height} pixels > {max_pixels}, "
+                "the cap set by prepare.max_image_megapixels",
+            )
+        with _pil_pixel_limit(max_pixels):  # PIL's own guard at the same cap, for the frames after the first
+            image.load()  # decodes every pixel: truncated or damaged data fails here
+    except TrainerError:
+        raise  # SIGTERM (Preempted) while checking in this process says nothing about the file
     except UnidentifiedImageError:
         return ImageCheck(path, NOT_AN_IMAGE, "PIL cannot identify the file format")
     except Image.DecompressionBombError as err:
-        return ImageCheck(path, TOO_LARGE, str(err))
+        return ImageCheck(path, TOO_MANY_PIXELS, str(err))
     except Exception as err:  # PIL signals bad data with many exception types
         return ImageCheck(path, CORRUPT, f"{type(err).__name__}: {err}")
-    width, height = image.size
     if min(width, height) < min_side:
         return ImageCheck(path, TOO_SMALL, f"{width}x{height}, shorter side below {min_side}")
     if image.format in _JPEG_FORMATS and image.mode in _PASSTHROUGH_JPEG_MODES:
         thumb = stats.thumbnail(image)
-        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=len(data), thumbnail=thumb)
+        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=size, thumbnail=thumb)
     try:
         encoded, fmt = reencode(image)
         thumb = stats.thumbnail(to_rgb(image))
@@ -462,6 +505,44 @@ def inspect_image(path: str, min_side: int) -> ImageCheck:
     return ImageCheck(
         path, None, fmt=fmt, reencode=True, height=height, width=width, nbytes=len(encoded), thumbnail=thumb
     )
+
+
+def _open_regular_file(path: str) -> tuple[BinaryIO, os.stat_result]:
+    """``path`` opened for reading, if it is a regular file: a FIFO would block, a device never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO returns at once
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file but a {_file_kind(st.st_mode)}", path)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")]
+    kinds += [(stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb guard at ``max_pixels`` (None: off), without its warnings.
+
+    PIL warns above ``Image.MAX_IMAGE_PIXELS`` and raises above twice that: half the cap
+    makes it raise at the cap, and the warnings would only be noise on stderr.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else (max_pixels + 1) // 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def reencode(image: Any) -> tuple[bytes, str]:
@@ -492,8 +573,13 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def _check_images(pool: _Workers, files: list[SourceFile], min_side: int, say: Progress) -> dict[str, ImageCheck]:
-    check = functools.partial(inspect_image, min_side=min_side)
+def _check_images(pool: _Workers, files: list[SourceFile], cfg: PrepareConfig, say: Progress) -> dict[str, ImageCheck]:
+    check = functools.partial(
+        inspect_image,
+        min_side=cfg.min_image_side,
+        max_bytes=int(cfg.max_file_mb * 1e6),
+        max_pixels=int(cfg.max_image_megapixels * 1e6),
+    )
     meter = _Meter("checked", len(files), say)
     results: dict[str, ImageCheck] = {}
     for result in pool.map_unordered(check, [f.path for f in files]):
@@ -656,7 +742,8 @@ def _write_split(
         name = records.shard_name(split, index, n)
         path = sink.path_for(name)
         # One shard's payloads at a time keeps memory near one shard, however large the split.
-        payloads = pool.map_ordered(_record_payload, [(e.file.path, e.check.reencode) for e in shard_entries])
+        jobs = [(e.file.path, e.check.reencode, e.check.file_size) for e in shard_entries]
+        payloads = pool.map_ordered(_record_payload, jobs)
         with tf.io.TFRecordWriter(path) as writer:
             for entry, payload in zip(shard_entries, payloads, strict=True):
                 # deterministic: protobuf map order otherwise varies between processes, and shards must be
@@ -668,19 +755,26 @@ def _write_split(
     return written
 
 
-def _record_payload(job: tuple[str, bool]) -> bytes:
+def _record_payload(job: tuple[str, bool, int]) -> bytes:
     """The bytes stored for one checked image (runs in a worker process)."""
     from PIL import Image
 
-    path, needs_reencode = job
+    path, needs_reencode, checked_size = job
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        fh, st = _open_regular_file(path)
+        with fh:
+            if st.st_size != checked_size:
+                raise OSError(f"its size is {st.st_size} bytes, {checked_size} when checked")
+            data = fh.read(checked_size + 1)
+        if len(data) != checked_size:
+            raise OSError(f"read {len(data)} bytes, {checked_size} when checked")
         if not needs_reencode:
             return data
         image = Image.open(io.BytesIO(data))
         image.load()
         return reencode(image)[0]
+    except TrainerError:
+        raise  # SIGTERM (Preempted) while writing in this process says nothing about the file
     except Exception as err:
         raise DataError(f"{path} changed while prepare was running ({err}); run prepare again") from None
 
