@@ -1,7 +1,9 @@
 """`trainer prepare` as a process, against inputs that go wrong.
 
 Each test runs the real CLI (``python -m trainer prepare``) and checks its exit code and what
-it leaves in the dataset directory: oversized files are skipped with bounded memory.
+it leaves in the dataset directory: oversized files are skipped with bounded memory; a
+read-only or misnamed output ends with one line and exit 64. Read-only disks are real: a
+read-only bind mount in a private mount namespace (needs root).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 
 from tests.data.test_prepare import write_classes
 from tests.support import processes
-from trainer.contract import PREPARE_REPORT_FILE
+from trainer.contract import PREPARE_REPORT_FILE, ExitCode
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,6 +76,44 @@ def peak_rss_mb(pid: int) -> int | None:
         return None  # gone, or a zombie
 
 
+class MountNamespace:
+    """A private mount namespace, held by a sleeping process: commands enter it with nsenter, and the
+    test reads its files through /proc/<holder>/root. Mounts made in it vanish with the holder."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{self.holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            assert time.monotonic() < deadline and self.holder.poll() is None, "unshare did not start"
+            time.sleep(0.01)
+
+    def command(self, *args: str) -> list[str]:
+        # --wd: entering a mount namespace moves to its "/"; stay where the test runs (`python -m trainer`
+        # imports the trainer of the working directory, as every other subprocess of the tests does).
+        return ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", f"--wd={os.getcwd()}", "--", *args]
+
+    def mount(self, *args: str) -> None:
+        subprocess.run(self.command("mount", *args), check=True, capture_output=True, timeout=30)
+
+    def view(self, path: Path) -> Path:
+        """``path`` as processes inside the namespace see it."""
+        return Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.fixture
+def mount_namespace():
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"needs mount namespaces (root): unshare --mount fails: {probe.stderr.decode().strip()}")
+    namespace = MountNamespace()
+    yield namespace
+    namespace.close()
+
+
 # --------------------------------------------------------------------------- bounded resources
 
 
@@ -118,3 +158,37 @@ def test_oversized_files_are_skipped_from_size_and_header_with_little_memory(tmp
     # Reading the 1.5 GB file took 1.5 GB per worker, decoding the PNG 0.7 GB; headers take next to nothing.
     assert max(workers) < 200, peaks
     assert peaks[cli.pid] < 1024, peaks
+
+
+# --------------------------------------------------------------------------- unusable output
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_a_read_only_dataset_directory_is_one_config_error(tmp_path, mount_namespace, where):
+    source, mounted = tmp_path / "photos", tmp_path / "readonly"
+    write_classes(source, {"a": 3, "b": 3})
+    mounted.mkdir()
+    mount_namespace.mount("--bind", str(mounted), str(mounted))
+    mount_namespace.mount("-o", "remount,bind,ro", str(mounted))
+    dataset = mounted if where == "existing" else mounted / "new" / "prepared"  # the mount itself, or below it
+
+    result = run(mount_namespace.command(*prepare_command(source, dataset)))
+
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    line = error_line(result.stderr)
+    assert str(dataset) in line and "read-only" in line and "writable location" in line
+    assert list(mount_namespace.view(mounted).iterdir()) == []
+
+
+def test_a_dataset_path_through_an_existing_file_is_one_config_error(tmp_path):
+    source, file = tmp_path / "photos", tmp_path / "notes.txt"
+    write_classes(source, {"a": 3, "b": 3})
+    file.write_text("keep me")
+
+    for dataset in (file, file / "prepared"):
+        result = run(prepare_command(source, dataset))
+
+        assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+        line = error_line(result.stderr)
+        assert str(dataset) in line and "not a directory" in line
+    assert file.read_text() == "keep me"

@@ -195,6 +195,7 @@ def prepare_dataset(
     started = time.monotonic()
     _refuse_unsafe_output(source, output, overwrite)
     layout = discover_source(source)
+    _require_writable_output(output)
     sources = [f for per_class in layout.files.values() for files in per_class.values() for f in files]
     say(f"found {len(sources)} files in {len(layout.class_names)} classes under {source}")
 
@@ -265,6 +266,28 @@ def _refuse_unsafe_output(source: str, output: str, overwrite: bool) -> None:
         raise ConfigError(
             f"{output} already holds a prepared dataset ({MANIFEST_FILE}); pass --overwrite or choose another directory"
         )
+
+
+def _require_writable_output(output: str) -> None:
+    """A local dataset directory that cannot be written fails now, not after every image is checked."""
+    if storage.is_remote(output):
+        return  # gs://: a missing permission fails the first write, naming the role it needs (trainer.gcs)
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConfigError(
+            f"dataset {output} exists and is not a directory; pass a new or existing directory for the prepared dataset"
+        )
+    existing = os.path.abspath(output)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"cannot create the dataset directory {output}: {existing} is not a directory; fix the path")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        why = f"{existing} is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no write permission on {existing}"
+    else:
+        return
+    raise ConfigError(f"cannot write the dataset directory {output} ({why}); choose a writable location")
 
 
 def _remove_previous_dataset(output: str, keep_shards: bool = False) -> None:
