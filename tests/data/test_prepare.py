@@ -20,7 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from trainer.config import PrepareConfig
-from trainer.contract import PREPARE_REPORT_FILE
+from trainer.contract import PREPARE_PROGRESS_FILE, PREPARE_REPORT_FILE
 from trainer.data import records
 from trainer.data.manifest import Manifest, read_manifest
 from trainer.data.prepare import (
@@ -406,6 +406,24 @@ def test_fifos_and_devices_named_like_images_are_skipped_without_reading(tmp_pat
     assert report.details["a/camera.png"] == "not a regular file but a FIFO"
     assert report.details["b/zeros.jpg"] == "not a regular file but a character device"
     assert report.manifest.split_size("train") + report.manifest.split_size("validation") == 6
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 4, "b": 4})
+    output.mkdir()
+    stale = output / "train-00000-of-00009.tfrecord"  # another run's shard, recorded as complete
+    stale.write_bytes(b"old")
+    partial = output / "train-00000-of-00002.tfrecord.partial"  # cut off mid-write (SIGKILL)
+    partial.write_bytes(b"half")
+    record = {"fingerprint": "x", "records": 1, "bytes": 3}
+    (output / PREPARE_PROGRESS_FILE).write_text(json.dumps({"version": 1, "shards": {stale.name: record}}))
+
+    report = prepare_dataset(str(source), str(output), config(), progress=lambda _: None)
+
+    listed = {s.path for split in report.manifest.shards.values() for s in split}
+    assert {p.name for p in output.iterdir()} == listed | {"manifest.json", PREPARE_REPORT_FILE}
+    assert report.shards_reused == 0
 
 
 def test_a_process_pool_writes_the_same_shards_as_one_process(tmp_path):
