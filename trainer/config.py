@@ -104,6 +104,19 @@ class PrepareConfig:
     seed: int = _f(1234, "Seed of the stratified split: the same seed and files give the same split.")
     processes: int = _f(0, "Worker processes that read and check images; 0 = one per CPU core.", ge=0)
     min_image_side: int = _f(MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1)
+    max_file_mb: float = _f(
+        64.0,
+        "Files larger than this (MB) are skipped and listed without being read: a stored JPEG goes whole into a "
+        "record and into a worker's memory, and even a 60 MP camera JPEG at top quality is about 30 MB.",
+        gt=0,
+    )
+    max_image_megapixels: float = _f(
+        90.0,
+        "Images with more pixels (width x height, read from the file header) are skipped and listed without being "
+        "decoded: decoding takes 3-4 bytes per pixel in each worker (90 MP: 270-360 MB). 90 is above the largest "
+        "camera photos (about 60 MP) and close to Pillow's own decompression-bomb warning limit (89.5 MP).",
+        gt=0,
+    )
 
 
 @dataclass

@@ -84,6 +84,8 @@ SCRATCH_MOUNT_DIR = "/scratch"
 # File names inside a prepared dataset and a run's output directory.
 MANIFEST_FILE = "manifest.json"
 PREPARE_REPORT_FILE = "prepare-report.json"
+#: Beside the shards while `trainer prepare` runs (never in a finished dataset): the shards complete so far.
+PREPARE_PROGRESS_FILE = "prepare-progress.json"
 RUN_SUMMARY_FILE = "summary.json"
 RUN_CURVES_FILE = "training-curves.png"  # the chief's picture of the run, beside the summary
 RUN_ATTEMPTS_FILE = "attempts.json"  # how often the run was started (trainer_group_restarts)

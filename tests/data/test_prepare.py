@@ -23,13 +23,16 @@ import tensorflow as tf
 from PIL import Image
 
 from trainer.config import PrepareConfig
-from trainer.contract import PREPARE_REPORT_FILE
+from trainer.contract import PREPARE_PROGRESS_FILE, PREPARE_REPORT_FILE
 from trainer.data import records
 from trainer.data.manifest import Manifest, read_manifest
 from trainer.data.prepare import (
     CORRUPT,
     NOT_AN_IMAGE,
+    TOO_LARGE,
+    TOO_MANY_PIXELS,
     TOO_SMALL,
+    UNREADABLE,
     assign_to_shards,
     prepare_dataset,
     shard_count,
@@ -369,6 +372,61 @@ def test_min_image_side_is_configurable(tmp_path):
 
     with pytest.raises(DataError, match="all 6 files are unusable"):
         prepare_dataset(str(source), str(output), config(min_image_side=SIDE + 1), progress=lambda _: None)
+
+
+def test_file_size_and_pixel_caps_are_configurable(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 3, "b": 3})
+    write_image(source / "a" / "wide.png", "PNG", size=(SIDE * 4, SIDE))  # 6400 pixels, ~20 kB
+    (source / "b" / "big.jpg").write_bytes(write_image(source / "b" / "big.jpg", seed=5).read_bytes() * 40)  # ~65 kB
+
+    report = prepare_dataset(
+        str(source),
+        str(output),
+        config(max_file_mb=0.05, max_image_megapixels=0.005),  # 50 kB, 5000 pixels
+        progress=lambda _: None,
+    )
+
+    assert sorted(report.skipped) == [("a/wide.png", TOO_MANY_PIXELS), ("b/big.jpg", TOO_LARGE)]
+    size = (source / "b" / "big.jpg").stat().st_size
+    assert report.details["b/big.jpg"] == f"{size} bytes > 50000, the cap set by prepare.max_file_mb"
+    assert report.details["a/wide.png"].startswith("160x40 = 6400 pixels > 5000")
+    summary = "\n".join(report.summary_lines())
+    assert f"too large: b/big.jpg ({size} bytes > 50000" in summary
+    assert report.manifest.extra["max_file_mb"] == 0.05 and report.manifest.extra["max_image_megapixels"] == 0.005
+
+
+@pytest.mark.timeout(60)
+def test_fifos_and_devices_named_like_images_are_skipped_without_reading(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 3, "b": 3})
+    os.mkfifo(source / "a" / "camera.png")  # opening it for reading would wait for a writer forever
+    (source / "b" / "zeros.jpg").symlink_to("/dev/zero")  # reading it would never end
+
+    report = prepare_dataset(str(source), str(output), config(), progress=lambda _: None)
+
+    assert sorted(report.skipped) == [("a/camera.png", UNREADABLE), ("b/zeros.jpg", UNREADABLE)]
+    assert report.details["a/camera.png"] == "not a regular file but a FIFO"
+    assert report.details["b/zeros.jpg"] == "not a regular file but a character device"
+    assert report.manifest.split_size("train") + report.manifest.split_size("validation") == 6
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 4, "b": 4})
+    output.mkdir()
+    stale = output / "train-00000-of-00009.tfrecord"  # another run's shard, recorded as complete
+    stale.write_bytes(b"old")
+    partial = output / "train-00000-of-00002.tfrecord.partial"  # cut off mid-write (SIGKILL)
+    partial.write_bytes(b"half")
+    record = {"fingerprint": "x", "records": 1, "bytes": 3}
+    (output / PREPARE_PROGRESS_FILE).write_text(json.dumps({"version": 1, "shards": {stale.name: record}}))
+
+    report = prepare_dataset(str(source), str(output), config(), progress=lambda _: None)
+
+    listed = {s.path for split in report.manifest.shards.values() for s in split}
+    assert {p.name for p in output.iterdir()} == listed | {"manifest.json", PREPARE_REPORT_FILE}
+    assert report.shards_reused == 0
 
 
 def test_a_process_pool_writes_the_same_shards_as_one_process(tmp_path):

@@ -7,9 +7,17 @@ train per class with a seeded, stratified split.
 
 Every file is fully decoded once with PIL in a pool of worker processes, so damaged or
 unusable files are found here, listed in ``prepare-report.json`` and never reach a
-training job. JPEGs are stored as their original bytes (training decodes only the crop
-window); everything else becomes an RGB PNG. Shards are written first and
+training job. Memory stays bounded: a file above ``prepare.max_file_mb`` is skipped from
+its size alone, and one above ``prepare.max_image_megapixels`` from its header, before
+any pixel is decoded. JPEGs are stored as their original bytes (training decodes only the
+crop window); everything else becomes an RGB PNG. Shards are written first and
 ``manifest.json`` last, so a dataset with a manifest is complete.
+
+An interrupted run (SIGTERM, a full disk, a crash) keeps what it completed: locally each
+shard is written under a temporary name, renamed when complete and recorded in
+``prepare-progress.json``; a re-run of the same command keeps every recorded shard whose
+contents would be the same and writes only the rest. On ``gs://`` the upload skips shards
+already there intact.
 
 Only the local source folder is read with the standard library; the output goes through
 :mod:`trainer.storage`, so it may be a ``gs://`` prefix.
@@ -18,30 +26,35 @@ Only the local source folder is read with the standard library; the output goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import io
+import json
 import math
 import multiprocessing
 import os
 import random
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from trainer import storage
 from trainer.config import PrepareConfig
-from trainer.contract import MANIFEST_FILE, PREPARE_REPORT_FILE
+from trainer.contract import MANIFEST_FILE, PREPARE_PROGRESS_FILE, PREPARE_REPORT_FILE
 from trainer.data import records, stats
 from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
 
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -50,9 +63,12 @@ Progress = Callable[[str], None]
 NOT_AN_IMAGE = "not an image"
 CORRUPT = "corrupt"
 TOO_SMALL = "too small"
-TOO_LARGE = "too large"  # beyond PIL's decompression-bomb limit
+TOO_LARGE = "too large"  # the file is above prepare.max_file_mb: not read at all
+TOO_MANY_PIXELS = "too many pixels"  # the header says above prepare.max_image_megapixels: not decoded
 UNSUPPORTED = "unsupported"  # decodes, but has no RGB conversion (e.g. an exotic colour mode)
-UNREADABLE = "unreadable"  # the file could not be read at all (permissions, I/O error)
+UNREADABLE = "unreadable"  # the file could not be read at all (permissions, I/O error, not a regular file)
+#: Reasons whose detail (sizes against the cap) is short enough for the printed summary.
+_SUMMARY_DETAILS = (TOO_LARGE, TOO_MANY_PIXELS)
 
 #: Folder names of the split layout; ``val`` is accepted for validation.
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -80,6 +96,8 @@ class ImageCheck:
     width: int = 0
     nbytes: int = 0  # size of the bytes that go into the record
     thumbnail: bytes = b""  # trainer.data.stats.thumbnail: for the image stats the training plan uses
+    file_size: int = 0  # the source file as checked: a re-run keeps a shard only if its files are unchanged
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,8 @@ class PrepareReport:
     seconds: float
     images_per_second: float
     output: str = ""
+    details: dict[str, str] = field(default_factory=dict)  # skipped path -> what was found
+    shards_reused: int = 0  # complete shards of an interrupted run, kept as they were
 
     def skipped_by_reason(self) -> dict[str, list[str]]:
         grouped: dict[str, list[str]] = {}
@@ -141,9 +161,15 @@ class PrepareReport:
             lines.append(f"skipped {len(self.skipped)} file(s): {_count_phrase(grouped)}")
             for reason, paths in grouped.items():
                 more = f" ... and {len(paths) - examples} more" if len(paths) > examples else ""
-                lines.append(f"  {reason}: {', '.join(paths[:examples])}{more}")
+                shown = [
+                    f"{p} ({self.details[p]})" if reason in _SUMMARY_DETAILS and self.details.get(p) else p
+                    for p in paths[:examples]
+                ]
+                lines.append(f"  {reason}: {', '.join(shown)}{more}")
         else:
             lines.append("skipped 0 files")
+        if self.shards_reused:
+            lines.append(f"resumed: kept {self.shards_reused} complete shard(s) of an interrupted run")
         where = self.output or "the output directory"
         lines.append(f"manifest: {manifest_path(where)}; report: {storage.join(where, PREPARE_REPORT_FILE)}")
         return lines
@@ -173,41 +199,104 @@ def prepare_dataset(
 ) -> PrepareReport:
     """Check every image under ``source`` and write shards, report and manifest to ``output``.
 
-    Raises DataError for an unusable source and ConfigError when ``output`` already holds
-    a prepared dataset and ``overwrite`` is False.
+    Raises DataError for an unusable source, ConfigError when ``output`` already holds a
+    prepared dataset and ``overwrite`` is False or cannot be written, TransientError when
+    the disk fills up and Preempted on SIGTERM; the last two keep every complete shard, and
+    a re-run of the same command resumes from them.
     """
     say = progress or _print_to_stderr
     started = time.monotonic()
     _refuse_unsafe_output(source, output, overwrite)
     layout = discover_source(source)
+    _require_writable_output(output)
     sources = [f for per_class in layout.files.values() for files in per_class.values() for f in files]
     say(f"found {len(sources)} files in {len(layout.class_names)} classes under {source}")
 
-    with _worker_pool(cfg.processes, len(sources)) as pool:
-        checks = _check_images(pool, sources, cfg.min_image_side, say)
-        splits = _assign_splits(layout, sources, checks, cfg)
-        _remove_previous_dataset(output, keep_shards=storage.is_gcs(output))
-        storage.makedirs(output)
-        with ShardSink(output, upload_workers, say) as sink:
-            shards = {split: _write_split(pool, sink, split, splits[split], cfg, say) for split in SPLITS}
-        sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
+    sink: ShardSink | None = None
+    try:
+        with _worker_pool(cfg.processes, len(sources)) as pool:
+            checks = _check_images(pool, sources, cfg, say)
+            splits = _assign_splits(layout, sources, checks, cfg)
+            plans = {split: plan_shards(split, splits[split], cfg) for split in SPLITS}
+            _remove_previous_dataset(output)
+            storage.makedirs(output)
+            with ShardSink(output, upload_workers, say) as sink:
+                sink.resume([shard for split in SPLITS for shard in plans[split]])
+                shards = {split: _write_split(pool, sink, split, plans[split], say) for split in SPLITS}
+            sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
 
-    skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
-    manifest = Manifest(
-        class_names=layout.class_names,
-        counts={split: _class_counts(splits[split], layout.class_names) for split in SPLITS},
-        shards=shards,
-        source=os.path.abspath(source),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        skipped=len(skipped),
-        extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
-    )
-    manifest.check(manifest_path(output))
-    seconds = time.monotonic() - started
-    report = PrepareReport(manifest, skipped, seconds, len(sources) / max(seconds, 1e-9), output)
-    storage.write_text(storage.join(output, PREPARE_REPORT_FILE), _report_json(report, sources, checks))
-    write_manifest(output, manifest)  # last: its presence marks the dataset complete
+        skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
+        manifest = Manifest(
+            class_names=layout.class_names,
+            counts={split: _class_counts(splits[split], layout.class_names) for split in SPLITS},
+            shards=shards,
+            source=os.path.abspath(source),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            skipped=len(skipped),
+            extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
+        )
+        manifest.check(manifest_path(output))
+        seconds = time.monotonic() - started
+        report = PrepareReport(
+            manifest,
+            skipped,
+            seconds,
+            len(sources) / max(seconds, 1e-9),
+            output,
+            details={f.rel: checks[f.path].detail for f in sources if checks[f.path].problem},
+            shards_reused=sink.reused,
+        )
+        storage.write_text(storage.join(output, PREPARE_REPORT_FILE), _report_json(report, sources, checks))
+        write_manifest(output, manifest)  # last: its presence marks the dataset complete
+    except BaseException as err:
+        explained = _interruption(err, output, sink)
+        if explained is None:
+            raise
+        raise explained from None
+    sink.forget_progress()  # the manifest lists the shards now
     return report
+
+
+def _interruption(err: BaseException, output: str, sink: ShardSink | None) -> TrainerError | None:
+    """The one line for a prepare cut short: what it kept and how to go on (None: not an interruption)."""
+    kept = sink.kept_phrase() if sink is not None and sink.total else "no shard was written yet"
+    if isinstance(err, Preempted):
+        return Preempted(f"received SIGTERM; prepare of {output} stopped ({kept}); re-run the same command to resume")
+    if _is_disk_full(err):
+        # 75 TRANSIENT rather than 64/65: nothing is wrong with the command, the settings or the
+        # images, and space comes back without touching them (old datasets or another job's files
+        # deleted, the volume grown). A retry costs only the unfinished shards, since a re-run
+        # keeps the complete ones; the Job's backoffLimit bounds retries on a disk that stays full.
+        where = output if not storage.is_remote(output) else f"the local staging directory {tempfile.gettempdir()}"
+        return TransientError(
+            f"no space left on device in {where} ({kept}); free space or choose a larger location, "
+            "then re-run the same command to resume"
+        )
+    if not storage.is_remote(output) and _is_not_writable(err):
+        return ConfigError(
+            f"cannot write the dataset directory {output} ({_strerror(err)}; {kept}); choose a writable location"
+        )
+    return None
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    tf = sys.modules.get("tensorflow")  # TFRecordWriter reports ENOSPC as ResourceExhaustedError
+    return tf is not None and isinstance(err, tf.errors.ResourceExhaustedError) and "space" in str(err).lower()
+
+
+def _is_not_writable(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    tf = sys.modules.get("tensorflow")  # TFRecordWriter reports EROFS and EACCES as PermissionDeniedError
+    return tf is not None and isinstance(err, tf.errors.PermissionDeniedError)
+
+
+def _strerror(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return getattr(err, "message", "") or type(err).__name__
 
 
 def _image_stats(entries: list[Entry], layout: SourceLayout) -> stats.ImageStats:
@@ -229,6 +318,8 @@ def _provenance(layout: SourceLayout, cfg: PrepareConfig) -> dict[str, Any]:
         "validation_fraction": cfg.validation_fraction,
         "test_fraction": cfg.test_fraction,
         "min_image_side": cfg.min_image_side,
+        "max_file_mb": cfg.max_file_mb,
+        "max_image_megapixels": cfg.max_image_megapixels,
     }
 
 
@@ -249,30 +340,62 @@ def _refuse_unsafe_output(source: str, output: str, overwrite: bool) -> None:
         )
 
 
-def _remove_previous_dataset(output: str, keep_shards: bool = False) -> None:
-    """Delete an old manifest first (so the dataset reads as unfinished), then its shards and report.
+def _require_writable_output(output: str) -> None:
+    """A local dataset directory that cannot be written fails now, not after every image is checked."""
+    if storage.is_remote(output):
+        return  # gs://: a missing permission fails the first write, naming the role it needs (trainer.gcs)
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConfigError(
+            f"dataset {output} exists and is not a directory; pass a new or existing directory for the prepared dataset"
+        )
+    existing = os.path.abspath(output)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"cannot create the dataset directory {output}: {existing} is not a directory; fix the path")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        why = f"{existing} is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no write permission on {existing}"
+    else:
+        return
+    raise ConfigError(f"cannot write the dataset directory {output} ({why}); choose a writable location")
 
-    Also clears shards left behind by an interrupted run, whose names may differ from
-    the new ones. Only files named like ours are touched. ``keep_shards`` (object stores)
-    leaves shards in place: a re-run skips those already uploaded intact and deletes
-    stale ones at the end.
+
+def _remove_previous_dataset(output: str) -> None:
+    """Delete an old manifest first (so the dataset reads as unfinished), then its report.
+
+    Shards are left to the ShardSink: it keeps those an interrupted run completed (when
+    their contents would be the same) and deletes the rest.
     """
     storage.remove_tree(manifest_path(output))
-    if not keep_shards:
-        for path in _existing_shards(output):
-            storage.remove_tree(path)
     storage.remove_tree(storage.join(output, PREPARE_REPORT_FILE))
 
 
-def _existing_shards(output: str) -> list[str]:
-    return [p for split in SPLITS for p in storage.glob(storage.join(output, f"{split}-*-of-*{records.SHARD_SUFFIX}"))]
+#: A shard is written under its name plus this suffix and renamed when complete (local output).
+PARTIAL_SUFFIX = ".partial"
+#: Part of every shard fingerprint: a change to how records are made must not keep old shards.
+_SHARD_FORMAT_VERSION = 1
+
+
+def _existing_shards(output: str, partial: bool = False) -> list[str]:
+    suffixes = (records.SHARD_SUFFIX, records.SHARD_SUFFIX + PARTIAL_SUFFIX) if partial else (records.SHARD_SUFFIX,)
+    return [
+        path
+        for split in SPLITS
+        for suffix in suffixes
+        for path in storage.glob(storage.join(output, f"{split}-*-of-*{suffix}"))
+    ]
 
 
 class ShardSink:
-    """Where `prepare` writes shards: in place locally; for gs://, a local staging file per
+    """Where `prepare` writes shards, and what an interrupted run left that a re-run keeps.
 
-    shard, uploaded in parallel (while later shards are built) and skipped when an intact
-    copy (same size and crc32c) is already there, which makes an interrupted run resumable.
+    Locally: in place, each under ``<name>.partial`` until complete, then renamed and
+    recorded in prepare-progress.json with its fingerprint; :meth:`resume` keeps recorded
+    shards whose fingerprint is unchanged. For gs://: a local staging file per shard,
+    uploaded in parallel (while later shards are built) and skipped when an intact copy
+    (same size and crc32c) is already there, which makes an interrupted run resumable.
     """
 
     def __init__(self, output: str, upload_workers: int, say: Progress):
@@ -285,6 +408,12 @@ class ShardSink:
         self.bytes_uploaded = 0
         self._count_lock = threading.Lock()
         self.upload_workers = upload_workers
+        self.total = 0  # shards planned
+        self.uploads_done = 0  # gs://: shards uploaded or found intact
+        self.reused = 0  # complete shards of an interrupted run kept as they were (local)
+        self.discarded = False  # a shard cut off mid-write was deleted
+        self._reusable: dict[str, Shard] = {}
+        self._progress: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> ShardSink:
         if self.remote:
@@ -292,17 +421,89 @@ class ShardSink:
             self._pool = ThreadPoolExecutor(self.upload_workers, thread_name_prefix="upload")
         return self
 
+    @property
+    def _progress_path(self) -> str:
+        return storage.join(self.output, PREPARE_PROGRESS_FILE)
+
+    def resume(self, planned: Sequence[PlannedShard]) -> None:
+        """Keep the recorded shards whose contents would be the same; delete every other shard file.
+
+        Deleting stale and partial shards first also frees their space for the new ones.
+        """
+        self.total = len(planned)
+        if self.remote:
+            return  # the uploads skip intact shards; stale ones go at the end (remove_stale_shards)
+        recorded = self._read_progress()
+        for shard in planned:
+            entry = recorded.get(shard.name, {})
+            path = storage.join(self.output, shard.name)
+            if (
+                entry.get("fingerprint") == shard.fingerprint
+                and entry.get("records") == len(shard.entries)
+                and os.path.isfile(path)
+                and os.path.getsize(path) == entry.get("bytes")
+            ):
+                self._reusable[shard.name] = Shard(path=shard.name, records=entry["records"], bytes=entry["bytes"])
+        for path in _existing_shards(self.output, partial=True):
+            if os.path.basename(path) not in self._reusable:
+                os.remove(path)
+        # Rewritten with the first new shard; until then the record on disk still holds these (and maybe more).
+        self._progress = {name: recorded[name] for name in self._reusable}
+
+    def _read_progress(self) -> dict[str, dict[str, Any]]:
+        try:
+            body = json.loads(storage.read_text(self._progress_path))
+        except (OSError, ValueError):
+            return {}  # none (a first run, or one that finished), or unreadable: nothing is kept
+        if not isinstance(body, dict) or body.get("version") != _SHARD_FORMAT_VERSION:
+            return {}
+        shards = body.get("shards")
+        return {k: v for k, v in shards.items() if isinstance(v, dict)} if isinstance(shards, dict) else {}
+
+    def _write_progress(self) -> None:
+        body = {"version": _SHARD_FORMAT_VERSION, "shards": self._progress}
+        storage.write_text(self._progress_path, json.dumps(body, indent=1, sort_keys=True) + "\n")
+
+    def reuse(self, shard: PlannedShard) -> Shard | None:
+        """The shard as an interrupted run completed it, or None when it must be written."""
+        kept = self._reusable.get(shard.name)
+        if kept is not None:
+            self.reused += 1
+        return kept
+
     def path_for(self, name: str) -> str:
         """Where the TFRecord writer writes shard ``name``."""
-        return os.path.join(self._staging.name, name) if self._staging else storage.join(self.output, name)
+        if self._staging:
+            return os.path.join(self._staging.name, name)
+        return storage.join(self.output, name + PARTIAL_SUFFIX)
 
-    def finished(self, name: str) -> int:
-        """The shard is written: start its upload; returns its size in bytes."""
-        path = self.path_for(name)
-        nbytes = os.path.getsize(path) if self.remote else storage.size(path)
+    def discard(self, name: str) -> None:
+        """The shard was cut off mid-write: delete what it has (a re-run deletes it otherwise)."""
+        with contextlib.suppress(OSError):
+            os.remove(self.path_for(name))
+            self.discarded = True
+
+    def finished(self, shard: PlannedShard) -> Shard:
+        """The shard is written: rename and record it (local) or start its upload (gs://)."""
+        path = self.path_for(shard.name)
+        nbytes = os.path.getsize(path)
         if self._pool:
-            self._uploads.append(self._pool.submit(self._upload, path, storage.join(self.output, name)))
-        return nbytes
+            self._uploads.append(self._pool.submit(self._upload, path, storage.join(self.output, shard.name)))
+        else:
+            final = storage.join(self.output, shard.name)
+            record = {"fingerprint": shard.fingerprint, "records": len(shard.entries), "bytes": nbytes}
+            with _signals_deferred():  # a SIGTERM lands before or after: a shard and its record go together
+                os.replace(path, final)
+                self._progress[shard.name] = record
+                try:
+                    self._write_progress()
+                except BaseException:  # e.g. no space left for the record: then the shard does not count either
+                    del self._progress[shard.name]
+                    with contextlib.suppress(OSError):
+                        os.remove(final)
+                    self.discarded = True
+                    raise
+        return Shard(path=shard.name, records=len(shard.entries), bytes=nbytes)
 
     def _upload(self, path: str, uri: str) -> None:
         from trainer import gcs
@@ -314,7 +515,20 @@ class ShardSink:
                 self.bytes_uploaded += os.path.getsize(path)
             else:
                 self.skipped += 1
+            self.uploads_done += 1
         os.remove(path)  # keep local disk use near the shards in flight
+
+    def kept_phrase(self) -> str:
+        """What an interrupted run leaves: ``3 of 18 shard(s) complete and kept, the partial one removed``."""
+        complete = self.uploads_done if self.remote else len(self._progress)
+        partial = ", the partial one removed" if self.discarded else ""
+        return f"{complete} of {self.total} shard(s) complete and kept{partial}"
+
+    def forget_progress(self) -> None:
+        """The dataset is complete: its manifest lists the shards, the progress record goes."""
+        if not self.remote:
+            with contextlib.suppress(OSError):
+                os.remove(self._progress_path)
 
     def __exit__(self, *exc_info) -> None:
         if not self._pool:
@@ -331,7 +545,7 @@ class ShardSink:
             self._staging.cleanup()
 
     def remove_stale_shards(self, keep: set[str]) -> None:
-        """Delete shards of an earlier, different run (names not in ``keep``)."""
+        """Delete shards of an earlier, different run (names not in ``keep``); gs:// only (resume() did it locally)."""
         if not self.remote:
             return
         for uri in _existing_shards(self.output):
@@ -430,30 +644,55 @@ def _check_classes(
 # --------------------------------------------------------------------------- checking images
 
 
-def inspect_image(path: str, min_side: int) -> ImageCheck:
-    """Fully decode one file with PIL and decide how it will be stored (runs in a worker process)."""
+def inspect_image(path: str, min_side: int, *, max_bytes: int, max_pixels: int) -> ImageCheck:
+    """Check one file and decide how it will be stored (runs in a worker process).
+
+    Memory stays bounded whatever the file holds: its size is checked before a byte is
+    read, its pixel count (from the header, all that PIL's ``open`` reads) before a pixel
+    is decoded. Only then is every pixel decoded, so truncated or damaged data fails here.
+    """
+    try:
+        fh, st = _open_regular_file(path)
+    except OSError as err:
+        return ImageCheck(path, UNREADABLE, err.strerror or str(err))
+    with fh:
+        check = _inspect_open_file(path, fh, st.st_size, min_side, max_bytes, max_pixels)
+    return replace(check, file_size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _inspect_open_file(
+    path: str, fh: BinaryIO, size: int, min_side: int, max_bytes: int, max_pixels: int
+) -> ImageCheck:
     from PIL import Image, UnidentifiedImageError
 
+    if size > max_bytes:
+        return ImageCheck(path, TOO_LARGE, f"{size} bytes > {max_bytes}, the cap set by prepare.max_file_mb")
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        return ImageCheck(path, UNREADABLE, str(err))
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decodes every pixel: truncated or damaged data fails here
+        with _pil_pixel_limit(None):  # the cap is checked below, naming the image's size
+            image = Image.open(fh)  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            return ImageCheck(
+                path,
+                TOO_MANY_PIXELS,
+                f"{width}x{height} = {width * height} pixels > {max_pixels}, "
+                "the cap set by prepare.max_image_megapixels",
+            )
+        with _pil_pixel_limit(max_pixels):  # PIL's own guard at the same cap, for the frames after the first
+            image.load()  # decodes every pixel: truncated or damaged data fails here
+    except TrainerError:
+        raise  # SIGTERM (Preempted) while checking in this process says nothing about the file
     except UnidentifiedImageError:
         return ImageCheck(path, NOT_AN_IMAGE, "PIL cannot identify the file format")
     except Image.DecompressionBombError as err:
-        return ImageCheck(path, TOO_LARGE, str(err))
+        return ImageCheck(path, TOO_MANY_PIXELS, str(err))
     except Exception as err:  # PIL signals bad data with many exception types
         return ImageCheck(path, CORRUPT, f"{type(err).__name__}: {err}")
-    width, height = image.size
     if min(width, height) < min_side:
         return ImageCheck(path, TOO_SMALL, f"{width}x{height}, shorter side below {min_side}")
     if image.format in _JPEG_FORMATS and image.mode in _PASSTHROUGH_JPEG_MODES:
         thumb = stats.thumbnail(image)
-        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=len(data), thumbnail=thumb)
+        return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=size, thumbnail=thumb)
     try:
         encoded, fmt = reencode(image)
         thumb = stats.thumbnail(to_rgb(image))
@@ -462,6 +701,44 @@ def inspect_image(path: str, min_side: int) -> ImageCheck:
     return ImageCheck(
         path, None, fmt=fmt, reencode=True, height=height, width=width, nbytes=len(encoded), thumbnail=thumb
     )
+
+
+def _open_regular_file(path: str) -> tuple[BinaryIO, os.stat_result]:
+    """``path`` opened for reading, if it is a regular file: a FIFO would block, a device never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO returns at once
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file but a {_file_kind(st.st_mode)}", path)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")]
+    kinds += [(stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb guard at ``max_pixels`` (None: off), without its warnings.
+
+    PIL warns above ``Image.MAX_IMAGE_PIXELS`` and raises above twice that: half the cap
+    makes it raise at the cap, and the warnings would only be noise on stderr.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else (max_pixels + 1) // 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def reencode(image: Any) -> tuple[bytes, str]:
@@ -492,8 +769,13 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def _check_images(pool: _Workers, files: list[SourceFile], min_side: int, say: Progress) -> dict[str, ImageCheck]:
-    check = functools.partial(inspect_image, min_side=min_side)
+def _check_images(pool: _Workers, files: list[SourceFile], cfg: PrepareConfig, say: Progress) -> dict[str, ImageCheck]:
+    check = functools.partial(
+        inspect_image,
+        min_side=cfg.min_image_side,
+        max_bytes=int(cfg.max_file_mb * 1e6),
+        max_pixels=int(cfg.max_image_megapixels * 1e6),
+    )
     meter = _Meter("checked", len(files), say)
     results: dict[str, ImageCheck] = {}
     for result in pool.map_unordered(check, [f.path for f in files]):
@@ -642,45 +924,83 @@ def assign_to_shards(count: int, shards: int, seed: int | str) -> list[list[int]
     return cuts
 
 
-def _write_split(
-    pool: _Workers, sink: ShardSink, split: str, entries: list[Entry], cfg: PrepareConfig, say: Progress
-) -> list[Shard]:
-    import tensorflow as tf
+@dataclass(frozen=True)
+class PlannedShard:
+    name: str
+    entries: list[Entry]
+    fingerprint: str  # of everything that decides the shard's bytes: same fingerprint, same shard
 
+
+def plan_shards(split: str, entries: list[Entry], cfg: PrepareConfig) -> list[PlannedShard]:
+    """The shards of a split: names, the images of each (a seeded assignment) and their fingerprints."""
     n = shard_count(sum(e.check.nbytes for e in entries), len(entries), cfg.shard_size_mb, cfg.min_shards)
     plan = [[entries[i] for i in shard] for shard in assign_to_shards(len(entries), n, f"{cfg.seed}/shards/{split}")]
-    meter = _Meter(f"wrote {split}", len(entries), say)
+    names = [records.shard_name(split, index, n) for index in range(n)]
+    return [PlannedShard(name, shard, _fingerprint(name, shard)) for name, shard in zip(names, plan, strict=True)]
+
+
+def _fingerprint(name: str, entries: list[Entry]) -> str:
+    """A shard's records follow from its name, its images in order, and each source file as checked."""
+    digest = hashlib.sha256(f"{_SHARD_FORMAT_VERSION}\n{name}\n".encode())
+    for e in entries:
+        c = e.check
+        fields = [e.file.rel, e.file.class_name, e.label, c.fmt, c.reencode, c.height, c.width, c.file_size, c.mtime_ns]
+        digest.update(json.dumps(fields).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _write_split(pool: _Workers, sink: ShardSink, split: str, plan: list[PlannedShard], say: Progress) -> list[Shard]:
+    import tensorflow as tf
+
+    meter = _Meter(f"wrote {split}", sum(len(shard.entries) for shard in plan), say)
     written: list[Shard] = []
     done = 0
-    for index, shard_entries in enumerate(plan):
-        name = records.shard_name(split, index, n)
-        path = sink.path_for(name)
-        # One shard's payloads at a time keeps memory near one shard, however large the split.
-        payloads = pool.map_ordered(_record_payload, [(e.file.path, e.check.reencode) for e in shard_entries])
-        with tf.io.TFRecordWriter(path) as writer:
-            for entry, payload in zip(shard_entries, payloads, strict=True):
-                # deterministic: protobuf map order otherwise varies between processes, and shards must be
-                # byte-identical across runs (reproducible datasets; resumable uploads skip intact shards).
-                writer.write(_example(entry, payload).SerializeToString(deterministic=True))
-                done += 1
-                meter.update(done)
-        written.append(Shard(path=name, records=len(shard_entries), bytes=sink.finished(name)))
+    for shard in plan:
+        kept = sink.reuse(shard)
+        if kept is None:
+            path = sink.path_for(shard.name)
+            # One shard's payloads at a time keeps memory near one shard, however large the split.
+            jobs = [(e.file.path, e.check.reencode, e.check.file_size) for e in shard.entries]
+            try:
+                payloads = pool.map_ordered(_record_payload, jobs)
+                with tf.io.TFRecordWriter(path) as writer:
+                    for entry, payload in zip(shard.entries, payloads, strict=True):
+                        # deterministic: protobuf map order otherwise varies between processes, and shards must be
+                        # byte-identical across runs (reproducible datasets; resumable uploads skip intact shards).
+                        writer.write(_example(entry, payload).SerializeToString(deterministic=True))
+                        done += 1
+                        meter.update(done)
+            except BaseException:
+                sink.discard(shard.name)  # SIGTERM, a full disk, a changed file: no partial shard stays
+                raise
+            kept = sink.finished(shard)
+        else:
+            done += len(shard.entries)
+            meter.update(done)
+        written.append(kept)
     return written
 
 
-def _record_payload(job: tuple[str, bool]) -> bytes:
+def _record_payload(job: tuple[str, bool, int]) -> bytes:
     """The bytes stored for one checked image (runs in a worker process)."""
     from PIL import Image
 
-    path, needs_reencode = job
+    path, needs_reencode, checked_size = job
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        fh, st = _open_regular_file(path)
+        with fh:
+            if st.st_size != checked_size:
+                raise OSError(f"its size is {st.st_size} bytes, {checked_size} when checked")
+            data = fh.read(checked_size + 1)
+        if len(data) != checked_size:
+            raise OSError(f"read {len(data)} bytes, {checked_size} when checked")
         if not needs_reencode:
             return data
         image = Image.open(io.BytesIO(data))
         image.load()
         return reencode(image)[0]
+    except TrainerError:
+        raise  # SIGTERM (Preempted) while writing in this process says nothing about the file
     except Exception as err:
         raise DataError(f"{path} changed while prepare was running ({err}); run prepare again") from None
 
@@ -694,8 +1014,6 @@ def _example(entry: Entry, payload: bytes) -> Any:
 
 
 def _report_json(report: PrepareReport, files: list[SourceFile], checks: dict[str, ImageCheck]) -> str:
-    import json
-
     m = report.manifest
     skipped = [
         {"path": f.rel, "reason": checks[f.path].problem, "detail": checks[f.path].detail}
@@ -714,6 +1032,7 @@ def _report_json(report: PrepareReport, files: list[SourceFile], checks: dict[st
         "skipped_count": len(skipped),
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,
+        "shards_reused": report.shards_reused,  # complete shards of an interrupted run, kept by this one
     }
     return json.dumps(body, indent=2) + "\n"
 
@@ -751,6 +1070,32 @@ def _worker_pool(processes: int, jobs: int) -> Iterator[_Workers]:
         return
     with multiprocessing.get_context(_start_method()).Pool(workers, initializer=_reset_signals) as pool:
         yield _Workers(pool, workers)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done; then their handlers run.
+
+    A handler swap, not a signal mask: with the pool's threads in this process, a signal the
+    main thread blocks is taken by another thread, and Python still runs the handler here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed (and only run) in the main thread
+        return
+    received: list[int] = []
+    stopping = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, lambda n, _frame: received.append(n)) for signum in stopping}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # e.g. the CLI's: raises Preempted
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
 
 
 def _reset_signals() -> None:
