@@ -260,6 +260,8 @@ def prepare_dataset(
 def _interruption(err: BaseException, output: str, sink: ShardSink | None) -> TrainerError | None:
     """The one line for a prepare cut short: what it kept and how to go on (None: not an interruption)."""
     kept = sink.kept_phrase() if sink is not None and sink.total else "no shard was written yet"
+    if isinstance(err, ConfigError | TransientError) and isinstance(err.__context__, OSError):
+        err = err.__context__  # trainer.storage's line for a failed local write: say here what was kept
     if isinstance(err, Preempted):
         return Preempted(f"received SIGTERM; prepare of {output} stopped ({kept}); re-run the same command to resume")
     if _is_disk_full(err):
