@@ -36,6 +36,7 @@ from trainer.contract import (
     CONTAINER_GID,
     CONTAINER_NAME,
     CONTAINER_UID,
+    DEFAULT_LEASE_SECONDS,
     ENTRYPOINT,
     HEALTH_PATH,
     METRIC_PREFIX,
@@ -321,7 +322,8 @@ def test_default_configuration_is_the_trainers_with_the_baked_weights():
     expected = config_lib.config_from_dict(
         {
             "data": {"dataset": REQUIRED["dataset"]},
-            "output": {"dir": REQUIRED["output"]},
+            # The Job of a `helm upgrade` waits for the old Job's pods to stop (trainer.train.lease).
+            "output": {"dir": REQUIRED["output"], "lease_wait_seconds": 300 + DEFAULT_LEASE_SECONDS},
             "model": {"weights": BAKED_WEIGHTS_PATH},
         }
     )

@@ -140,6 +140,7 @@ def test_a_bucket_that_does_not_exist_is_a_config_error_naming_it(gcs, gcs_bucke
         assert done.returncode == ExitCode.CONFIG_ERROR, done.stdout[-3000:] + done.stderr[-3000:]
         # launch: the failed worker's line, prefixed [worker-i] (its peer may be stopped before it says it too)
         lines = [re.sub(r"^\[worker-\d+\] ", "", line) for line in (done.stdout + done.stderr).splitlines()]
-        errors = [line for line in lines if line.startswith(f"error: bucket {missing} does not exist (gs://{missing}/")]
+        named = rf"error: (output.dir: )?bucket {missing} does not exist \(gs://{missing}/"
+        errors = [line for line in lines if re.match(named, line)]
         assert errors if command == "launch" else [_error_line(done.stderr)] == errors, (setting, lines[-20:])
         assert all("check the bucket name in output.dir / data.dataset" in line for line in errors)
