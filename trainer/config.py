@@ -265,12 +265,17 @@ class MonitoringConfig:
     enabled: bool = _f(True, "Serve Prometheus metrics on every worker (started before TensorFlow).")
     port: int = _f(
         METRICS_PORT,
-        "Port of the metrics endpoint (the chart's metrics port); 0 = any free port. "
-        "$TRAINER_METRICS_PORT overrides it (the local launcher gives each worker its own).",
+        "Port of the metrics endpoint; 0 = any free port. $TRAINER_METRICS_PORT overrides it (the local "
+        "launcher gives each worker its own). The chart's metrics port (container port, liveness probe, "
+        "Service, NetworkPolicy, monitors) follows it; the chart refuses 0, ports below 1024 and the worker port.",
         ge=0,
         le=65535,
     )
-    address: str = _f("", "Address the endpoint listens on; empty = every interface.")
+    address: str = _f(
+        "",
+        "Address the endpoint listens on; empty = every IPv4 interface (0.0.0.0), :: = IPv6 and IPv4. "
+        "In a pod the liveness probe and Prometheus connect to the pod's IP: the chart accepts only these.",
+    )
     pushgateway_url: str = _f(
         "", "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = off."
     )

@@ -16,11 +16,13 @@ read values with ``registry.get_sample_value``; ``process_metrics()`` is the pro
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import logging
 import math
 import os
 import platform
+import socket
 import threading
 import time
 import urllib.parse
@@ -275,6 +277,23 @@ def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler
     return MetricsHandler
 
 
+class _MetricsServer(http.server.ThreadingHTTPServer):
+    """The endpoint's HTTP server; an IPv6 address ("::") also takes IPv4 (dual stack)."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            with contextlib.suppress(OSError):  # "::" answers IPv4 clients too, where the kernel allows it
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _server_class(address: str) -> type[_MetricsServer]:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return type("MetricsServer", (_MetricsServer,), {"address_family": family})
+
+
 @dataclass
 class Endpoint:
     port: int
@@ -298,8 +317,9 @@ def serve(
     warning, not an error: training matters more than its metrics.
     """
     handler = _handler(_Exposition(metrics.registry, max_age))
+    address = address or "0.0.0.0"
     try:
-        server = http.server.ThreadingHTTPServer((address or "0.0.0.0", port), handler)
+        server = _server_class(address)((address, port), handler)
     except OSError as err:
         log.warning(
             "metrics endpoint not started: cannot listen on port %d (%s); set monitoring.port "
@@ -309,11 +329,10 @@ def serve(
             Env.METRICS_PORT.value,
         )
         return None
-    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
     thread.start()
     actual = server.server_port
-    log.info("metrics on http://%s:%d/metrics", address or "0.0.0.0", actual)
+    log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, actual)
     return Endpoint(actual, server, thread)
 
 

@@ -75,6 +75,7 @@ SCENARIOS: dict[str, dict] = {
         }
     },
     "monitoring-off": {"monitoring": {"podMonitor": {"enabled": False}}},
+    "metrics-port-9100": merge(MONITORING_ALL, {"trainer": {"monitoring": {"port": 9100, "address": "::"}}}),
     "workload-identity": WORKLOAD_IDENTITY,
     "key-file-secret": {"credentials": {"existingSecret": "gcs-key", "key": "sa.json"}},
     "network-policy-off": {"networkPolicy": {"enabled": False}},
@@ -113,6 +114,11 @@ SCENARIO_IDS = list(SCENARIOS)
 
 def values_of(name: str) -> dict:
     return merge(REQUIRED, SCENARIOS[name])
+
+
+def metrics_port_of(values: dict) -> int:
+    """The port the trainer's endpoint listens on with these values (trainer.monitoring.port)."""
+    return values.get("trainer", {}).get("monitoring", {}).get("port", METRICS_PORT)
 
 
 def container(docs: list[dict]) -> dict:
@@ -212,7 +218,7 @@ def test_job_runs_the_trainer_as_the_trainer_expects(scenario, tmp_path):
     assert Env.TF_CONFIG.value not in env  # the trainer derives it; an explicit one would win
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         WORKER_PORT_NAME: WORKER_PORT,
-        METRICS_PORT_NAME: METRICS_PORT,
+        METRICS_PORT_NAME: metrics_port_of(values),
     }
     # The ConfigMap mounted read-only where --config points, holding a configuration the trainer accepts.
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == CONFIG_MOUNT_DIR]
@@ -246,7 +252,7 @@ def test_pods_find_each_other_through_the_headless_service(scenario):
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         WORKER_PORT_NAME: WORKER_PORT,
-        METRICS_PORT_NAME: METRICS_PORT,
+        METRICS_PORT_NAME: metrics_port_of(values_of(scenario)),
     }
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
 
@@ -451,6 +457,38 @@ def test_existing_service_account_is_used_without_creating_one():
 
     assert "ServiceAccount" not in kinds(docs)
     assert one(docs, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "ml-runner"
+
+
+def test_the_metrics_port_follows_trainer_monitoring_port_everywhere():
+    """Probe, container port, Service, NetworkPolicy, monitors and NOTES all use the port the trainer listens on."""
+    port = 9100
+    moved = {"trainer": {"monitoring": {"port": port}}}
+    values = merge(MONITORING_ALL, moved)
+    docs = render(values)
+    c = container(docs)
+    service = one(docs, "Service")
+    _, metrics_ingress = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    (pod_endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    service_monitor = one(render(merge(SCENARIOS["monitoring-service"], moved)), "ServiceMonitor")
+    (service_endpoint,) = service_monitor["spec"]["endpoints"]
+    (config_text,) = [d["data"][CONFIG_FILE_NAME] for d in docs if CONFIG_FILE_NAME in d.get("data", {})]
+    raw = yaml.safe_load(config_text)
+    path = values_file(merge(REQUIRED, values))
+    try:
+        notes = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+
+    assert config_lib.config_from_dict(raw).monitoring.port == port  # where the trainer listens
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}[METRICS_PORT_NAME] == port
+    assert c["livenessProbe"]["httpGet"]["port"] == METRICS_PORT_NAME  # the named port: 9100
+    assert metrics_ingress["ports"] == [{"port": port, "protocol": "TCP"}]
+    (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == METRICS_PORT_NAME]
+    assert (service_port["port"], service_port["targetPort"]) == (port, METRICS_PORT_NAME)
+    assert pod_endpoint["port"] == service_endpoint["port"] == METRICS_PORT_NAME
+    assert f"{port}/metrics" in notes.stdout.split("NOTES:", 1)[1]
+    numbers = re.findall(r"\b(?:port|containerPort|targetPort): (\d+)", yaml.safe_dump_all(docs))
+    assert str(METRICS_PORT) not in numbers, "something still uses the default metrics port"
 
 
 def test_key_file_is_mounted_from_the_secret_never_put_in_env():

@@ -121,6 +121,19 @@ def test_endpoint_serves_the_registry_and_a_taken_port_is_only_a_warning(caplog)
     assert f"cannot listen on port {endpoint.port}" in caplog.text and "TRAINER_METRICS_PORT" in caplog.text
 
 
+def test_the_ipv6_any_address_answers_ipv4_and_ipv6_clients():
+    """monitoring.address "::" (the chart's choice for IPv6 clusters) listens on both stacks."""
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="::")
+    assert endpoint is not None, "the endpoint did not start on ::"
+    try:
+        ipv4 = _get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}")
+        ipv6 = _get(f"http://[::1]:{endpoint.port}{HEALTH_PATH}")
+    finally:
+        endpoint.close()
+
+    assert ipv4 == ipv6 == "ok\n"
+
+
 # --------------------------------------------------------------------------- group restarts
 
 

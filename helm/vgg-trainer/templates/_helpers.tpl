@@ -30,6 +30,22 @@ exitPreempted: 76
 exitNonRetriable: [64, 65]
 {{- end }}
 
+{{/*
+The metrics endpoint's port: trainer.monitoring.port (the trainer listens there), else the
+contract's. The container port, the Service, the NetworkPolicy and the NOTES use it; the probe and
+the monitors name the port ("metrics"), so they follow too. validate.yaml refuses ports no pod can use.
+*/}}
+{{- define "vgg-trainer.metricsPort" -}}
+{{- $c := include "vgg-trainer.contract" . | fromYaml -}}
+{{- dig "monitoring" "port" $c.metricsPort (.Values.trainer | default dict) | int -}}
+{{- end }}
+
+{{/* Pod labels the chart sets itself; podLabels may not repeat them (validate.yaml). */}}
+{{- define "vgg-trainer.podLabels" -}}
+{{ include "vgg-trainer.selectorLabels" . }}
+app.kubernetes.io/component: worker
+{{- end }}
+
 {{- define "vgg-trainer.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
 {{- end }}
@@ -194,8 +210,7 @@ podFailurePolicy:
 template:
   metadata:
     labels:
-      {{- include "vgg-trainer.selectorLabels" $root | nindent 6 }}
-      app.kubernetes.io/component: worker
+      {{- include "vgg-trainer.podLabels" $root | nindent 6 }}
       {{- with $v.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -312,7 +327,7 @@ template:
             containerPort: {{ $c.workerPort }}
             protocol: TCP
           - name: {{ $c.metricsPortName }}
-            containerPort: {{ $c.metricsPort }}
+            containerPort: {{ include "vgg-trainer.metricsPort" $root }}
             protocol: TCP
         {{- $probe := $v.job.livenessProbe }}
         {{- if and $probe.enabled (ne (dig "monitoring" "enabled" true ($v.trainer | default dict)) false) }}
