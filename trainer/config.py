@@ -26,6 +26,7 @@ import yaml
 
 from trainer.contract import METRICS_PORT
 from trainer.errors import ConfigError
+from trainer.redact import redacted
 
 VGG16_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
 #: VGG16 without its top accepts inputs of at least 32x32 pixels (five 2x2 poolings).
@@ -277,7 +278,10 @@ class MonitoringConfig:
         "In a pod the liveness probe and Prometheus connect to the pod's IP: the chart accepts only these.",
     )
     pushgateway_url: str = _f(
-        "", "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = off."
+        "",
+        "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = "
+        "off. $TRAINER_PUSHGATEWAY_URL overrides it (the chart sets it from a Secret). Credentials "
+        "(https://user:password@host) go as basic auth and are left out of logs, summary.json and `trainer config`.",
     )
     pushgateway_job: str = _f("vgg-trainer", "The `job` label of the pushed outcome.")
     curves: bool = _f(True, "The chief draws the training curves into training-curves.png beside summary.json.")
@@ -597,7 +601,9 @@ def _cross_field_errors(config: Config) -> list[str]:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The configuration as plain data, credentials in URLs removed: what summary.json and
+    `trainer config` show (a Pushgateway URL's user:password@ never reaches a file)."""
+    return redacted(dataclasses.asdict(config))
 
 
 def to_yaml(config: Config) -> str:

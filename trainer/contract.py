@@ -51,6 +51,9 @@ class Env(enum.StrEnum):
     IMAGE = "TRAINER_IMAGE"  # the container image reference, reported in trainer_build_info
     # The metrics endpoint's port, overriding monitoring.port: the local launcher gives each worker its own.
     METRICS_PORT = "TRAINER_METRICS_PORT"
+    # The Pushgateway URL, overriding monitoring.pushgateway_url; may carry credentials (the chart
+    # sets it from a Secret, so they never reach the ConfigMap).
+    PUSHGATEWAY_URL = "TRAINER_PUSHGATEWAY_URL"
 
 
 #: What a stop may take beyond ``runtime.stop_check_seconds``: the step in progress and one backup.

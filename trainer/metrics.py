@@ -33,6 +33,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from trainer.contract import HEALTH_PATH, METRIC_PREFIX, METRICS_PORT, Env
+from trainer.redact import has_credentials, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -377,24 +378,35 @@ def grouping_key(environ: dict[str, str] | os._Environ = os.environ) -> dict[str
     }
 
 
-def redact_url(url: str) -> str:
-    """The URL without user and password (never log credentials)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+def pushgateway_url(configured: str, environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """The Pushgateway to push to: $TRAINER_PUSHGATEWAY_URL (the chart's Secret) wins over the configuration."""
+    return environ.get(Env.PUSHGATEWAY_URL.value, "").strip() or configured
 
 
 def push_outcome(url: str, job: str, outcome: Outcome, environ=os.environ, timeout: float = 10.0) -> bool:
     """Push the outcome to the Pushgateway at ``url`` (replacing the run's group); never raises.
 
+    Credentials in the URL (``https://user:password@host``) go as HTTP basic auth, never in logs.
     A failed push must not turn a finished run into a failed one: it is logged and reported.
     """
+    handler = prometheus_client.exposition.default_handler
+    if has_credentials(url):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+
+        def handler(url, method, timeout, headers, data):
+            return prometheus_client.exposition.basic_auth_handler(
+                url, method, timeout, headers, data, username=user, password=password
+            )
+
     try:
         prometheus_client.push_to_gateway(
-            url, job=job, registry=outcome_registry(outcome), grouping_key=grouping_key(environ), timeout=timeout
+            redact_url(url),
+            job=job,
+            registry=outcome_registry(outcome),
+            grouping_key=grouping_key(environ),
+            timeout=timeout,
+            handler=handler,
         )
     except Exception as err:  # network errors, HTTP errors, bad URLs: all just a warning
         log.warning("could not push the run outcome to %s: %s", redact_url(url), _one_line(err))

@@ -60,6 +60,7 @@ WORKLOAD_IDENTITY = {
     "workloadIdentity": {"enabled": True, "gcpServiceAccount": "trainer@my-project.iam.gserviceaccount.com"}
 }
 KUEUE = {"kueue": {"enabled": True, "queueName": "team-a", "priorityClassName": "batch-low"}}
+PUSHGATEWAY_SECRET = {"monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth", "key": "push-url"}}}
 
 #: The values matrix: name -> values on top of REQUIRED.
 SCENARIOS: dict[str, dict] = {
@@ -78,6 +79,7 @@ SCENARIOS: dict[str, dict] = {
     "metrics-port-9100": merge(MONITORING_ALL, {"trainer": {"monitoring": {"port": 9100, "address": "::"}}}),
     "workload-identity": WORKLOAD_IDENTITY,
     "key-file-secret": {"credentials": {"existingSecret": "gcs-key", "key": "sa.json"}},
+    "pushgateway-secret": PUSHGATEWAY_SECRET,
     "network-policy-off": {"networkPolicy": {"enabled": False}},
     "kueue": KUEUE,
     "everything": merge(
@@ -503,6 +505,19 @@ def test_key_file_is_mounted_from_the_secret_never_put_in_env():
     assert env_of(docs)["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == f"{mount['mountPath']}/sa.json"
     for doc in docs:
         assert "secretKeyRef" not in json.dumps(doc) and "secretRef" not in json.dumps(doc)
+
+
+def test_the_pushgateway_url_comes_from_the_secret_never_from_the_config_map():
+    docs = render(PUSHGATEWAY_SECRET)
+    (config_text,) = [d["data"][CONFIG_FILE_NAME] for d in docs if CONFIG_FILE_NAME in d.get("data", {})]
+
+    assert env_of(docs)[Env.PUSHGATEWAY_URL.value] == {
+        "name": Env.PUSHGATEWAY_URL.value,
+        "valueFrom": {"secretKeyRef": {"name": "pushgateway-auth", "key": "push-url"}},
+    }
+    assert config_lib.config_from_dict(yaml.safe_load(config_text)).monitoring.pushgateway_url == ""
+    assert "pushgateway_url" not in config_text
+    assert Env.PUSHGATEWAY_URL.value not in env_of(render())  # only with the Secret
 
 
 def test_network_policy_admits_only_peers_and_monitoring():

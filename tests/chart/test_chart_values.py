@@ -90,6 +90,31 @@ TEMPLATE_REJECTS = [
         "podLabels: batch.kubernetes.io/job-name is set by Kubernetes on a Job's pods and selects them",
     ),
     ({"podLabels": {"job-name": "x"}}, "podLabels: job-name is set by Kubernetes on a Job's pods"),
+    # The ConfigMap is not secret: credentials come from a Secret (monitoring.pushgateway).
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "https://pusher:s3cret@push.example/"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials (user:password@), which the ConfigMap would store "
+        "in clear; put the whole URL in a Secret and set monitoring.pushgateway.existingSecret",
+    ),
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "https://s3cret@push.example"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials",
+    ),
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "pusher:s3cret@push.example:9091"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials",
+    ),
+    (
+        {
+            "monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth"}},
+            "trainer": {"monitoring": {"pushgateway_url": "http://pushgateway.monitoring:9091"}},
+        },
+        "monitoring.pushgateway.existingSecret and trainer.monitoring.pushgateway_url are both set",
+    ),
+    (
+        {"extraEnv": [{"name": "TRAINER_PUSHGATEWAY_URL", "value": "https://pusher:s3cret@push.example/"}]},
+        "extraEnv[0]: TRAINER_PUSHGATEWAY_URL is set by the chart",
+    ),
     # Metrics endpoints the liveness probe and Prometheus cannot reach: every pod would be killed.
     ({"trainer": {"monitoring": {"port": 0}}}, "trainer.monitoring.port: 0 (any free port) cannot work in a pod"),
     ({"trainer": {"monitoring": {"port": 80}}}, "trainer.monitoring.port: 80 is below 1024"),
@@ -138,6 +163,7 @@ def test_chart_rejects_conflicting_values_with_a_fix(values, message):
     err = render_error(values)
 
     assert message in err
+    assert "s3cret" not in err  # a refused secret is not repeated either
 
 
 @pytest.mark.parametrize(
@@ -147,6 +173,7 @@ def test_chart_rejects_conflicting_values_with_a_fix(values, message):
         {"trainer": {"monitoring": {"port": 65535, "address": "0.0.0.0"}}},
         {"trainer": {"monitoring": {"address": "::"}}},
         {"podLabels": {"team": "vision", "app.kubernetes.io/part-of": "research"}},
+        {"trainer": {"monitoring": {"pushgateway_url": "http://pushgateway.monitoring:9091/"}}},
         {
             "extraVolumes": [
                 {"name": "data", "persistentVolumeClaim": {"claimName": "flowers", "readOnly": True}},
@@ -158,7 +185,7 @@ def test_chart_rejects_conflicting_values_with_a_fix(values, message):
             ]
         },
     ],
-    ids=["port-1024", "port-65535", "address-ipv6-any", "other-pod-labels", "restricted-volume-types"],
+    ids=["port-1024", "port-65535", "address-ipv6-any", "other-pod-labels", "plain-pushgateway", "restricted-volumes"],
 )
 def test_values_next_to_the_refused_ones_render(values):
     render(values)

@@ -322,6 +322,90 @@ def test_a_failed_run_replaces_the_group_and_a_dead_gateway_is_a_warning_without
     assert "s3cret" not in caplog.text
 
 
+#: The credentials of the Pushgateway behind basic auth; the password needs escaping in a URL.
+PUSHER, PASSWORD = "pusher", "s3cr3t:p@ss"
+
+
+@pytest.fixture(scope="module")
+def guarded_pushgateway(tmp_path_factory):
+    gateway = Pushgateway(tmp_path_factory.mktemp("guarded") / "pushgateway.log", basic_auth=(PUSHER, PASSWORD))
+    yield gateway
+    gateway.stop()
+
+
+def _with_credentials(url: str, password: str = PASSWORD) -> str:
+    from urllib.parse import quote
+
+    return url.replace("http://", f"http://{PUSHER}:{quote(password, safe='')}@")
+
+
+def _secrets_in(text: str) -> list[str]:
+    from urllib.parse import quote
+
+    return [s for s in (PASSWORD, quote(PASSWORD, safe=""), "wrong-password", f"{PUSHER}:") if s in text]
+
+
+def test_the_secret_s_url_wins_and_pushes_with_basic_auth_without_logging_it(guarded_pushgateway, caplog):
+    """$TRAINER_PUSHGATEWAY_URL (the chart's Secret) wins over the configuration; its credentials go as basic auth."""
+    gateway = guarded_pushgateway
+    environ = {Env.NAMESPACE.value: "ml", Env.JOB_NAME.value: "guarded-run"}
+    secret_url = _with_credentials(gateway.url)
+    url = metrics.pushgateway_url("http://127.0.0.1:1", {**environ, Env.PUSHGATEWAY_URL.value: secret_url})
+
+    with caplog.at_level(logging.INFO):
+        pushed = metrics.push_outcome(url, "vgg-trainer", metrics.Outcome(0, time.time(), 7), environ=environ)
+        refused = metrics.push_outcome(gateway.url, "vgg-trainer", metrics.Outcome(1, time.time()), environ=environ)
+
+    assert url == secret_url
+    assert metrics.pushgateway_url("http://cfg:9091", {}) == "http://cfg:9091"  # no variable: the configuration
+    assert pushed is True and refused is False  # the gateway wants the credentials
+    group = 'instance="",job="vgg-trainer",job_name="guarded-run",namespace="ml"'
+    assert f"trainer_run_global_steps{{{group}}} 7" in gateway.metrics()
+    assert f"run outcome pushed to {gateway.url} " in caplog.text
+    assert "401" in caplog.text  # the refused push is a warning
+    assert _secrets_in(caplog.text) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_real_run_pushes_with_the_secret_s_url_and_writes_no_credentials(guarded_pushgateway, tmp_path):
+    """A tiny real run: the variable's credentials push (the configuration's are wrong), and neither
+    set of credentials reaches summary.json or the log."""
+    import os
+    import subprocess
+
+    from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
+    from trainer.launch import entrypoint_command
+
+    gateway = guarded_pushgateway
+    dataset, output = make_tiny_dataset(tmp_path), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in (Env.TF_CONFIG.value, Env.CONFIG_FILE.value)}
+    env.update(
+        {
+            Env.PUSHGATEWAY_URL.value: _with_credentials(gateway.url),
+            Env.NAMESPACE.value: "ml",
+            Env.JOB_NAME.value: "real-run",
+        }
+    )
+    args = set_args(
+        *TINY_RUN,
+        f"data.dataset={dataset}",
+        f"output.dir={output}",
+        "monitoring.port=0",
+        f"monitoring.pushgateway_url={_with_credentials(gateway.url, 'wrong-password')}",
+    )
+
+    proc = subprocess.run([*entrypoint_command(), "train", *args], env=env, capture_output=True, text=True, timeout=240)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (output / "summary.json").read_text()
+    assert json.loads(summary)["config"]["monitoring"]["pushgateway_url"] == gateway.url
+    assert _secrets_in(summary) == []
+    assert _secrets_in(proc.stdout + proc.stderr) == []
+    group = 'instance="",job="vgg-trainer",job_name="real-run",namespace="ml"'
+    assert f"trainer_run_success{{{group}}} 1" in gateway.metrics()
+
+
 # --------------------------------------------------------------------------- training curves
 
 

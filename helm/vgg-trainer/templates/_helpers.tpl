@@ -314,6 +314,14 @@ template:
           - name: CUDA_VISIBLE_DEVICES
             value: ""
           {{- end }}
+          {{- with $v.monitoring.pushgateway.existingSecret }}
+          # The Pushgateway URL (it may carry credentials) from the Secret: never in the ConfigMap.
+          - name: TRAINER_PUSHGATEWAY_URL
+            valueFrom:
+              secretKeyRef:
+                name: {{ . }}
+                key: {{ $v.monitoring.pushgateway.key }}
+          {{- end }}
           {{- if $v.credentials.existingSecret }}
           # The path of the key file; the key itself stays in the mounted Secret.
           - name: GOOGLE_APPLICATION_CREDENTIALS
