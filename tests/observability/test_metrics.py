@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -132,6 +134,118 @@ def test_the_ipv6_any_address_answers_ipv4_and_ipv6_clients():
         endpoint.close()
 
     assert ipv4 == ipv6 == "ok\n"
+
+
+def _slow_client(port: int) -> socket.socket:
+    """A connection that starts a request and never finishes it (a slowloris, or a stuck scraper)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n")  # no blank line: the head never ends
+    return client
+
+
+def _closed_by_the_server(client: socket.socket, timeout: float) -> bool:
+    client.settimeout(timeout)
+    try:
+        return client.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_slow_clients_hold_a_bounded_number_of_threads_and_the_probe_is_answered_meanwhile():
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="127.0.0.1")
+    before = threading.active_count()
+    slow, peak = [], 0
+    try:
+        for _ in range(3 * metrics.MAX_CONNECTIONS):
+            slow.append(_slow_client(endpoint.port))
+            peak = max(peak, threading.active_count() - before)
+        time.sleep(0.5)  # the accept loop has taken them all
+        peak = max(peak, threading.active_count() - before)
+        started = time.monotonic()
+        health = [_get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}") for _ in range(3)]  # the liveness probe
+        seconds = time.monotonic() - started
+        evicted = sum(_closed_by_the_server(c, 0.5) for c in slow[: 2 * metrics.MAX_CONNECTIONS])
+        held = sum(not _closed_by_the_server(c, 0.1) for c in slow[-metrics.MAX_CONNECTIONS + 3 :])
+    finally:
+        for client in slow:
+            client.close()
+        endpoint.close()
+
+    assert peak <= metrics.MAX_CONNECTIONS, f"{peak} threads for {len(slow)} slow clients"
+    assert health == ["ok\n"] * 3 and seconds < 3  # while the slow clients hold every slot
+    assert evicted == 2 * metrics.MAX_CONNECTIONS  # the oldest waiting ones made room
+    assert held == metrics.MAX_CONNECTIONS - 3  # the newest still held, until their idle timeout
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_never_finishes_its_request_is_closed_after_the_idle_timeout():
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="127.0.0.1", idle_timeout=0.5)
+    before = threading.active_count()
+    try:
+        slow = [_slow_client(endpoint.port) for _ in range(4)]
+        closed = [_closed_by_the_server(c, 5.0) for c in slow]
+        time.sleep(0.2)  # their threads end
+        threads = threading.active_count() - before
+        health = _get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}")
+    finally:
+        for client in slow:
+            client.close()
+        endpoint.close()
+
+    assert closed == [True] * 4
+    assert threads == 0
+    assert health == "ok\n"
+
+
+#: A worker process serving a large exposition (a few MB: a response takes many writes).
+_BIG_ENDPOINT = """
+import logging, sys
+from prometheus_client import Gauge
+from trainer import metrics
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+m = metrics.TrainerMetrics()
+padding = Gauge("test_padding", "Series that make the exposition large.", ["series"], registry=m.registry)
+for i in range(100_000):
+    padding.labels(series=f"s{i:06d}").set(i)
+endpoint = metrics.serve(m, port=0, address="127.0.0.1", max_age=60)
+print(endpoint.port, flush=True)
+sys.stdin.read()
+endpoint.close()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_clients_that_disconnect_mid_response_leave_no_traceback_in_the_log():
+    import struct
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _BIG_ENDPOINT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = int(worker.stdout.readline())
+        body = _get(f"http://127.0.0.1:{port}/metrics")  # renders (and caches) the exposition
+        for _ in range(5):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            assert client.recv(65536)  # the response is on its way ...
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # ... and the client resets the connection
+        time.sleep(0.5)
+        health = _get(f"http://127.0.0.1:{port}{HEALTH_PATH}")
+    finally:
+        _, stderr = worker.communicate(timeout=30)
+
+    assert len(body) > 3_000_000
+    assert health == "ok\n"
+    assert worker.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception occurred" not in stderr, stderr[-3000:]
+    assert "metrics endpoint:" not in stderr  # not even one line per disconnect
 
 
 # --------------------------------------------------------------------------- group restarts
