@@ -397,6 +397,43 @@ def test_to_yaml_round_trips_through_load_config(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://pusher:s3cret@push.example:9091/", "https://push.example:9091/"),
+        ("http://s3cret@push.example", "http://push.example"),  # a token as the user
+        ("pusher:s3cret@push.example:9091", "push.example:9091"),  # no scheme: read as http://
+    ],
+)
+def test_credentials_in_urls_stay_out_of_trainer_config_and_the_summary(url, shown, monkeypatch, capsys):
+    from trainer import config as config_lib
+    from trainer.cli import main
+
+    monkeypatch.delenv("TRAINER_CONFIG", raising=False)
+    code = main(["config", "--set", f"monitoring.pushgateway_url={url}"])
+    printed = capsys.readouterr().out
+    cfg = load_config(overrides=[f"monitoring.pushgateway_url={url}"])
+
+    assert code == 0
+    assert yaml.safe_load(printed)["monitoring"]["pushgateway_url"] == shown
+    assert "s3cret" not in printed
+    assert cfg.monitoring.pushgateway_url == url  # the trainer keeps them, to push with
+    assert config_lib.to_dict(cfg)["monitoring"]["pushgateway_url"] == shown  # summary.json's "config"
+
+
+def test_urls_without_credentials_are_written_as_given():
+    from trainer import config as config_lib
+
+    paths = ["gs://bucket/runs/a@b", "/data/x@y", "a@b/runs"]
+    cfg = load_config(overrides=[f"data.dataset={paths[0]}", f"output.dir={paths[1]}"])
+    local = load_config(overrides=[f"output.dir={paths[2]}", "monitoring.pushgateway_url=http://push:9091/p@q"])
+
+    assert config_lib.to_dict(cfg)["data"]["dataset"] == paths[0]
+    assert config_lib.to_dict(cfg)["output"]["dir"] == paths[1]
+    assert config_lib.to_dict(local)["output"]["dir"] == paths[2]
+    assert config_lib.to_dict(local)["monitoring"]["pushgateway_url"] == "http://push:9091/p@q"
+
+
 def test_default_to_yaml_round_trips():
     assert config_from_dict(yaml.safe_load(to_yaml(Config()))) == Config()
 

@@ -284,7 +284,7 @@ def _train(cfg) -> None:
     endpoint = _serve_metrics(cfg.monitoring)  # before TensorFlow: a worker stuck at start-up is visible too
     try:
         cluster = cluster_lib.parse_tf_config(cluster_lib.tf_config_from_env(os.environ))
-        push = cluster.is_chief and bool(cfg.monitoring.pushgateway_url)
+        push = cluster.is_chief and bool(_pushgateway_url(cfg))
         try:
             summary = _train_cluster(cfg, cluster)
         except BaseException as err:
@@ -317,7 +317,13 @@ def _push_outcome(cfg, started: float, code: int, summary: dict) -> None:
         global_steps=int(process.registry.get_sample_value(metrics.GLOBAL_STEP) or 0),
         evaluation=summary.get("evaluation"),
     )
-    metrics.push_outcome(cfg.monitoring.pushgateway_url, cfg.monitoring.pushgateway_job, outcome)
+    metrics.push_outcome(_pushgateway_url(cfg), cfg.monitoring.pushgateway_job, outcome)
+
+
+def _pushgateway_url(cfg) -> str:
+    from trainer import metrics
+
+    return metrics.pushgateway_url(cfg.monitoring.pushgateway_url)
 
 
 def _exit_code_of(err: BaseException) -> int:

@@ -28,6 +28,7 @@ import yaml
 
 from trainer.contract import DEFAULT_LEASE_SECONDS, METRICS_PORT
 from trainer.errors import ConfigError
+from trainer.redact import redacted
 
 VGG16_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
 #: VGG16 without its top accepts inputs of at least 32x32 pixels (five 2x2 poolings).
@@ -293,14 +294,22 @@ class MonitoringConfig:
     enabled: bool = _f(True, "Serve Prometheus metrics on every worker (started before TensorFlow).")
     port: int = _f(
         METRICS_PORT,
-        "Port of the metrics endpoint (the chart's metrics port); 0 = any free port. "
-        "$TRAINER_METRICS_PORT overrides it (the local launcher gives each worker its own).",
+        "Port of the metrics endpoint; 0 = any free port. $TRAINER_METRICS_PORT overrides it (the local "
+        "launcher gives each worker its own). The chart's metrics port (container port, liveness probe, "
+        "Service, NetworkPolicy, monitors) follows it; the chart refuses 0, ports below 1024 and the worker port.",
         ge=0,
         le=65535,
     )
-    address: str = _f("", "Address the endpoint listens on; empty = every interface.")
+    address: str = _f(
+        "",
+        "Address the endpoint listens on; empty = every IPv4 interface (0.0.0.0), :: = IPv6 and IPv4. "
+        "In a pod the liveness probe and Prometheus connect to the pod's IP: the chart accepts only these.",
+    )
     pushgateway_url: str = _f(
-        "", "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = off."
+        "",
+        "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = "
+        "off. $TRAINER_PUSHGATEWAY_URL overrides it (the chart sets it from a Secret). Credentials "
+        "(https://user:password@host) go as basic auth and are left out of logs, summary.json and `trainer config`.",
     )
     pushgateway_job: str = _f("vgg-trainer", "The `job` label of the pushed outcome.")
     curves: bool = _f(True, "The chief draws the training curves into training-curves.png beside summary.json.")
@@ -673,7 +682,9 @@ def _cross_field_errors(config: Config) -> list[str]:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The configuration as plain data, credentials in URLs removed: what summary.json and
+    `trainer config` show (a Pushgateway URL's user:password@ never reaches a file)."""
+    return redacted(dataclasses.asdict(config))
 
 
 def to_yaml(config: Config) -> str:

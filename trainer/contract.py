@@ -54,6 +54,9 @@ class Env(enum.StrEnum):
     # Who owns the run (trainer.train.lease), set by the local launcher for its workers: a re-run of
     # the same launcher takes over its own lease.
     RUN_OWNER = "TRAINER_RUN_OWNER"
+    # The Pushgateway URL, overriding monitoring.pushgateway_url; may carry credentials (the chart
+    # sets it from a Secret, so they never reach the ConfigMap).
+    PUSHGATEWAY_URL = "TRAINER_PUSHGATEWAY_URL"
 
 
 #: What a stop may take beyond ``runtime.stop_check_seconds``: the step in progress and one backup.

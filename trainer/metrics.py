@@ -16,11 +16,14 @@ read values with ``registry.get_sample_value``; ``process_metrics()`` is the pro
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import logging
 import math
 import os
 import platform
+import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -31,6 +34,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from trainer.contract import HEALTH_PATH, METRIC_PREFIX, METRICS_PORT, Env
+from trainer.redact import has_credentials, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +249,30 @@ class _Exposition:
             return self._body
 
 
+#: Connections the endpoint serves at once, one thread each (Prometheus keeps one per scraper).
+#: When all are taken, a new connection closes the one that has waited longest for its request
+#: (an idle keep-alive or a slow client), so the liveness probe is answered whoever holds the rest.
+MAX_CONNECTIONS = 16
+#: Seconds a connection may wait for its next complete request (idle keep-alive, or a client sending
+#: its request slowly) or take to accept a response's bytes before it is closed.
+IDLE_TIMEOUT_SECONDS = 60.0
+
+
 def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler]:
     class MetricsHandler(http.server.BaseHTTPRequestHandler):
         # Keep-alive, as Prometheus scrapes: one connection (and thread) per scraper, not per scrape.
         protocol_version = "HTTP/1.1"
-        timeout = 60  # seconds an idle connection stays open
+
+        def setup(self):
+            self.timeout = self.server.idle_timeout  # every socket read and write; the server bounds the total
+            super().setup()
+
+        def handle_one_request(self):
+            self.server.waiting(self.connection)  # evictable until its request has arrived whole
+            super().handle_one_request()
 
         def do_GET(self):
+            self.server.busy(self.connection)
             if self.path.split("?", 1)[0] == HEALTH_PATH:
                 # Answered by a thread of the trainer process: fails only when the whole process
                 # is frozen (stopped, or stuck holding the GIL), which the liveness probe catches.
@@ -275,6 +296,112 @@ def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler
     return MetricsHandler
 
 
+class _MetricsServer(http.server.ThreadingHTTPServer):
+    """The endpoint's HTTP server: at most ``max_connections`` threads, none held for ever.
+
+    A connection is *waiting* from its start, and after each response, until its next request has
+    arrived whole; then it is *busy* until the response is written. The accept loop closes waiting
+    connections older than ``idle_timeout`` (slow clients, abandoned keep-alives) and, when every
+    slot is taken, the oldest waiting one to make room: a new connection, like the kubelet's
+    liveness probe, is served however many slow clients there are. Clients that go away are not
+    the trainer's problem and are not logged (socketserver would print a traceback each).
+
+    An IPv6 address ("::") also takes IPv4 clients (dual stack).
+    """
+
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog: a burst of connections queues instead of being dropped
+    #: How long a new connection waits for a slot freed by an eviction before it is closed.
+    SLOT_WAIT_SECONDS = 1.0
+
+    def __init__(self, address, handler, max_connections: int, idle_timeout: float):
+        self.max_connections, self.idle_timeout = max_connections, idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # connection -> when it began to wait
+        self._open: set[socket.socket] = set()
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            with contextlib.suppress(OSError):  # "::" answers IPv4 clients too, where the kernel allows it
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    # ----------------------------------------------------------------- connection states
+
+    def waiting(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._waiting[connection] = time.monotonic()
+
+    def busy(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(connection, None)
+
+    def _close(self, connections) -> None:
+        for connection in connections:
+            with contextlib.suppress(OSError):  # wakes its thread: its read returns end-of-stream
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def _evict(self, older_than: float | None = None) -> None:
+        """Close the waiting connections that began to wait before ``older_than``, or else the oldest one."""
+        with self._lock:
+            by_age = sorted(self._waiting, key=self._waiting.__getitem__)
+            victims = by_age[:1] if older_than is None else [c for c in by_age if self._waiting[c] < older_than]
+            for connection in victims:
+                del self._waiting[connection]
+        self._close(victims)
+
+    # ----------------------------------------------------------------- socketserver hooks
+
+    def service_actions(self) -> None:  # the accept loop, at least every poll interval (0.5 s)
+        self._evict(older_than=time.monotonic() - self.idle_timeout)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._evict()
+            if not self._slots.acquire(timeout=self.SLOT_WAIT_SECONDS):  # every connection busy answering
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._open.add(request)
+            self._waiting[request] = time.monotonic()  # evictable before its thread even runs
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._finished(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._finished(request)
+
+    def _finished(self, request) -> None:
+        with self._lock:
+            self._waiting.pop(request, None)
+            self._open.discard(request)
+        self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):  # reset, broken pipe, timeout: the client went away or stalled
+            return
+        log.warning("metrics endpoint: a request from %s failed: %s", client_address[0], _one_line(err))
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            connections = list(self._open)
+        self._close(connections)
+
+
+def _server_class(address: str) -> type[_MetricsServer]:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return type("MetricsServer", (_MetricsServer,), {"address_family": family})
+
+
 @dataclass
 class Endpoint:
     port: int
@@ -291,15 +418,19 @@ def serve(
     port: int = METRICS_PORT,
     address: str = "",
     max_age: float = EXPOSITION_MAX_AGE_SECONDS,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> Endpoint | None:
     """Serve ``metrics`` on ``address:port`` (0 = a free port) in a daemon thread.
 
+    At most ``max_connections`` connections (threads) at once; see :class:`_MetricsServer`.
     A port already taken (only possible outside Kubernetes, where each pod has its own) is a
     warning, not an error: training matters more than its metrics.
     """
     handler = _handler(_Exposition(metrics.registry, max_age))
+    address = address or "0.0.0.0"
     try:
-        server = http.server.ThreadingHTTPServer((address or "0.0.0.0", port), handler)
+        server = _server_class(address)((address, port), handler, max_connections, idle_timeout)
     except OSError as err:
         log.warning(
             "metrics endpoint not started: cannot listen on port %d (%s); set monitoring.port "
@@ -309,11 +440,10 @@ def serve(
             Env.METRICS_PORT.value,
         )
         return None
-    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
     thread.start()
     actual = server.server_port
-    log.info("metrics on http://%s:%d/metrics", address or "0.0.0.0", actual)
+    log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, actual)
     return Endpoint(actual, server, thread)
 
 
@@ -358,24 +488,35 @@ def grouping_key(environ: dict[str, str] | os._Environ = os.environ) -> dict[str
     }
 
 
-def redact_url(url: str) -> str:
-    """The URL without user and password (never log credentials)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+def pushgateway_url(configured: str, environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """The Pushgateway to push to: $TRAINER_PUSHGATEWAY_URL (the chart's Secret) wins over the configuration."""
+    return environ.get(Env.PUSHGATEWAY_URL.value, "").strip() or configured
 
 
 def push_outcome(url: str, job: str, outcome: Outcome, environ=os.environ, timeout: float = 10.0) -> bool:
     """Push the outcome to the Pushgateway at ``url`` (replacing the run's group); never raises.
 
+    Credentials in the URL (``https://user:password@host``) go as HTTP basic auth, never in logs.
     A failed push must not turn a finished run into a failed one: it is logged and reported.
     """
+    handler = prometheus_client.exposition.default_handler
+    if has_credentials(url):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+
+        def handler(url, method, timeout, headers, data):
+            return prometheus_client.exposition.basic_auth_handler(
+                url, method, timeout, headers, data, username=user, password=password
+            )
+
     try:
         prometheus_client.push_to_gateway(
-            url, job=job, registry=outcome_registry(outcome), grouping_key=grouping_key(environ), timeout=timeout
+            redact_url(url),
+            job=job,
+            registry=outcome_registry(outcome),
+            grouping_key=grouping_key(environ),
+            timeout=timeout,
+            handler=handler,
         )
     except Exception as err:  # network errors, HTTP errors, bad URLs: all just a warning
         log.warning("could not push the run outcome to %s: %s", redact_url(url), _one_line(err))

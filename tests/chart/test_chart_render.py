@@ -61,6 +61,7 @@ WORKLOAD_IDENTITY = {
     "workloadIdentity": {"enabled": True, "gcpServiceAccount": "trainer@my-project.iam.gserviceaccount.com"}
 }
 KUEUE = {"kueue": {"enabled": True, "queueName": "team-a", "priorityClassName": "batch-low"}}
+PUSHGATEWAY_SECRET = {"monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth", "key": "push-url"}}}
 
 #: The values matrix: name -> values on top of REQUIRED.
 SCENARIOS: dict[str, dict] = {
@@ -76,8 +77,10 @@ SCENARIOS: dict[str, dict] = {
         }
     },
     "monitoring-off": {"monitoring": {"podMonitor": {"enabled": False}}},
+    "metrics-port-9100": merge(MONITORING_ALL, {"trainer": {"monitoring": {"port": 9100, "address": "::"}}}),
     "workload-identity": WORKLOAD_IDENTITY,
     "key-file-secret": {"credentials": {"existingSecret": "gcs-key", "key": "sa.json"}},
+    "pushgateway-secret": PUSHGATEWAY_SECRET,
     "network-policy-off": {"networkPolicy": {"enabled": False}},
     "kueue": KUEUE,
     "everything": merge(
@@ -114,6 +117,11 @@ SCENARIO_IDS = list(SCENARIOS)
 
 def values_of(name: str) -> dict:
     return merge(REQUIRED, SCENARIOS[name])
+
+
+def metrics_port_of(values: dict) -> int:
+    """The port the trainer's endpoint listens on with these values (trainer.monitoring.port)."""
+    return values.get("trainer", {}).get("monitoring", {}).get("port", METRICS_PORT)
 
 
 def container(docs: list[dict]) -> dict:
@@ -213,7 +221,7 @@ def test_job_runs_the_trainer_as_the_trainer_expects(scenario, tmp_path):
     assert Env.TF_CONFIG.value not in env  # the trainer derives it; an explicit one would win
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         WORKER_PORT_NAME: WORKER_PORT,
-        METRICS_PORT_NAME: METRICS_PORT,
+        METRICS_PORT_NAME: metrics_port_of(values),
     }
     # The ConfigMap mounted read-only where --config points, holding a configuration the trainer accepts.
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == CONFIG_MOUNT_DIR]
@@ -247,7 +255,7 @@ def test_pods_find_each_other_through_the_headless_service(scenario):
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         WORKER_PORT_NAME: WORKER_PORT,
-        METRICS_PORT_NAME: METRICS_PORT,
+        METRICS_PORT_NAME: metrics_port_of(values_of(scenario)),
     }
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
 
@@ -455,6 +463,38 @@ def test_existing_service_account_is_used_without_creating_one():
     assert one(docs, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "ml-runner"
 
 
+def test_the_metrics_port_follows_trainer_monitoring_port_everywhere():
+    """Probe, container port, Service, NetworkPolicy, monitors and NOTES all use the port the trainer listens on."""
+    port = 9100
+    moved = {"trainer": {"monitoring": {"port": port}}}
+    values = merge(MONITORING_ALL, moved)
+    docs = render(values)
+    c = container(docs)
+    service = one(docs, "Service")
+    _, metrics_ingress = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    (pod_endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    service_monitor = one(render(merge(SCENARIOS["monitoring-service"], moved)), "ServiceMonitor")
+    (service_endpoint,) = service_monitor["spec"]["endpoints"]
+    (config_text,) = [d["data"][CONFIG_FILE_NAME] for d in docs if CONFIG_FILE_NAME in d.get("data", {})]
+    raw = yaml.safe_load(config_text)
+    path = values_file(merge(REQUIRED, values))
+    try:
+        notes = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+
+    assert config_lib.config_from_dict(raw).monitoring.port == port  # where the trainer listens
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}[METRICS_PORT_NAME] == port
+    assert c["livenessProbe"]["httpGet"]["port"] == METRICS_PORT_NAME  # the named port: 9100
+    assert metrics_ingress["ports"] == [{"port": port, "protocol": "TCP"}]
+    (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == METRICS_PORT_NAME]
+    assert (service_port["port"], service_port["targetPort"]) == (port, METRICS_PORT_NAME)
+    assert pod_endpoint["port"] == service_endpoint["port"] == METRICS_PORT_NAME
+    assert f"{port}/metrics" in notes.stdout.split("NOTES:", 1)[1]
+    numbers = re.findall(r"\b(?:port|containerPort|targetPort): (\d+)", yaml.safe_dump_all(docs))
+    assert str(METRICS_PORT) not in numbers, "something still uses the default metrics port"
+
+
 def test_key_file_is_mounted_from_the_secret_never_put_in_env():
     docs = render(SCENARIOS["key-file-secret"])
     spec = one(docs, "Job")["spec"]["template"]["spec"]
@@ -467,6 +507,19 @@ def test_key_file_is_mounted_from_the_secret_never_put_in_env():
     assert env_of(docs)["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == f"{mount['mountPath']}/sa.json"
     for doc in docs:
         assert "secretKeyRef" not in json.dumps(doc) and "secretRef" not in json.dumps(doc)
+
+
+def test_the_pushgateway_url_comes_from_the_secret_never_from_the_config_map():
+    docs = render(PUSHGATEWAY_SECRET)
+    (config_text,) = [d["data"][CONFIG_FILE_NAME] for d in docs if CONFIG_FILE_NAME in d.get("data", {})]
+
+    assert env_of(docs)[Env.PUSHGATEWAY_URL.value] == {
+        "name": Env.PUSHGATEWAY_URL.value,
+        "valueFrom": {"secretKeyRef": {"name": "pushgateway-auth", "key": "push-url"}},
+    }
+    assert config_lib.config_from_dict(yaml.safe_load(config_text)).monitoring.pushgateway_url == ""
+    assert "pushgateway_url" not in config_text
+    assert Env.PUSHGATEWAY_URL.value not in env_of(render())  # only with the Secret
 
 
 def test_network_policy_admits_only_peers_and_monitoring():

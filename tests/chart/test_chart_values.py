@@ -64,7 +64,70 @@ TEMPLATE_REJECTS = [
         {"extraVolumes": [{"name": "host", "hostPath": {"path": "/data"}}]},
         'extraVolumes[0] (host): hostPath volumes break Pod Security "restricted"',
     ),
+    (
+        {"extraVolumes": [{"name": "shared", "nfs": {"server": "nfs.example", "path": "/data"}}]},
+        'extraVolumes[0] (shared): nfs volumes break Pod Security "restricted", which admits only configMap, csi,',
+    ),
+    (
+        {
+            "extraVolumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": "flowers"}},
+                {"name": "disk", "gcePersistentDisk": {"pdName": "flowers"}},
+            ]
+        },
+        'extraVolumes[1] (disk): gcePersistentDisk volumes break Pod Security "restricted"',
+    ),
     ({"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}, "extraVolumes[0]: the name tmp is the chart's own volume"),
+    # Labels the chart's selectors use: a podLabels value would replace them and break selection.
+    (
+        {"podLabels": {"team": "vision", "app.kubernetes.io/instance": "other"}},
+        "podLabels: app.kubernetes.io/instance is set by the chart (flowers) and selects this release's pods",
+    ),
+    ({"podLabels": {"app.kubernetes.io/name": "x"}}, "podLabels: app.kubernetes.io/name is set by the chart"),
+    ({"podLabels": {"app.kubernetes.io/component": "x"}}, "podLabels: app.kubernetes.io/component is set by the"),
+    (
+        {"podLabels": {"batch.kubernetes.io/job-name": "x"}},
+        "podLabels: batch.kubernetes.io/job-name is set by Kubernetes on a Job's pods and selects them",
+    ),
+    ({"podLabels": {"job-name": "x"}}, "podLabels: job-name is set by Kubernetes on a Job's pods"),
+    # The ConfigMap is not secret: credentials come from a Secret (monitoring.pushgateway).
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "https://pusher:s3cret@push.example/"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials (user:password@), which the ConfigMap would store "
+        "in clear; put the whole URL in a Secret and set monitoring.pushgateway.existingSecret",
+    ),
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "https://s3cret@push.example"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials",
+    ),
+    (
+        {"trainer": {"monitoring": {"pushgateway_url": "pusher:s3cret@push.example:9091"}}},
+        "trainer.monitoring.pushgateway_url: carries credentials",
+    ),
+    (
+        {
+            "monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth"}},
+            "trainer": {"monitoring": {"pushgateway_url": "http://pushgateway.monitoring:9091"}},
+        },
+        "monitoring.pushgateway.existingSecret and trainer.monitoring.pushgateway_url are both set",
+    ),
+    (
+        {"extraEnv": [{"name": "TRAINER_PUSHGATEWAY_URL", "value": "https://pusher:s3cret@push.example/"}]},
+        "extraEnv[0]: TRAINER_PUSHGATEWAY_URL is set by the chart",
+    ),
+    # Metrics endpoints the liveness probe and Prometheus cannot reach: every pod would be killed.
+    ({"trainer": {"monitoring": {"port": 0}}}, "trainer.monitoring.port: 0 (any free port) cannot work in a pod"),
+    ({"trainer": {"monitoring": {"port": 80}}}, "trainer.monitoring.port: 80 is below 1024"),
+    (
+        {"trainer": {"monitoring": {"port": contract.WORKER_PORT}}},
+        f"trainer.monitoring.port: {contract.WORKER_PORT} is the worker port",
+    ),
+    (
+        {"trainer": {"monitoring": {"address": "127.0.0.1"}}},
+        "trainer.monitoring.address: 127.0.0.1 is not reachable from the kubelet's liveness probe and Prometheus",
+    ),
+    ({"trainer": {"monitoring": {"address": "localhost"}}}, "trainer.monitoring.address: localhost is not reachable"),
+    ({"trainer": {"monitoring": {"address": "::1"}}}, "trainer.monitoring.address: ::1 is not reachable"),
     (
         {
             "workloadIdentity": {"enabled": True, "gcpServiceAccount": "trainer@my-project.iam.gserviceaccount.com"},
@@ -100,6 +163,32 @@ def test_chart_rejects_conflicting_values_with_a_fix(values, message):
     err = render_error(values)
 
     assert message in err
+    assert "s3cret" not in err  # a refused secret is not repeated either
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"trainer": {"monitoring": {"port": 1024}}},
+        {"trainer": {"monitoring": {"port": 65535, "address": "0.0.0.0"}}},
+        {"trainer": {"monitoring": {"address": "::"}}},
+        {"podLabels": {"team": "vision", "app.kubernetes.io/part-of": "research"}},
+        {"trainer": {"monitoring": {"pushgateway_url": "http://pushgateway.monitoring:9091/"}}},
+        {
+            "extraVolumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": "flowers", "readOnly": True}},
+                {"name": "bucket", "csi": {"driver": "gcsfuse.csi.storage.gke.io"}},
+                {"name": "fast", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}},
+                {"name": "info", "downwardAPI": {"items": []}},
+                {"name": "both", "projected": {"sources": []}},
+                {"name": "cache"},  # no type: an emptyDir
+            ]
+        },
+    ],
+    ids=["port-1024", "port-65535", "address-ipv6-any", "other-pod-labels", "plain-pushgateway", "restricted-volumes"],
+)
+def test_values_next_to_the_refused_ones_render(values):
+    render(values)
 
 
 def test_the_grace_period_must_cover_a_stop_check_plus_the_margin():

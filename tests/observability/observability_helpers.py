@@ -64,7 +64,20 @@ def family(name: str) -> str:
 # --------------------------------------------------------------------------- servers
 
 
-def wait_http(url: str, timeout: float = 30.0, proc=None) -> None:
+def _bcrypt(password: str) -> str:
+    """A bcrypt hash (cost 4: fast to check) as the Pushgateway's web config wants it, from glibc's crypt."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # crypt goes in Python 3.13; fine on 3.11/3.12
+        import crypt
+
+    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    assert hashed and hashed.startswith("$2"), "this libc's crypt() makes no bcrypt hashes"
+    return hashed
+
+
+def wait_http(url: str, timeout: float = 30.0, proc=None, headers: dict[str, str] | None = None) -> None:
     """Wait until ``url`` answers 200 (the server is up), failing early if ``proc`` died."""
     import time
     import urllib.request
@@ -74,7 +87,7 @@ def wait_http(url: str, timeout: float = 30.0, proc=None) -> None:
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"{proc.args[0]} exited with {proc.returncode} before answering {url}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -85,27 +98,38 @@ def wait_http(url: str, timeout: float = 30.0, proc=None) -> None:
 
 
 class Pushgateway:
-    """The real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port."""
+    """The real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port.
 
-    def __init__(self, log_path) -> None:
+    With ``basic_auth=(user, password)`` every request needs those credentials (the Pushgateway's
+    --web.config.file with a bcrypt hash of the password), as a gateway behind auth does.
+    """
+
+    def __init__(self, log_path, basic_auth: tuple[str, str] | None = None) -> None:
+        import base64
         import subprocess
 
         from trainer.launch import free_ports
 
         (self.port,) = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.headers: dict[str, str] = {}
+        args = [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{self.port}"]
+        if basic_auth is not None:
+            user, password = basic_auth
+            web_config = pathlib.Path(log_path).with_suffix(".web.yml")
+            web_config.write_text(yaml.safe_dump({"basic_auth_users": {user: _bcrypt(password)}}))
+            args.append(f"--web.config.file={web_config}")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers = {"Authorization": f"Basic {token}"}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_http(self.url + "/-/ready", proc=self.proc)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/-/ready", proc=self.proc, headers=self.headers)
 
     def metrics(self) -> str:
         import urllib.request
 
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+        request = urllib.request.Request(self.url + "/metrics", headers=self.headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
 
     def stop(self) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +121,131 @@ def test_endpoint_serves_the_registry_and_a_taken_port_is_only_a_warning(caplog)
     assert "_created" not in text  # created series are switched off
     assert second is None
     assert f"cannot listen on port {endpoint.port}" in caplog.text and "TRAINER_METRICS_PORT" in caplog.text
+
+
+def test_the_ipv6_any_address_answers_ipv4_and_ipv6_clients():
+    """monitoring.address "::" (the chart's choice for IPv6 clusters) listens on both stacks."""
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="::")
+    assert endpoint is not None, "the endpoint did not start on ::"
+    try:
+        ipv4 = _get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}")
+        ipv6 = _get(f"http://[::1]:{endpoint.port}{HEALTH_PATH}")
+    finally:
+        endpoint.close()
+
+    assert ipv4 == ipv6 == "ok\n"
+
+
+def _slow_client(port: int) -> socket.socket:
+    """A connection that starts a request and never finishes it (a slowloris, or a stuck scraper)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n")  # no blank line: the head never ends
+    return client
+
+
+def _closed_by_the_server(client: socket.socket, timeout: float) -> bool:
+    client.settimeout(timeout)
+    try:
+        return client.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_slow_clients_hold_a_bounded_number_of_threads_and_the_probe_is_answered_meanwhile():
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="127.0.0.1")
+    before = threading.active_count()
+    slow, peak = [], 0
+    try:
+        for _ in range(3 * metrics.MAX_CONNECTIONS):
+            slow.append(_slow_client(endpoint.port))
+            peak = max(peak, threading.active_count() - before)
+        time.sleep(0.5)  # the accept loop has taken them all
+        peak = max(peak, threading.active_count() - before)
+        started = time.monotonic()
+        health = [_get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}") for _ in range(3)]  # the liveness probe
+        seconds = time.monotonic() - started
+        evicted = sum(_closed_by_the_server(c, 0.5) for c in slow[: 2 * metrics.MAX_CONNECTIONS])
+        held = sum(not _closed_by_the_server(c, 0.1) for c in slow[-metrics.MAX_CONNECTIONS + 3 :])
+    finally:
+        for client in slow:
+            client.close()
+        endpoint.close()
+
+    assert peak <= metrics.MAX_CONNECTIONS, f"{peak} threads for {len(slow)} slow clients"
+    assert health == ["ok\n"] * 3 and seconds < 3  # while the slow clients hold every slot
+    assert evicted == 2 * metrics.MAX_CONNECTIONS  # the oldest waiting ones made room
+    assert held == metrics.MAX_CONNECTIONS - 3  # the newest still held, until their idle timeout
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_never_finishes_its_request_is_closed_after_the_idle_timeout():
+    endpoint = metrics.serve(TrainerMetrics(), port=0, address="127.0.0.1", idle_timeout=0.5)
+    before = threading.active_count()
+    try:
+        slow = [_slow_client(endpoint.port) for _ in range(4)]
+        closed = [_closed_by_the_server(c, 5.0) for c in slow]
+        time.sleep(0.2)  # their threads end
+        threads = threading.active_count() - before
+        health = _get(f"http://127.0.0.1:{endpoint.port}{HEALTH_PATH}")
+    finally:
+        for client in slow:
+            client.close()
+        endpoint.close()
+
+    assert closed == [True] * 4
+    assert threads == 0
+    assert health == "ok\n"
+
+
+#: A worker process serving a large exposition (a few MB: a response takes many writes).
+_BIG_ENDPOINT = """
+import logging, sys
+from prometheus_client import Gauge
+from trainer import metrics
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+m = metrics.TrainerMetrics()
+padding = Gauge("test_padding", "Series that make the exposition large.", ["series"], registry=m.registry)
+for i in range(100_000):
+    padding.labels(series=f"s{i:06d}").set(i)
+endpoint = metrics.serve(m, port=0, address="127.0.0.1", max_age=60)
+print(endpoint.port, flush=True)
+sys.stdin.read()
+endpoint.close()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_clients_that_disconnect_mid_response_leave_no_traceback_in_the_log():
+    import struct
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _BIG_ENDPOINT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = int(worker.stdout.readline())
+        body = _get(f"http://127.0.0.1:{port}/metrics")  # renders (and caches) the exposition
+        for _ in range(5):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            assert client.recv(65536)  # the response is on its way ...
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # ... and the client resets the connection
+        time.sleep(0.5)
+        health = _get(f"http://127.0.0.1:{port}{HEALTH_PATH}")
+    finally:
+        _, stderr = worker.communicate(timeout=30)
+
+    assert len(body) > 3_000_000
+    assert health == "ok\n"
+    assert worker.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception occurred" not in stderr, stderr[-3000:]
+    assert "metrics endpoint:" not in stderr  # not even one line per disconnect
 
 
 # --------------------------------------------------------------------------- group restarts
@@ -307,6 +434,90 @@ def test_a_failed_run_replaces_the_group_and_a_dead_gateway_is_a_warning_without
     assert ok is False
     assert f"could not push the run outcome to http://127.0.0.1:{dead}" in caplog.text
     assert "s3cret" not in caplog.text
+
+
+#: The credentials of the Pushgateway behind basic auth; the password needs escaping in a URL.
+PUSHER, PASSWORD = "pusher", "s3cr3t:p@ss"
+
+
+@pytest.fixture(scope="module")
+def guarded_pushgateway(tmp_path_factory):
+    gateway = Pushgateway(tmp_path_factory.mktemp("guarded") / "pushgateway.log", basic_auth=(PUSHER, PASSWORD))
+    yield gateway
+    gateway.stop()
+
+
+def _with_credentials(url: str, password: str = PASSWORD) -> str:
+    from urllib.parse import quote
+
+    return url.replace("http://", f"http://{PUSHER}:{quote(password, safe='')}@")
+
+
+def _secrets_in(text: str) -> list[str]:
+    from urllib.parse import quote
+
+    return [s for s in (PASSWORD, quote(PASSWORD, safe=""), "wrong-password", f"{PUSHER}:") if s in text]
+
+
+def test_the_secret_s_url_wins_and_pushes_with_basic_auth_without_logging_it(guarded_pushgateway, caplog):
+    """$TRAINER_PUSHGATEWAY_URL (the chart's Secret) wins over the configuration; its credentials go as basic auth."""
+    gateway = guarded_pushgateway
+    environ = {Env.NAMESPACE.value: "ml", Env.JOB_NAME.value: "guarded-run"}
+    secret_url = _with_credentials(gateway.url)
+    url = metrics.pushgateway_url("http://127.0.0.1:1", {**environ, Env.PUSHGATEWAY_URL.value: secret_url})
+
+    with caplog.at_level(logging.INFO):
+        pushed = metrics.push_outcome(url, "vgg-trainer", metrics.Outcome(0, time.time(), 7), environ=environ)
+        refused = metrics.push_outcome(gateway.url, "vgg-trainer", metrics.Outcome(1, time.time()), environ=environ)
+
+    assert url == secret_url
+    assert metrics.pushgateway_url("http://cfg:9091", {}) == "http://cfg:9091"  # no variable: the configuration
+    assert pushed is True and refused is False  # the gateway wants the credentials
+    group = 'instance="",job="vgg-trainer",job_name="guarded-run",namespace="ml"'
+    assert f"trainer_run_global_steps{{{group}}} 7" in gateway.metrics()
+    assert f"run outcome pushed to {gateway.url} " in caplog.text
+    assert "401" in caplog.text  # the refused push is a warning
+    assert _secrets_in(caplog.text) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_real_run_pushes_with_the_secret_s_url_and_writes_no_credentials(guarded_pushgateway, tmp_path):
+    """A tiny real run: the variable's credentials push (the configuration's are wrong), and neither
+    set of credentials reaches summary.json or the log."""
+    import os
+    import subprocess
+
+    from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
+    from trainer.launch import entrypoint_command
+
+    gateway = guarded_pushgateway
+    dataset, output = make_tiny_dataset(tmp_path), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in (Env.TF_CONFIG.value, Env.CONFIG_FILE.value)}
+    env.update(
+        {
+            Env.PUSHGATEWAY_URL.value: _with_credentials(gateway.url),
+            Env.NAMESPACE.value: "ml",
+            Env.JOB_NAME.value: "real-run",
+        }
+    )
+    args = set_args(
+        *TINY_RUN,
+        f"data.dataset={dataset}",
+        f"output.dir={output}",
+        "monitoring.port=0",
+        f"monitoring.pushgateway_url={_with_credentials(gateway.url, 'wrong-password')}",
+    )
+
+    proc = subprocess.run([*entrypoint_command(), "train", *args], env=env, capture_output=True, text=True, timeout=240)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (output / "summary.json").read_text()
+    assert json.loads(summary)["config"]["monitoring"]["pushgateway_url"] == gateway.url
+    assert _secrets_in(summary) == []
+    assert _secrets_in(proc.stdout + proc.stderr) == []
+    group = 'instance="",job="vgg-trainer",job_name="real-run",namespace="ml"'
+    assert f"trainer_run_success{{{group}}} 1" in gateway.metrics()
 
 
 # --------------------------------------------------------------------------- training curves

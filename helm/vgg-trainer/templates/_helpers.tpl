@@ -31,6 +31,22 @@ exitNonRetriable: [64, 65]
 leaseSeconds: 120
 {{- end }}
 
+{{/*
+The metrics endpoint's port: trainer.monitoring.port (the trainer listens there), else the
+contract's. The container port, the Service, the NetworkPolicy and the NOTES use it; the probe and
+the monitors name the port ("metrics"), so they follow too. validate.yaml refuses ports no pod can use.
+*/}}
+{{- define "vgg-trainer.metricsPort" -}}
+{{- $c := include "vgg-trainer.contract" . | fromYaml -}}
+{{- dig "monitoring" "port" $c.metricsPort (.Values.trainer | default dict) | int -}}
+{{- end }}
+
+{{/* Pod labels the chart sets itself; podLabels may not repeat them (validate.yaml). */}}
+{{- define "vgg-trainer.podLabels" -}}
+{{ include "vgg-trainer.selectorLabels" . }}
+app.kubernetes.io/component: worker
+{{- end }}
+
 {{- define "vgg-trainer.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
 {{- end }}
@@ -202,8 +218,7 @@ podFailurePolicy:
 template:
   metadata:
     labels:
-      {{- include "vgg-trainer.selectorLabels" $root | nindent 6 }}
-      app.kubernetes.io/component: worker
+      {{- include "vgg-trainer.podLabels" $root | nindent 6 }}
       {{- with $v.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -307,6 +322,14 @@ template:
           - name: CUDA_VISIBLE_DEVICES
             value: ""
           {{- end }}
+          {{- with $v.monitoring.pushgateway.existingSecret }}
+          # The Pushgateway URL (it may carry credentials) from the Secret: never in the ConfigMap.
+          - name: TRAINER_PUSHGATEWAY_URL
+            valueFrom:
+              secretKeyRef:
+                name: {{ . }}
+                key: {{ $v.monitoring.pushgateway.key }}
+          {{- end }}
           {{- if $v.credentials.existingSecret }}
           # The path of the key file; the key itself stays in the mounted Secret.
           - name: GOOGLE_APPLICATION_CREDENTIALS
@@ -320,7 +343,7 @@ template:
             containerPort: {{ $c.workerPort }}
             protocol: TCP
           - name: {{ $c.metricsPortName }}
-            containerPort: {{ $c.metricsPort }}
+            containerPort: {{ include "vgg-trainer.metricsPort" $root }}
             protocol: TCP
         {{- $probe := $v.job.livenessProbe }}
         {{- if and $probe.enabled (ne (dig "monitoring" "enabled" true ($v.trainer | default dict)) false) }}
