@@ -56,6 +56,11 @@ def _fingerprints(runner: JobRunner, workers: int) -> list[list[str]]:
     return [re.findall(r"weights fingerprint (\w+)", runner.pod_log(index)) for index in range(workers)]
 
 
+def _tails(runner: JobRunner, workers: int, chars: int = 2500) -> str:
+    """The end of every worker's log: a failure shows the worker that failed first, not only the chief."""
+    return "\n".join(f"--- worker {i} ---\n{runner.pod_log(i)[-chars:]}" for i in range(workers))
+
+
 def _epochs_logged(output) -> list[tuple[str, int]]:
     lines = (output / "metrics.jsonl").read_text().splitlines()
     return [(row["phase"], row["epoch"]) for row in map(json.loads, lines)]
@@ -265,7 +270,8 @@ def test_a_run_stopped_with_three_workers_resumes_with_two_from_the_same_backup(
         status = runner.run(timeout=600)
         two = runner.pod_log(0)
         fingerprints = _fingerprints(runner, 2)
-    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), sink.text[-5000:]
+        tails = _tails(runner, 2)
+    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), tails
     assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # two workers end with identical weights
     epoch, step = int(saved.group(1)), int(saved.group(2))
     position = "its end" if step == 4 else f"step {step} of 4"
