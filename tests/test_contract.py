@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from trainer.cli import main
+from trainer.cli import classify, main
 from trainer.contract import NON_RETRIABLE_EXIT_CODES, RETRIABLE_EXIT_CODES, Env, ExitCode
 from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
 
@@ -181,3 +181,15 @@ def test_tensorflow_errors_are_summarised_by_their_informative_line():
         "/run/backup/ckpt-1_temp; No space left on device [Op:SaveV2]"
     )
     assert tf_error_summary(no_space) == "/run/backup/ckpt-1_temp; No space left on device"
+
+
+def test_a_sigterm_that_lands_while_tensorflow_raises_is_still_a_stop():
+    # pybind11's words when the SIGTERM handler's exception replaces one TensorFlow was raising
+    # (seen in a 2-worker run stopped while a peer had just died).
+    swapped = RuntimeError(
+        "pybind11::error_already_set: MISMATCH of original and normalized active exception types: "
+        "ORIGINAL UnavailableError REPLACED BY Preempted: received SIGTERM; stopping"
+    )
+
+    assert classify(swapped).exit_code == ExitCode.PREEMPTED
+    assert classify(RuntimeError("something else")) is None

@@ -152,6 +152,12 @@ def classify(err: Exception) -> TrainerError | None:
         from trainer import storage
 
         return storage.local_write_error(err, err.filename or "a file")
+    if isinstance(err, RuntimeError) and f"REPLACED BY {Preempted.__name__}" in str(err):
+        # SIGTERM's Preempted raised while TensorFlow's C++ layer was translating its own error:
+        # pybind11 reports the swap as a RuntimeError. The stop request is what happened.
+        return Preempted(
+            "received SIGTERM while TensorFlow reported an error; stopping (the run resumes from its last backup)"
+        )
     if "tensorflow" not in sys.modules:
         return None
     import tensorflow as tf
