@@ -9,9 +9,10 @@ import sys
 import pytest
 import yaml
 
-from trainer.cli import classify, main
+from trainer.cli import main
 from trainer.contract import NON_RETRIABLE_EXIT_CODES, RETRIABLE_EXIT_CODES, Env, ExitCode
 from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError
+from trainer.exits import classify
 
 
 def test_exit_codes_are_distinct_and_documented_values():

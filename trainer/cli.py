@@ -8,16 +8,15 @@ faults are.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from trainer.contract import Env, ExitCode
-from trainer.errors import ConfigError, DataError, Preempted, TrainerError, TransientError, tf_error_summary
+from trainer.errors import ConfigError, DataError, Preempted
+from trainer.exits import explain
 
 log = logging.getLogger("trainer")
 
@@ -126,17 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(_run(args) or ExitCode.OK)
-    except TrainerError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        return int(ExitCode.PREEMPTED)
-    except Exception as err:
-        classified = classify(err)
-        if classified is None:
-            raise  # a bug: keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
-        print(f"error: {classified}", file=sys.stderr, flush=True)
-        return int(classified.exit_code)
+    except BaseException as err:
+        explained = explain(err)
+        if explained is None:
+            raise  # a bug (or SystemExit): keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
+        if not isinstance(err, KeyboardInterrupt):
+            print(f"error: {explained}", file=sys.stderr, flush=True)
+        return int(explained.exit_code)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -144,49 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _on_sigterm(signum, frame) -> None:
     # Kubernetes sends SIGTERM before killing a pod. The run resumes from its last backup.
     raise Preempted("received SIGTERM; stopping (the run resumes from its last backup when restarted)")
-
-
-def classify(err: Exception) -> TrainerError | None:
-    """Map TensorFlow's runtime errors and the OS's write errors to user errors or transient faults."""
-    if isinstance(err, OSError) and err.errno in _OS_WRITE_ERRNOS:
-        from trainer import storage
-
-        return storage.local_write_error(err, err.filename or "a file")
-    if isinstance(err, RuntimeError) and f"REPLACED BY {Preempted.__name__}" in str(err):
-        # SIGTERM's Preempted raised while TensorFlow's C++ layer was translating its own error:
-        # pybind11 reports the swap as a RuntimeError. The stop request is what happened.
-        return Preempted(
-            "received SIGTERM while TensorFlow reported an error; stopping (the run resumes from its last backup)"
-        )
-    if "tensorflow" not in sys.modules:
-        return None
-    import tensorflow as tf
-
-    first_line = tf_error_summary(str(err)) or type(err).__name__
-    if isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
-        return TransientError(f"{type(err).__name__}: {first_line} (a peer or the storage is unreachable; retry)")
-    if isinstance(err, tf.errors.DataLossError):
-        return DataError(f"a dataset file is corrupt ({first_line}); re-run `trainer prepare`")
-    if isinstance(err, tf.errors.NotFoundError):
-        return DataError(f"a file is missing ({first_line}); check data.dataset and re-run `trainer prepare`")
-    # TensorFlow's own writes (checkpoints, TensorBoard, SavedModel) fail as "<path>; <strerror>".
-    if isinstance(err, tf.errors.ResourceExhaustedError) and first_line.endswith(_NO_SPACE):
-        from trainer import storage
-
-        return storage.local_write_error(OSError(errno.ENOSPC, _NO_SPACE), first_line.removesuffix(_NO_SPACE))
-    if isinstance(err, tf.errors.PermissionDeniedError) and first_line.endswith(_READ_ONLY):
-        return ConfigError(
-            f"cannot write {first_line.removesuffix(_READ_ONLY)}: read-only file system; choose a writable location"
-        )
-    if isinstance(err, tf.errors.PermissionDeniedError):
-        return DataError(f"permission denied ({first_line}); grant access to the dataset and output locations")
-    return None
-
-
-#: OS errors of writes that the trainer's storage layer would have named (scratch files, TF-free writers).
-_OS_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-_NO_SPACE = "; No space left on device"
-_READ_ONLY = "; Read-only file system"
 
 
 def _run(args: argparse.Namespace) -> int | None:
@@ -231,7 +183,9 @@ def _run(args: argparse.Namespace) -> int | None:
 
         return launch_local(args.workers, _train_args(args), grace_seconds=stop_grace_seconds(cfg.runtime))
     if args.command == "train":
-        return _train(cfg)
+        from trainer import worker
+
+        return worker.run(cfg)
     raise ConfigError(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
 
 
@@ -281,109 +235,6 @@ def _prepare(args: argparse.Namespace, cfg) -> None:
     )
     for line in report.summary_lines():
         print(line)
-
-
-def _train(cfg) -> None:
-    from trainer import cluster as cluster_lib
-
-    started = time.time()
-    endpoint = _serve_metrics(cfg.monitoring)  # before TensorFlow: a worker stuck at start-up is visible too
-    try:
-        cluster = cluster_lib.parse_tf_config(cluster_lib.tf_config_from_env(os.environ))
-        push = cluster.is_chief and bool(_pushgateway_url(cfg))
-        try:
-            summary = _train_cluster(cfg, cluster)
-        except BaseException as err:
-            if push:
-                _push_outcome(cfg, started, _exit_code_of(err), {})
-            raise
-        if push and summary is not None:  # None: the run was complete already; its outcome was pushed then
-            _push_outcome(cfg, started, ExitCode.OK, summary)
-    finally:
-        if endpoint is not None:
-            endpoint.close()
-
-
-def _serve_metrics(monitoring):
-    if not monitoring.enabled:
-        return None
-    from trainer import metrics
-
-    return metrics.serve(metrics.process_metrics(), metrics.metrics_port(monitoring.port), monitoring.address)
-
-
-def _push_outcome(cfg, started: float, code: int, summary: dict) -> None:
-    """Finished runs stay visible after their pods are gone: the chief pushes how the run ended."""
-    from trainer import metrics
-
-    process = metrics.process_metrics()
-    outcome = metrics.Outcome(
-        exit_code=int(code),
-        started=started,
-        global_steps=int(process.registry.get_sample_value(metrics.GLOBAL_STEP) or 0),
-        evaluation=summary.get("evaluation"),
-    )
-    metrics.push_outcome(_pushgateway_url(cfg), cfg.monitoring.pushgateway_job, outcome)
-
-
-def _pushgateway_url(cfg) -> str:
-    from trainer import metrics
-
-    return metrics.pushgateway_url(cfg.monitoring.pushgateway_url)
-
-
-def _exit_code_of(err: BaseException) -> int:
-    """The exit code main() turns ``err`` into."""
-    if isinstance(err, TrainerError):
-        return int(err.exit_code)
-    if isinstance(err, KeyboardInterrupt):
-        return int(ExitCode.PREEMPTED)
-    classified = classify(err) if isinstance(err, Exception) else None
-    return int(classified.exit_code) if classified is not None else int(ExitCode.INTERNAL)
-
-
-def _train_cluster(cfg, cluster) -> dict | None:
-    """Train; the run summary (chief) or {} (other workers), None when the run was complete already."""
-    from trainer.train.run import preflight
-
-    checked = preflight(cfg, cluster)  # bad input fails here, before waiting for peers
-    try:
-        return _train_checked(cfg, cluster, checked)
-    finally:
-        checked.release()  # the chief's lease on output.dir, however the run ends
-
-
-def _train_checked(cfg, cluster, checked) -> dict | None:
-    from trainer import cluster as cluster_lib
-    from trainer.strategy import build_distribution
-    from trainer.train.run import train
-
-    if checked.state.complete:
-        log.info("the run in %s is already complete; nothing to do", checked.layout.root)
-        return None
-    if cfg.runtime.deterministic:
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-    if cluster.is_multi_worker:
-        from trainer.rendezvous import wait_for_peers
-
-        if Env.TF_CONFIG.value not in os.environ:
-            os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
-        wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
-    dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
-    from trainer.data.pipeline import naming_damaged_shards
-
-    with naming_damaged_shards(cfg.data.dataset, checked.manifest):
-        summary = train(cfg, dist, checked)
-    if cluster.is_multi_worker and cluster.is_chief:
-        from trainer.rendezvous import wait_for_peers_to_leave
-
-        # A peer still up one heartbeat timeout after the barrier is hung; the chief stops waiting.
-        bound = cfg.runtime.heartbeat_timeout_seconds
-        waited = wait_for_peers_to_leave(cluster.workers, cluster.worker_index, bound)
-        log.info("all peers left %.1f s after the final barrier; the chief exits last", waited)
-    return summary
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def naming_damaged_shards(dataset_dir: str, manifest: Manifest) -> Iterator[None
     except tf.errors.DataLossError as err:
         named = damaged_shard_error(str(err), dataset_dir, manifest)
         if named is None:
-            raise  # not a shard of this dataset (cli.classify still gives it one line)
+            raise  # not a shard of this dataset (trainer.exits.classify still gives it one line)
         raise named from None
 
 
