@@ -18,9 +18,9 @@ from trainer.config import HeadConfig, ModelConfig
 from trainer.contract import ExitCode
 from trainer.data.pipeline import decode_for_eval
 from trainer.export import export_model, load_serving
+from trainer.layout import RunLayout
 from trainer.model import build_model
 from trainer.predict import predict_files
-from trainer.train.layout import RunLayout
 
 CLASSES = ["cats", "dogs", "owls"]
 SIZE = 32

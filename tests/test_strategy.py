@@ -1,14 +1,12 @@
-"""trainer.strategy: which tf.distribute strategy, mixed precision, learning-rate scaling."""
+"""trainer.strategy: which tf.distribute strategy, mixed precision."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
 from trainer.cluster import make_tf_config, parse_tf_config, single_process
 from trainer.config import RuntimeConfig
-from trainer.strategy import choose_strategy_kind, communication_options, scaled_learning_rate, use_mixed_precision
+from trainer.strategy import choose_strategy_kind, communication_options, use_mixed_precision
 
 TWO_WORKERS = parse_tf_config(make_tf_config(["w0:2222", "w1:2222"], 0))
 ONE_WORKER_CLUSTER = parse_tf_config(make_tf_config(["w0:2222"], 0))
@@ -43,21 +41,6 @@ def test_choose_strategy_kind(cluster, num_gpus, kind):
 )
 def test_use_mixed_precision(setting, num_gpus, expected):
     assert use_mixed_precision(setting, num_gpus) is expected
-
-
-@pytest.mark.parametrize(
-    ("rule", "global_batch", "expected"),
-    [
-        ("linear", 128, 0.004),  # 4x the reference batch -> 4x the rate
-        ("linear", 32, 0.001),
-        ("linear", 16, 0.0005),
-        ("sqrt", 128, 0.002),  # sqrt(4) = 2
-        ("sqrt", 64, 0.001 * math.sqrt(2)),
-        ("none", 128, 0.001),
-    ],
-)
-def test_scaled_learning_rate(rule, global_batch, expected):
-    assert scaled_learning_rate(0.001, global_batch, 32, rule) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import time
 from trainer import config as config_lib
 from trainer.contract import ExitCode
 from trainer.launch import launch_local
-from trainer.train.layout import RunLayout
+from trainer.layout import RunLayout
 
 #: The demo's training settings, in the same --set syntax a user would type.
 DEMO_SETTINGS = [

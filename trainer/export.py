@@ -21,7 +21,7 @@ import tf_keras as keras
 
 from trainer import storage
 from trainer.data.pipeline import decode_for_eval
-from trainer.train.layout import RunLayout
+from trainer.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

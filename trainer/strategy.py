@@ -129,17 +129,3 @@ def _configure_coordination(cluster: ClusterSpec, runtime: RuntimeConfig) -> Non
         heartbeat_timeout_in_ms=int(runtime.heartbeat_timeout_seconds * 1000),
         cluster_register_timeout_in_ms=int(runtime.peer_wait_seconds * 1000),
     )
-
-
-def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
-    """The documented learning-rate rule: linear scaling (Goyal et al. 2017) by default.
-
-    ``lr = base_lr * (global_batch / reference_batch)`` for ``linear``, the square root of
-    that ratio for ``sqrt``, and ``base_lr`` unchanged for ``none``.
-    """
-    ratio = global_batch / reference_batch
-    if rule == "linear":
-        return base_lr * ratio
-    if rule == "sqrt":
-        return base_lr * ratio**0.5
-    return base_lr

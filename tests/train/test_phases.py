@@ -15,8 +15,8 @@ import tf_keras as keras
 
 from trainer.config import Config, PhaseConfig, load_config
 from trainer.errors import DataError, Preempted
+from trainer.layout import RunLayout
 from trainer.train.callbacks import current_learning_rate, score
-from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, WarmupSchedule, make_optimizer, plan_phase
 from trainer.train.state import PhaseResult, RunState, load_state, save_state
 

@@ -3,11 +3,13 @@ reasons and warnings a user reads at start, in `trainer config` and in summary.j
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from trainer.config import VGG16_BLOCKS, load_config
 from trainer.data.stats import ImageStats
-from trainer.train.plan import make_plan
+from trainer.train.plan import make_plan, scaled_learning_rate
 
 #: What `prepare` measures on 32 px digits: mirroring costs most of the above-chance accuracy.
 DIGITS = ImageStats(
@@ -120,3 +122,18 @@ def test_trainer_config_prints_the_plan_as_comments_after_valid_yaml(capsys):
     comments = [line for line in printed.splitlines() if line.startswith("# ")]
     assert any("recipe scratch" in line for line in comments)
     assert any("data.augment.random_crop = off" in line for line in comments)
+
+
+@pytest.mark.parametrize(
+    ("rule", "global_batch", "expected"),
+    [
+        ("linear", 128, 0.004),  # 4x the reference batch -> 4x the rate
+        ("linear", 32, 0.001),
+        ("linear", 16, 0.0005),
+        ("sqrt", 128, 0.002),  # sqrt(4) = 2
+        ("sqrt", 64, 0.001 * math.sqrt(2)),
+        ("none", 128, 0.001),
+    ],
+)
+def test_scaled_learning_rate(rule, global_batch, expected):
+    assert scaled_learning_rate(0.001, global_batch, 32, rule) == pytest.approx(expected)

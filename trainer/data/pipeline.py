@@ -229,7 +229,7 @@ def _parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return features[records.ENCODED], features[records.LABEL]
 
 
-def _parse_with_shape(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+def parse_with_shape(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """(encoded, label, [height, width], is_jpeg) from a record; `prepare` wrote the true shape."""
     features = tf.io.parse_single_example(serialized, records.feature_spec())
     shape = tf.cast(tf.stack([features[records.HEIGHT], features[records.WIDTH]]), tf.int32)
@@ -289,7 +289,7 @@ def training_dataset(
     ds = tf.data.Dataset.zip((ds, seeds))
 
     def _train_example(serialized: tf.Tensor, seed_pair: tf.Tensor):
-        encoded, label, shape, is_jpeg = _parse_with_shape(serialized)
+        encoded, label, shape, is_jpeg = parse_with_shape(serialized)
         image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment, shape, is_jpeg)
         if probe is None:
             return image, tf.one_hot(label, num_classes)

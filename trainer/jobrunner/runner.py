@@ -359,6 +359,11 @@ class JobRunner:
 
         return self.wait_for(check, timeout, f"{text!r} in the log of index {index}")
 
+    @property
+    def ignored(self) -> int:
+        """Failed pods the podFailurePolicy ignored (preempted, disrupted): not counted toward backoffLimit."""
+        return self._ignored
+
     def status(self) -> Any:
         """The Job's status as the kubernetes package's V1JobStatus."""
         from kubernetes.client import V1JobStatus
@@ -708,7 +713,7 @@ def run_job_file(
         print(f"job {runner.name}: {final.type} ({final.reason}): {final.message}", flush=True)
         print(
             f"job {runner.name}: succeeded {status.succeeded}/{runner.completions}, failed {status.failed}, "
-            f"ignored {runner._ignored}",
+            f"ignored {runner.ignored}",
             flush=True,
         )
         if keep_workdir:

@@ -199,7 +199,7 @@ def unaugmented_training_images(files: list[str], cfg: Config, num_classes: int)
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 16))
 
     def decode(serialized: tf.Tensor):
-        encoded, label, shape, is_jpeg = pipeline._parse_with_shape(serialized)
+        encoded, label, shape, is_jpeg = pipeline.parse_with_shape(serialized)
         image = pipeline.decode_for_training(encoded, tf.constant([0, 0]), cfg.data.image_size, plain, shape, is_jpeg)
         return image, tf.one_hot(label, num_classes)
 

@@ -18,7 +18,7 @@ import tf_keras as keras
 from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
-from trainer.strategy import scaled_learning_rate
+from trainer.layout import RunLayout
 from trainer.train.callbacks import (
     BackupAndRestore,
     EarlyStopping,
@@ -29,7 +29,7 @@ from trainer.train.callbacks import (
     StopRequest,
 )
 from trainer.train.evaluation import EvaluationData, Validation
-from trainer.train.layout import RunLayout
+from trainer.train.plan import scaled_learning_rate
 from trainer.train.state import PhaseResult
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,22 @@ from trainer.data.stats import (
     default_random_crop,
     suggested_image_size,
 )
-from trainer.strategy import scaled_learning_rate
 
 PHASES = ("feature_extraction", "fine_tuning")
+
+
+def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """The documented learning-rate rule: linear scaling (Goyal et al. 2017) by default.
+
+    ``lr = base_lr * (global_batch / reference_batch)`` for ``linear``, the square root of
+    that ratio for ``sqrt``, and ``base_lr`` unchanged for ``none``.
+    """
+    ratio = global_batch / reference_batch
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * ratio**0.5
+    return base_lr
 
 
 @dataclass

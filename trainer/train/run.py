@@ -38,11 +38,11 @@ from trainer.data.manifest import Manifest, check_shard_sizes, read_manifest
 from trainer.data.stats import ImageStats
 from trainer.errors import ConfigError, DataError, TransientError
 from trainer.export import export_model
+from trainer.layout import RunLayout
 from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import evaluation, feature_cache
 from trainer.train import lease as lease_lib
 from trainer.train import plan as plan_lib
-from trainer.train.layout import RunLayout
 from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, check_resume, load_state, save_state
 from trainer.train.telemetry import RunTelemetry, count_attempt
