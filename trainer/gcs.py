@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from trainer import private_apis
 from trainer.errors import ConfigError, DataError, TransientError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def client():
 
 def identity() -> str:
     """Who the storage calls run as, for error messages: an e-mail or a kind, never a secret."""
-    credentials = client()._credentials
+    credentials = private_apis.storage_credentials(client())
     email = getattr(credentials, "service_account_email", None)
     if email and email != "default":
         return f"service account {email}"
@@ -104,9 +105,8 @@ def _retry():
     including the download layer's InvalidResponse), with our budget, backoff and logging.
     """
     from google.api_core import retry
-    from google.cloud.storage.retry import DEFAULT_RETRY
 
-    is_transient = DEFAULT_RETRY._predicate  # the library's predicate; no public accessor
+    is_transient = private_apis.storage_transient_predicate()  # the library's predicate; no public accessor
 
     def on_error(err: BaseException) -> None:
         log.warning("storage: transient %s, retrying", type(err).__name__)

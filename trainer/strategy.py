@@ -118,14 +118,8 @@ def _configure_coordination(cluster: ClusterSpec, runtime: RuntimeConfig) -> Non
     and a group whose members do not all register within ``peer_wait_seconds`` fails instead
     of waiting (TensorFlow's default is an hour).
     """
-    # Private modules: the public API has no way to set these (MultiWorkerMirroredStrategy uses the same).
-    from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import CoordinatedJob
-    from tensorflow.python.eager import context
+    from trainer import private_apis  # the public API has no way to set these
 
-    context.context().configure_coordination_service(
-        service_type="standalone",
-        service_leader="/job:worker/replica:0/task:0",
-        coordinated_jobs=[CoordinatedJob(name="worker", num_tasks=cluster.num_workers)],
-        heartbeat_timeout_in_ms=int(runtime.heartbeat_timeout_seconds * 1000),
-        cluster_register_timeout_in_ms=int(runtime.peer_wait_seconds * 1000),
+    private_apis.configure_coordination_service(
+        cluster.num_workers, int(runtime.heartbeat_timeout_seconds * 1000), int(runtime.peer_wait_seconds * 1000)
     )

@@ -86,14 +86,16 @@ def assert_complete(dataset: Path, images: int) -> dict:
     return json.loads((dataset / PREPARE_REPORT_FILE).read_text())
 
 
-def write_noise_pngs(root: Path, per_class: int, side: int) -> None:
-    """PNGs of noise: re-encoded by prepare, so checking and writing each takes a few milliseconds."""
-    rng = np.random.default_rng(0)
+def write_noise_images(root: Path, per_class: int, side: int, suffix: str = ".png", seed: int = 0) -> int:
+    """Two classes of noise images (PNG: re-encoded by prepare, a few milliseconds each; JPEG stored as is)."""
+    rng = np.random.default_rng(seed)
+    options = {"compress_level": 1} if suffix == ".png" else {"quality": 90}
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"img{i:03d}.png", compress_level=1)
+            Image.fromarray(pixels).save(root / name / f"img{i:03d}{suffix}", **options)
+    return 2 * per_class
 
 
 def write_flat_png(path: Path, width: int, height: int) -> None:
@@ -237,7 +239,7 @@ def test_a_dataset_path_through_an_existing_file_is_one_config_error(tmp_path):
 
 def test_a_full_disk_keeps_the_complete_shards_and_a_rerun_resumes(tmp_path, mount_namespace):
     source, disk = tmp_path / "photos", tmp_path / "disk"
-    images = write_noise_jpegs(source, per_class=100, side=128)  # ~15 KB each: 3 MB of shards
+    images = write_noise_images(source, per_class=100, side=128, suffix=".jpg", seed=1)  # ~15 KB each: 3 MB of shards
     disk.mkdir()
     mount_namespace.mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk))
     dataset = disk / "prepared"
@@ -288,16 +290,6 @@ def stored_bytes(shard: Path, source: str) -> bytes:
     return next(r[records.ENCODED] for r in _records(shard) if r[records.SOURCE].decode() == source)
 
 
-def write_noise_jpegs(root: Path, per_class: int, side: int) -> int:
-    rng = np.random.default_rng(1)
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"img{i:03d}.jpg", quality=90)
-    return 2 * per_class
-
-
 # --------------------------------------------------------------------------- SIGTERM
 
 
@@ -307,7 +299,7 @@ SLOW_IMAGES = 300  # PNGs of 200x200 noise: a prepare of several seconds on thes
 @pytest.fixture(scope="module")
 def slow_source(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slow") / "photos"
-    write_noise_pngs(root, per_class=SLOW_IMAGES // 2, side=200)
+    write_noise_images(root, per_class=SLOW_IMAGES // 2, side=200)
     return root
 
 

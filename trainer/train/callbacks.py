@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import storage
+from trainer import private_apis, storage
 from trainer.errors import Preempted
 from trainer.strategy import sum_over_workers
 
@@ -338,7 +338,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().on_train_begin(logs)
         state = self._training_state
         for manager in {id(m): m for m in (state.read_checkpoint_manager, state.write_checkpoint_manager)}.values():
-            manager._max_to_keep = self.keep  # CheckpointManager has no public setter
+            private_apis.set_checkpoints_to_keep(manager, self.keep)  # CheckpointManager has no public setter
         self._report_restored_position()
         if self.stop is not None:
             self.stop.install()
@@ -378,19 +378,19 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         epoch is done, so the run resumes at the next one.
         """
         state = self._training_state
-        epoch, batch = int(state._ckpt_saved_epoch.numpy()), int(state._ckpt_saved_batch.numpy())
+        epoch, batch = private_apis.backup_position(state)
         if epoch < 0:
             return
         steps = self.params["steps"]
         if batch >= steps:
-            state._ckpt_saved_batch.assign(steps - 1)
+            private_apis.set_backup_step(state, steps - 1)
         done = min(batch + 1, steps)
         where = "its end" if done == steps else f"step {done} of {steps}"
         log.info(
             "resumed from backup: epoch %d at %s (%d steps of this phase done before)",
             epoch + 1,
             where,
-            int(self.model._train_counter.numpy()),
+            private_apis.train_counter(self.model),
         )
 
     def _timed_backup(self, epoch: int, batch: int) -> float:

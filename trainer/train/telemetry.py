@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import storage
+from trainer import private_apis, storage
 from trainer.metrics import TrainerMetrics
 from trainer.train.callbacks import current_learning_rate
 
@@ -157,7 +157,7 @@ class TrainingTelemetry(keras.callbacks.Callback):
         if not self._restore_checked:
             # BackupAndRestore restored its counters in on_train_begin (it may run after this callback).
             self._restore_checked = True
-            self.phase_steps = int(self.model._train_counter.numpy())
+            self.phase_steps = private_apis.train_counter(self.model)
             if self.phase_steps:
                 self.m.restores.inc()
                 log.info("telemetry: phase %s resumed after %d steps", self.phase, self.phase_steps)
