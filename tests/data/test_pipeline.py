@@ -152,8 +152,8 @@ def test_a_shard_cut_off_mid_record_is_named_by_its_size_or_else_by_its_framing(
     by_framing = pipeline.damaged_shard_error(message, str(tmp_path), manifest)
 
     assert str(by_size) == (
-        f"shard {paths[0]} has {len(data) - 100} bytes but the manifest says {len(data)} (truncated or replaced); "
-        "re-run `trainer prepare`"
+        f"shard {paths[0]} has {len(data) - 100} bytes but the manifest says {len(data)} "
+        "(truncated or replaced after `trainer prepare`); re-run `trainer prepare`"
     )
     assert re.fullmatch(
         rf"shard {re.escape(paths[0])} is corrupt: the record at byte \d+ is cut short; .*", str(by_framing)

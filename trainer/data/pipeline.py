@@ -26,7 +26,7 @@ import tensorflow as tf
 from trainer import storage
 from trainer.config import AugmentConfig, DataConfig
 from trainer.data import records
-from trainer.data.manifest import SPLITS, Manifest
+from trainer.data.manifest import SPLITS, Manifest, check_shard_sizes
 from trainer.data.stats import default_horizontal_flip, default_random_crop
 from trainer.errors import DataError
 
@@ -82,11 +82,11 @@ def damaged_shard_error(message: str, dataset_dir: str, manifest: Manifest) -> D
     match = _DAMAGE.search(message)
     if match is None:
         return None
+    try:
+        check_shard_sizes(dataset_dir, manifest)  # the same check as preflight's: a shard changed since
+    except DataError as err:
+        return err
     shards = [(storage.join(dataset_dir, s.path), s.bytes) for split in SPLITS for s in manifest.shards.get(split, [])]
-    for path, expected in shards:
-        problem = _size_problem(path, expected)
-        if problem:
-            return DataError(f"shard {path} {problem}; re-run `trainer prepare`")
     offset = int(match.group(1))
     for path, size in shards:
         if size > offset:
@@ -94,16 +94,6 @@ def damaged_shard_error(message: str, dataset_dir: str, manifest: Manifest) -> D
                 damage = records.damage_at(fh, offset)
             if damage:
                 return DataError(f"shard {path} is corrupt: {damage}; re-run `trainer prepare`")
-    return None
-
-
-def _size_problem(path: str, expected: int) -> str | None:
-    try:
-        actual = storage.size(path)
-    except (FileNotFoundError, tf.errors.NotFoundError):
-        return "is missing"
-    if actual != expected:
-        return f"has {actual} bytes but the manifest says {expected} (truncated or replaced)"
     return None
 
 
