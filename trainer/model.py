@@ -59,7 +59,34 @@ def build_model(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = base(VGG16Preprocess(name=PREPROCESS_NAME)(inputs), training=False)
     outputs = _head(features, num_classes, cfg.head)
-    return keras.Model(inputs, outputs, name="vgg16_classifier")
+    return Classifier(inputs, outputs, name="vgg16_classifier")
+
+
+@keras.saving.register_keras_serializable(package="vgg_trainer")
+class Classifier(keras.Model):
+    """A functional Keras model whose training step can stamp the moment its gradients are ready.
+
+    The step is Keras' own (forward, loss, gradients, update, metrics), written out with the
+    optimizer's public ``compute_gradients`` and ``apply_gradients`` (which scale and unscale
+    the loss under mixed precision) so that ``gradients_ready`` can run between the two:
+    after this worker's backward pass, before the all-reduce inside ``apply_gradients``. Set
+    it to a Python callable (telemetry's probe) before the first ``fit`` after ``compile``;
+    None (the default, and always under XLA, which cannot run Python) leaves the step as Keras'.
+    """
+
+    gradients_ready = None
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+        grads_and_vars = self.optimizer.compute_gradients(loss, self.trainable_variables, tape=tape)
+        if self.gradients_ready is not None:
+            with tf.control_dependencies([g for g, _ in grads_and_vars if g is not None]):
+                tf.py_function(self.gradients_ready, [], Tout=tf.int64)  # stateful: always runs
+        self.optimizer.apply_gradients(grads_and_vars)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
 
 
 @keras.saving.register_keras_serializable(package="vgg_trainer")

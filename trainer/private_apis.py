@@ -2,10 +2,10 @@
 
 Each one is here, with why no public API does the job, so that an upgrade that moves one breaks
 in one place: tests/test_private_apis.py checks every entry of ``PRIVATE_APIS`` on the installed
-versions and fails naming the API. Not yet here (issue 16, "resume and preemption on public
-APIs"): ``trainer.train.callbacks.BackupAndRestore`` subclasses tf-keras' callback and uses its
-``_training_state``, ``_batches_count``, ``_current_epoch`` and ``_backup``, and
-``trainer.train.telemetry`` wraps ``optimizer.apply_gradients``.
+versions and fails naming the API. No other module of the trainer reads a private attribute of
+TensorFlow, tf-keras or the Google clients (backups are ``tf.train.Checkpoint`` +
+``CheckpointManager`` in trainer.train.backup; the gradient stamp is a ``train_step`` in
+trainer.model).
 """
 
 from __future__ import annotations
@@ -20,18 +20,6 @@ PRIVATE_APIS = {
         "before MultiWorkerMirroredStrategy starts it (tf.distribute uses the same call)"
     ),
     "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2.CoordinatedJob": ("the job list that call takes"),
-    "tensorflow.python.checkpoint.checkpoint_management.CheckpointManager._max_to_keep": (
-        "tf-keras' BackupAndRestore builds its CheckpointManagers with max_to_keep=1 and no setter; "
-        "the trainer keeps train.backups_to_keep complete backups"
-    ),
-    "tf_keras.src.distribute.worker_training_state.WorkerTrainingState._ckpt_saved_epoch": (
-        "where a restored backup resumes (epoch), to log it and to clamp it to a changed epoch length"
-    ),
-    "tf_keras.src.distribute.worker_training_state.WorkerTrainingState._ckpt_saved_batch": (
-        "where a restored backup resumes (step within the epoch)"
-    ),
-    "tf_keras.Model._train_counter": "the steps a restored phase had done (Model.optimizer.iterations counts "
-    "optimizer steps of every phase's optimizer, not this fit's)",
     "google.cloud.storage.retry.DEFAULT_RETRY._predicate": (
         "the library's own notion of a transient storage error, used with the trainer's retry budget"
     ),
@@ -52,23 +40,6 @@ def configure_coordination_service(num_workers: int, heartbeat_timeout_ms: int, 
         heartbeat_timeout_in_ms=heartbeat_timeout_ms,
         cluster_register_timeout_in_ms=register_timeout_ms,
     )
-
-
-def set_checkpoints_to_keep(manager: Any, keep: int) -> None:
-    manager._max_to_keep = keep
-
-
-def backup_position(training_state: Any) -> tuple[int, int]:
-    """(epoch, step) a tf-keras WorkerTrainingState restored; epoch -1 when nothing was restored."""
-    return int(training_state._ckpt_saved_epoch.numpy()), int(training_state._ckpt_saved_batch.numpy())
-
-
-def set_backup_step(training_state: Any, step: int) -> None:
-    training_state._ckpt_saved_batch.assign(step)
-
-
-def train_counter(model: Any) -> int:
-    return int(model._train_counter.numpy())
 
 
 def storage_transient_predicate() -> Callable[[BaseException], bool]:

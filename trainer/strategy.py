@@ -56,8 +56,7 @@ def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribu
     elif kind == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     else:
-        # The default strategy: one device (the GPU if there is one). Not OneDeviceStrategy,
-        # which Keras' BackupAndRestore does not support.
+        # The default strategy: one device (the GPU if there is one).
         strategy = tf.distribute.get_strategy()
     mixed = use_mixed_precision(runtime.mixed_precision, num_gpus)
     if mixed:

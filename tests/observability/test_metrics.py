@@ -304,10 +304,13 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
     import tensorflow as tf
     import tf_keras as keras
 
-    from trainer.train.callbacks import BackupAndRestore
+    from trainer.model import Classifier
+    from trainer.train.backup import PhaseBackup
+    from trainer.train.callbacks import Backups
     from trainer.train.telemetry import RunTelemetry
 
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    inputs = keras.Input((4,))
+    model = Classifier(inputs, keras.layers.Dense(2, activation="softmax")(inputs))  # the trainer's training step
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy", metrics=["accuracy"])
     run = RunTelemetry(m, num_workers=1, local_replicas=1, total_steps=6)
     data = run.probe.stamp_dataset(_slow_records(8, delay))
@@ -317,7 +320,8 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
     plan = SimpleNamespace(name="feature_extraction", first_global_step=0, global_batch=8)
     callbacks = [*extra_callbacks]
     run.instrument(callbacks, model, plan)
-    callbacks.append(BackupAndRestore(backup_dir, save_freq=2, keep=2, on_backup=run.backup_finished))
+    backup = PhaseBackup(backup_dir, model, keep=2, is_chief=True)
+    callbacks.append(Backups(backup, save_freq=2, steps_per_epoch=3, on_backup=run.backup_finished))
     model.fit(data, epochs=2, steps_per_epoch=3, validation_data=validation, callbacks=callbacks, verbose=0)
     run.run_finished()
 
@@ -326,7 +330,7 @@ def test_telemetry_follows_a_real_keras_fit(tmp_path):
     m = TrainerMetrics()
     before = time.time()
 
-    _fit(m, str(tmp_path / "backup"))
+    _fit(m, str(tmp_path / "backup"), delay=0.3)  # slower than a step even on a busy machine
 
     assert value(m, metrics.STEP_DURATION + "_count") == 6
     assert value(m, metrics.STEP_COMPUTE + "_count") == 6  # the gradient stamp ran every step
@@ -336,7 +340,7 @@ def test_telemetry_follows_a_real_keras_fit(tmp_path):
     assert value(m, metrics.EPOCH) == 2
     assert value(m, metrics.PHASE, phase="feature_extraction") == 1
     assert value(m, metrics.STORAGE_READ_BYTES) == 6 * 8 * 100
-    # The generator sleeps 0.15 s per batch: steps wait for input (except where a backup or the
+    # The generator sleeps 0.3 s per batch: steps wait for input (except where a backup or the
     # validation gave the pipeline time to prepare the next batch, and the first, tracing step) ...
     steps = value(m, metrics.STEP_DURATION + "_sum")
     wait = value(m, metrics.INPUT_WAIT)

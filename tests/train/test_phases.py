@@ -265,19 +265,77 @@ def test_run_layout_paths_on_an_object_store():
 
 
 def test_backups_keep_the_last_k_complete_checkpoints(tmp_path):
-    from trainer.train.callbacks import BackupAndRestore
+    from trainer.train.backup import PhaseBackup
+    from trainer.train.callbacks import Backups
 
     model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
     model.compile("sgd", "mse")
     x, y = np.zeros((10, 3), "float32"), np.zeros((10, 2), "float32")
-    backup = BackupAndRestore(str(tmp_path / "backup"), save_freq=1, keep=2)
+    backups = Backups(PhaseBackup(str(tmp_path / "backup"), model, keep=2, is_chief=True), 1, steps_per_epoch=5)
 
-    model.fit(x, y, batch_size=2, epochs=1, callbacks=[backup], verbose=0)
+    model.fit(x, y, batch_size=2, epochs=1, callbacks=[backups], verbose=0)
 
     chief = tmp_path / "backup" / "chief"
     assert sorted(p.name for p in chief.glob("ckpt-*.index")) == ["ckpt-4.index", "ckpt-5.index"]
     # The commit marker names the newest backup; an unfinished one would never be named.
     assert 'model_checkpoint_path: "ckpt-5"' in (chief / "checkpoint").read_text()
+
+
+def test_a_backup_restores_weights_optimizer_state_and_position(tmp_path):
+    from trainer.train.backup import PhaseBackup, Position
+
+    def model_and_data(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+        model.compile(keras.optimizers.Adam(0.1), "mse")
+        return model, np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
+
+    model, x, y = model_and_data(0)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    PhaseBackup(str(tmp_path), model, keep=1, is_chief=True).save(Position(epoch=3, steps_done=1, phase_steps=7))
+
+    restored, _, _ = model_and_data(1)  # other random weights, an optimizer that has not stepped
+    position = PhaseBackup(str(tmp_path), restored, keep=1, is_chief=True).restore()
+
+    assert position == Position(epoch=3, steps_done=1, phase_steps=7)
+    for a, b in zip(model.get_weights(), restored.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Adam's moments and step count come back too (filled in when the first step creates them):
+    # one more step from the restored state equals one more step of the original.
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    restored.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert int(restored.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) == 3
+    for a, b in zip(model.get_weights(), restored.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_no_backup_restores_nothing(tmp_path):
+    from trainer.train.backup import PhaseBackup
+
+    model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    model.compile("sgd", "mse")
+
+    assert PhaseBackup(str(tmp_path / "none"), model, keep=1, is_chief=True).restore() is None
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        (None, [(0, 3, 4, 0)]),  # a fresh phase: one fit of every epoch
+        ((1, 4, 8), [(2, 3, 4, 0)]),  # backed up at epoch 2's end: epoch 3 next
+        ((1, 1, 5), [(1, 2, 3, 1), (2, 3, 4, 0)]),  # mid-epoch: the rest of epoch 2, then epoch 3
+        ((1, 6, 10), [(2, 3, 4, 0)]),  # a longer epoch before a rescale: that epoch is done
+        ((2, 4, 12), []),  # the last epoch ended: nothing left
+    ],
+)
+def test_a_resumed_phase_runs_exactly_the_steps_its_backup_had_not(position, expected):
+    from trainer.train.backup import Position, segments
+
+    restored = Position(*position) if position is not None else None
+
+    planned = [(s.initial_epoch, s.end_epoch, s.steps, s.skipped) for s in segments(restored, 3, 4)]
+
+    assert planned == expected
 
 
 class _EpochEnds(keras.callbacks.Callback):
@@ -301,15 +359,24 @@ class _EpochEnds(keras.callbacks.Callback):
 
 
 def _fit_with_backups(tmp_path, watcher: _EpochEnds) -> None:
-    from trainer.train.callbacks import BackupAndRestore, StopRequest
+    """A phase of 3 epochs x 4 steps with a backup every 4 steps, resumed from its backup if it has one."""
+    from trainer.train.backup import PhaseBackup
+    from trainer.train.callbacks import Backups, StopRequest
+    from trainer.train.phases import fit_from_position
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
     model.compile("sgd", "mse")
-    x, y = np.zeros((8, 3), "float32"), np.zeros((8, 2), "float32")
+    data = tf.data.Dataset.from_tensors((np.zeros((2, 3), "float32"), np.zeros((2, 2), "float32"))).repeat()
     stop = StopRequest(tf.distribute.get_strategy(), multi_worker=False)
-    backup = BackupAndRestore(str(tmp_path / "backup"), save_freq=4, keep=2, stop=stop)
-    model.fit(x, y, batch_size=2, epochs=3, callbacks=[watcher, backup], verbose=0)  # 4 steps per epoch
+    backup = PhaseBackup(str(tmp_path / "backup"), model, keep=2, is_chief=True)
+    position = backup.restore()
+    backups = Backups(backup, 4, 4, position.phase_steps if position else 0, stop)
+    stop.install()
+    try:
+        fit_from_position(model, data, 3, 4, position, [watcher, backups], backups)
+    finally:
+        stop.uninstall()
 
 
 @pytest.mark.parametrize(("step", "resumes_at_epoch"), [(1, 1), (3, 2)])
@@ -421,6 +488,7 @@ def _fit_with_early_stopping(tmp_path, values, patience, baseline=None, initial_
         x, y, batch_size=2, epochs=len(values), initial_epoch=initial_epoch, verbose=0,
         callbacks=[_Scores(values), keep_best, early],
     )  # fmt: skip
+    keep_best.finish()
     return early, keep_best, len(history.epoch)
 
 

@@ -19,9 +19,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import private_apis, storage
+from trainer import storage
 from trainer.errors import Preempted
 from trainer.strategy import sum_over_workers
+from trainer.train.backup import PhaseBackup, Position, Segment
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,8 @@ class MetricsLog(keras.callbacks.Callback):
         self.path, self.phase, self.timer = path, phase, timer
         self.steps_per_epoch, self.is_chief, self.first_step = steps_per_epoch, is_chief, first_step
         self.rows: list[dict[str, Any]] = []
-
-    def on_train_begin(self, logs=None):
-        if self.is_chief and storage.exists(self.path):
-            self.rows = [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]
+        if is_chief and storage.exists(path):  # a restarted run: the epochs logged before
+            self.rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
     def on_epoch_end(self, epoch, logs=None):
         row = {
@@ -142,7 +141,7 @@ def _format_metrics(row: dict[str, Any]) -> str:
 
 
 class KeepBest(keras.callbacks.Callback):
-    """Keeps the weights of the best epoch and restores them when the phase ends.
+    """Keeps the weights of the best epoch and restores them when the phase ends (``finish``).
 
     ``baseline`` is the previous phase's best score: a fine-tuning phase that never beats
     it ends with the weights it started from, so the run's final model is the best one
@@ -204,7 +203,8 @@ class KeepBest(keras.callbacks.Callback):
             record = {"monitor": self.monitor, "value": self.best, "score": list(current), "epoch": self.best_epoch}
             storage.write_text(self.record_path, json.dumps(record))
 
-    def on_train_end(self, logs=None):
+    def finish(self) -> None:
+        """The phase is over (after its last fit: a resumed phase may take two): restore the best weights."""
         if self.best_weights is None:
             return
         self.model.set_weights(self.best_weights)
@@ -305,98 +305,66 @@ class StopRequest:
         return float(totals[0]) > 0
 
 
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' resumable backups, keeping the last ``keep`` complete ones, and a backup on SIGTERM.
+class Backups(keras.callbacks.Callback):
+    """Backs a phase up every ``save_freq`` steps and at every epoch's end; stops on an agreed SIGTERM.
 
-    Each backup is a TensorFlow checkpoint; the small ``checkpoint`` state object, written
-    after all of a backup's files, is its commit marker. A restart restores the newest
-    backup the marker names, so a backup interrupted mid-write (on GCS, where a
-    checkpoint's "rename" is a copy + delete of many objects) is never restored; keeping
-    more than one leaves an older complete backup even if the newest is damaged later.
-
-    Backups are written every ``save_freq`` steps and at every epoch end. A backup taken
-    after an epoch's last step would resume at the next epoch, skipping whatever that epoch's
-    end still had to do (validation, best-model tracking, the metrics log); so the last step
-    is backed up at the epoch's end instead, by this callback placed after the others.
+    A backup taken after an epoch's last step would resume at the next epoch, skipping
+    whatever that epoch's end still had to do (validation, best-model tracking, the metrics
+    log); so the last step is backed up at the epoch's end instead, by this callback placed
+    after the others. ``segment`` says which part of the phase this fit runs (a resumed epoch
+    runs only the steps its backup had not done), so positions count from the epoch's start.
     """
 
     def __init__(
         self,
-        backup_dir: str,
+        backup: PhaseBackup,
         save_freq: int,
-        keep: int,
+        steps_per_epoch: int,
+        phase_steps: int = 0,
         stop: StopRequest | None = None,
         on_backup: Callable[[float, bool], None] | None = None,
     ):
-        # delete_checkpoint=False: the run removes a phase's backup only after recording it complete.
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
-        self.keep = keep
+        super().__init__()
+        self.backup, self.save_freq, self.steps_per_epoch = backup, save_freq, steps_per_epoch
+        self.phase_steps = phase_steps  # steps of the phase done, including those before a restore
         self.stop = stop
         self.on_backup = on_backup  # (seconds, succeeded) after every backup attempt, e.g. for metrics
+        self.skipped = 0  # steps of the current epoch done before this fit (see begin_segment)
+        self._since_backup = 0
+        self._epoch = 0
 
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        state = self._training_state
-        for manager in {id(m): m for m in (state.read_checkpoint_manager, state.write_checkpoint_manager)}.values():
-            private_apis.set_checkpoints_to_keep(manager, self.keep)  # CheckpointManager has no public setter
-        self._report_restored_position()
-        if self.stop is not None:
-            self.stop.install()
+    def begin_segment(self, segment: Segment) -> None:
+        self.skipped = segment.skipped
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        # Replaces Keras' version, which backs up the last step too (see the class docstring).
+        self.phase_steps += 1
         if batch == self.params["steps"] - 1:
             return  # the epoch's end backs up
-        self._batches_count += 1
-        due = self._batches_count >= self.save_freq
+        self._since_backup += 1
+        due = self._since_backup >= self.save_freq
         stopping = self.stop is not None and self.stop.agreed_after_step()
         if due or stopping:
-            self._batches_count = 0
-            seconds = self._timed_backup(self._current_epoch, batch)
+            self._since_backup = 0
+            seconds = self._timed_backup(Position(self._epoch, self.skipped + batch + 1, self.phase_steps))
         if stopping:
-            self._preempted(seconds, self._current_epoch, batch)
+            self._preempted(seconds, self.skipped + batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
         # Every epoch end is backed up: a restart never repeats a finished epoch (its metrics
         # row, best-model decision and early-stopping count stay as they were).
         stopping = self.stop is not None and self.stop.agreed()
-        seconds = self._timed_backup(epoch, self.params["steps"] - 1)  # a restart begins the next epoch
-        self._batches_count = 0
+        seconds = self._timed_backup(Position(epoch, self.steps_per_epoch, self.phase_steps))
+        self._since_backup, self.skipped = 0, 0
         if stopping:
-            self._preempted(seconds, epoch, self.params["steps"] - 1)
+            self._preempted(seconds, self.steps_per_epoch)
 
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        if self.stop is not None:
-            self.stop.uninstall()
-
-    def _report_restored_position(self) -> None:
-        """Log where a restored backup resumes; keep its step inside this run's epoch length.
-
-        The epoch and the step within it carry over. A run relaunched with more workers has
-        fewer (larger) steps per epoch: a saved step beyond the new epoch's end means that
-        epoch is done, so the run resumes at the next one.
-        """
-        state = self._training_state
-        epoch, batch = private_apis.backup_position(state)
-        if epoch < 0:
-            return
-        steps = self.params["steps"]
-        if batch >= steps:
-            private_apis.set_backup_step(state, steps - 1)
-        done = min(batch + 1, steps)
-        where = "its end" if done == steps else f"step {done} of {steps}"
-        log.info(
-            "resumed from backup: epoch %d at %s (%d steps of this phase done before)",
-            epoch + 1,
-            where,
-            private_apis.train_counter(self.model),
-        )
-
-    def _timed_backup(self, epoch: int, batch: int) -> float:
+    def _timed_backup(self, position: Position) -> float:
         started = time.perf_counter()
         try:
-            self._backup(epoch=epoch, batch=batch)
+            self.backup.save(position)
         except Exception:
             if self.on_backup is not None:
                 self.on_backup(time.perf_counter() - started, False)
@@ -406,12 +374,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self.on_backup(seconds, True)
         return seconds
 
-    def _preempted(self, seconds: float, epoch: int, batch: int) -> None:
+    def _preempted(self, seconds: float, step: int) -> None:
         log.warning(
             "SIGTERM (here or on a peer): backup written in %.1f s at epoch %d, step %d; stopping",
             seconds,
-            epoch + 1,
-            batch + 1,
+            self._epoch + 1,
+            step,
         )
         self.stop.uninstall()
         raise Preempted("received SIGTERM; backup written, the run resumes from it when restarted")

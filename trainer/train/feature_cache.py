@@ -116,7 +116,7 @@ def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     x = features
     for layer in model.layers[cut + 1 :]:
         x = layer(x)
-    return extractor, keras.Model(features, x, name="head")
+    return extractor, model_lib.Classifier(features, x, name="head")
 
 
 def compile_head(head: keras.Model, model: keras.Model, cfg: Config, strategy) -> None:

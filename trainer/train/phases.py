@@ -19,8 +19,9 @@ from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
 from trainer.layout import RunLayout
+from trainer.train.backup import PhaseBackup, Position, segments
 from trainer.train.callbacks import (
-    BackupAndRestore,
+    Backups,
     EarlyStopping,
     EpochTimer,
     FirstStepsEstimate,
@@ -163,35 +164,40 @@ def run_phase(
             log.info("%s", estimate)
 
         callbacks.append(FirstStepsEstimate(report))
+    early = (
+        EarlyStopping(keep_best, plan.config.early_stopping_patience) if plan.config.early_stopping_patience else None
+    )
+    if early is not None:
+        callbacks.append(early)
+    strategy = model.distribute_strategy
+    backup = PhaseBackup(layout.backup(plan.name), model, cfg.train.backups_to_keep, is_chief)
+    with strategy.scope():
+        position = backup.restore()
+    _log_resumed(position, plan)
+    resumed_steps = position.phase_steps if position is not None else 0
     if telemetry is not None:  # trainer.train.telemetry.RunTelemetry: metrics of steps, epochs and backups
-        telemetry.instrument(callbacks, model, plan)
+        telemetry.instrument(callbacks, model, plan, resumed_steps)
     if validation is not None:  # first: the callbacks after it read val_loss and val_accuracy
         callbacks.insert(0, Validation(validation, cfg.train.label_smoothing, plan.validation_steps))
-    if plan.config.early_stopping_patience:
-        callbacks.append(EarlyStopping(keep_best, plan.config.early_stopping_patience))
-    # Last, so an epoch-end backup records an epoch whose end the other callbacks have handled.
-    strategy = model.distribute_strategy
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stop = StopRequest(strategy, multi_worker, cfg.runtime.stop_check_every_steps, cfg.runtime.stop_check_seconds)
     on_backup = telemetry.backup_finished if telemetry is not None else None
-    callbacks.append(
-        BackupAndRestore(
-            layout.backup(plan.name), cfg.train.backup_every_steps, cfg.train.backups_to_keep, stop, on_backup
-        )
-    )
+    # Last, so an epoch-end backup records an epoch whose end the other callbacks have handled.
+    backups = Backups(backup, cfg.train.backup_every_steps, plan.steps_per_epoch, resumed_steps, stop, on_backup)
+    callbacks.append(backups)
     started = time.perf_counter()
+    stop.install()
     try:
-        history = model.fit(
-            train_data,
-            epochs=plan.config.epochs,
-            steps_per_epoch=plan.steps_per_epoch,
-            callbacks=callbacks,
-            verbose=cfg.runtime.verbose,
-        )
+        history = fit_from_position(
+            model, train_data, plan.config.epochs, plan.steps_per_epoch, position, callbacks, backups, early,
+            cfg.runtime.verbose,
+        )  # fmt: skip
     finally:
         stop.uninstall()  # also when fit fails: a SIGTERM during the exit must end the process again
+        backup.close()
+    keep_best.finish()
     # The chief's log holds every epoch of the phase, including those before a restart.
-    rows = [r for r in metrics_log.rows if r["phase"] == plan.name] if is_chief else _history_rows(history.history)
+    rows = [r for r in metrics_log.rows if r["phase"] == plan.name] if is_chief else _history_rows(history)
     return PhaseResult(
         epochs_run=len(rows),
         best_epoch=keep_best.best_epoch,
@@ -202,6 +208,53 @@ def run_phase(
     )
 
 
+def fit_from_position(
+    model: keras.Model,
+    train_data,
+    epochs: int,
+    steps_per_epoch: int,
+    position: Position | None,
+    callbacks: list,
+    backups: Backups,
+    early: EarlyStopping | None = None,
+    verbose: int = 0,
+) -> dict[str, list[float]]:
+    """``model.fit`` over the segments that finish a phase from a restored ``position``; the joined history.
+
+    A phase resumed mid-epoch takes two fits: the rest of that epoch, then the epochs after it.
+    """
+    history: dict[str, list[float]] = {}
+    for segment in segments(position, epochs, steps_per_epoch):
+        backups.begin_segment(segment)
+        fitted = model.fit(
+            train_data,
+            initial_epoch=segment.initial_epoch,
+            epochs=segment.end_epoch,
+            steps_per_epoch=segment.steps,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(values)
+        if early is not None and early.stopped_epoch is not None:
+            break
+    return history
+
+
 def _history_rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
     epochs = len(next(iter(history.values()), []))
     return [{key: float(values[i]) for key, values in history.items()} for i in range(epochs)]
+
+
+def _log_resumed(position: Position | None, plan: PhasePlan) -> None:
+    if position is None:
+        return
+    steps = plan.steps_per_epoch
+    done = min(position.steps_done, steps)
+    where = "its end" if done == steps else f"step {done} of {steps}"
+    log.info(
+        "resumed from backup: epoch %d at %s (%d steps of this phase done before)",
+        position.epoch + 1,
+        where,
+        position.phase_steps,
+    )

@@ -196,9 +196,8 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             )  # fmt: skip
         first_step += result.epochs_run * steps
         state.phases[name] = result
-        # Non-chief workers write each backup into a temporary directory inside the phase's backup
-        # directory and delete it after the backup's collective; the chief removes that directory only
-        # once every worker is past it (a worker still deleting its copy would fail on a vanished path).
+        # The chief removes the phase's backup only once every worker is past the phase (a worker
+        # still restoring or saving would fail on a vanished path).
         barrier(dist)
         if is_chief:
             checked.ensure_owner()

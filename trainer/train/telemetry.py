@@ -4,7 +4,8 @@ Three probes feed one Keras callback:
 
 - the input pipeline stamps each training batch as it leaves the pipeline (a tiny
   ``tf.py_function`` after the last prefetch) and carries the bytes of its records;
-- the optimizer stamps the moment this worker's gradients are ready, before the all-reduce;
+- the training step (``trainer.model.Classifier``) stamps the moment this worker's gradients
+  are ready, before the all-reduce;
 - the callback times each step (batch begin to batch end).
 
 Per step: input wait = batch arrival - step start (0 when the batch was already buffered;
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import private_apis, storage
+from trainer import model as model_lib
+from trainer import storage
 from trainer.metrics import TrainerMetrics
 from trainer.train.callbacks import current_learning_rate
 
@@ -63,21 +65,9 @@ class StepProbe:
         self._arrivals.append((time.perf_counter(), int(record_bytes)))
         return 0
 
-    # -- the optimizer
-    def watch_optimizer(self, optimizer) -> None:
-        """Stamp when the gradients are ready, without delaying the all-reduce that follows."""
-        apply_gradients = optimizer.apply_gradients
-
-        def stamped_apply_gradients(grads_and_vars, *args, **kwargs):
-            grads_and_vars = list(grads_and_vars)
-            grads = [g for g, _ in grads_and_vars if g is not None]
-            with tf.control_dependencies(grads):
-                tf.py_function(self._gradients_ready, [], Tout=tf.int64)  # stateful: always runs
-            return apply_gradients(grads_and_vars, *args, **kwargs)
-
-        optimizer.apply_gradients = stamped_apply_gradients
-
-    def _gradients_ready(self) -> int:
+    # -- the training step (trainer.model.Classifier.gradients_ready)
+    def gradients_ready(self) -> int:
+        """Called by the step, between this worker's backward pass and the all-reduce."""
         self._ready.append(time.perf_counter())
         return 0
 
@@ -109,14 +99,15 @@ class RunTelemetry:
     probe: StepProbe = field(default_factory=StepProbe)
     stamp_gradients: bool = True  # False under XLA
 
-    def instrument(self, callbacks: list, model: keras.Model, plan) -> None:
-        """Add the telemetry callback for ``plan`` (a PhasePlan) to ``callbacks``; stamp the optimizer.
+    def instrument(self, callbacks: list, model: keras.Model, plan, resumed_steps: int = 0) -> None:
+        """Add the telemetry callback for ``plan`` (a PhasePlan) to ``callbacks``; stamp the step.
 
-        Backups report to ``backup_finished`` (the backup callback's ``on_backup`` hook).
+        ``resumed_steps``: the steps of the phase a restored backup had done. Backups report
+        to ``backup_finished`` (the backup callback's ``on_backup`` hook).
         """
-        if self.stamp_gradients:
-            self.probe.watch_optimizer(model.optimizer)
-        callbacks.insert(0, TrainingTelemetry(self, plan))
+        if self.stamp_gradients and isinstance(model, model_lib.Classifier):
+            model.gradients_ready = self.probe.gradients_ready
+        callbacks.insert(0, TrainingTelemetry(self, plan, resumed_steps))
 
     def backup_finished(self, seconds: float, ok: bool) -> None:
         if ok:
@@ -134,13 +125,15 @@ class RunTelemetry:
 class TrainingTelemetry(keras.callbacks.Callback):
     """Updates the training metrics after every step and epoch of one phase."""
 
-    def __init__(self, run: RunTelemetry, plan):
+    def __init__(self, run: RunTelemetry, plan, resumed_steps: int = 0):
         super().__init__()
         self.run, self.m = run, run.metrics
         self.phase, self.first_step = plan.name, plan.first_global_step
         self.images_per_step = plan.global_batch // max(run.num_workers, 1)
-        self.phase_steps = 0  # steps of this phase done, including those before a restore
-        self._restore_checked = False
+        self.phase_steps = resumed_steps  # steps of this phase done, including those before a restore
+        if resumed_steps:
+            self.m.restores.inc()
+            log.info("telemetry: phase %s resumed after %d steps", self.phase, resumed_steps)
         self._step_began = 0.0
         self._first_step_ended: float | None = None
         self._steps_since_first = 0
@@ -149,18 +142,11 @@ class TrainingTelemetry(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.run.probe.reset()
         self.m.set_phase(self.phase)
-        self.m.global_step.set(self.first_step)
-        self._progress(self.first_step)
+        self.m.global_step.set(self.first_step + self.phase_steps)
+        self._progress(self.first_step + self.phase_steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.m.epoch.set(epoch + 1)
-        if not self._restore_checked:
-            # BackupAndRestore restored its counters in on_train_begin (it may run after this callback).
-            self._restore_checked = True
-            self.phase_steps = private_apis.train_counter(self.model)
-            if self.phase_steps:
-                self.m.restores.inc()
-                log.info("telemetry: phase %s resumed after %d steps", self.phase, self.phase_steps)
 
     def on_train_batch_begin(self, batch, logs=None):
         self._step_began = time.perf_counter()
