@@ -6,14 +6,14 @@ import pytest
 
 from trainer.cluster import make_tf_config, parse_tf_config, single_process
 from trainer.config import RuntimeConfig
-from trainer.strategy import choose_strategy_kind, communication_options, use_mixed_precision
+from trainer.strategy import choose_strategy_kind, communication_options, precision_policy
 
 TWO_WORKERS = parse_tf_config(make_tf_config(["w0:2222", "w1:2222"], 0))
 ONE_WORKER_CLUSTER = parse_tf_config(make_tf_config(["w0:2222"], 0))
 
 
 @pytest.mark.parametrize(
-    ("cluster", "num_gpus", "kind"),
+    ("cluster", "local_devices", "kind"),
     [
         (single_process(), 0, "one_device"),
         (single_process(), 1, "one_device"),
@@ -21,26 +21,29 @@ ONE_WORKER_CLUSTER = parse_tf_config(make_tf_config(["w0:2222"], 0))
         (ONE_WORKER_CLUSTER, 2, "mirrored"),
         (TWO_WORKERS, 0, "multi_worker"),
         (TWO_WORKERS, 4, "multi_worker"),
+        (single_process(), 2, "mirrored"),  # 2 GPUs, or runtime.cpu_devices=2 on a CPU
     ],
 )
-def test_choose_strategy_kind(cluster, num_gpus, kind):
-    assert choose_strategy_kind(cluster, num_gpus) == kind
+def test_choose_strategy_kind(cluster, local_devices, kind):
+    assert choose_strategy_kind(cluster, local_devices) == kind
 
 
 @pytest.mark.parametrize(
     ("setting", "num_gpus", "expected"),
     [
-        ("auto", 0, False),  # CPUs have no fast float16
-        ("auto", 1, True),
-        ("auto", 8, True),
-        ("on", 0, True),
-        ("on", 2, True),
-        ("off", 0, False),
-        ("off", 2, False),
+        ("auto", 0, None),  # CPUs have no fast float16
+        ("auto", 1, "mixed_float16"),
+        ("auto", 8, "mixed_float16"),
+        ("on", 0, "mixed_float16"),
+        ("on", 2, "mixed_float16"),
+        ("off", 0, None),
+        ("off", 2, None),
+        ("mixed_bfloat16", 0, "mixed_bfloat16"),
+        ("mixed_float16", 0, "mixed_float16"),
     ],
 )
-def test_use_mixed_precision(setting, num_gpus, expected):
-    assert use_mixed_precision(setting, num_gpus) is expected
+def test_precision_policy(setting, num_gpus, expected):
+    assert precision_policy(setting, num_gpus) == expected
 
 
 @pytest.mark.parametrize(

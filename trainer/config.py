@@ -212,10 +212,24 @@ class TrainConfig:
 
 @dataclass
 class RuntimeConfig:
-    mixed_precision: Literal["auto", "on", "off"] = _f(
-        "auto", "mixed_float16 compute: auto = on when training on GPUs, off on CPU."
+    mixed_precision: Literal["auto", "on", "off", "mixed_float16", "mixed_bfloat16"] = _f(
+        "auto",
+        "Mixed-precision compute (the head's softmax stays float32): auto = mixed_float16 with loss "
+        "scaling when training on GPUs, off on CPU; on = mixed_float16; mixed_bfloat16 (no loss "
+        "scaling; for CPUs with AVX-512 BF16/AMX and TPUs) or mixed_float16 by name.",
     )
-    jit_compile: bool = _f(False, "Compile the training step with XLA.")
+    jit_compile: bool = _f(
+        False,
+        "Compile the training step's compute (forward, loss, backward) with XLA; the all-reduce and the "
+        "optimizer update stay outside it (XLA has no collectives on CPU devices).",
+    )
+    cpu_devices: int = _f(
+        1,
+        "Split the CPU into this many logical devices, one replica each, when the machine has no GPU: "
+        "runs the several-GPUs-per-worker code paths (MirroredStrategy, and several devices per "
+        "worker under MultiWorkerMirroredStrategy) on CPU machines, for tests; no speed-up.",
+        ge=1,
+    )
     all_reduce: Literal["auto", "nccl", "ring"] = _f(
         "auto",
         "Multi-worker gradient all-reduce: auto (TensorFlow picks NCCL on GPUs), nccl (GPUs), or ring "
@@ -672,6 +686,11 @@ def _cross_field_errors(config: Config) -> list[str]:
         errors.append("phases: both phases have 0 epochs; set phases.feature_extraction.epochs or fine_tuning.epochs")
     if config.prepare.validation_fraction + config.prepare.test_fraction >= 1.0:
         errors.append("prepare: validation_fraction + test_fraction must leave images for training (sum < 1)")
+    if config.runtime.jit_compile and config.runtime.cpu_devices > 1:
+        errors.append(
+            "runtime.jit_compile: XLA across logical CPU devices of one process fails in TensorFlow 2.21; "
+            "set runtime.cpu_devices=1 or runtime.jit_compile=false"
+        )
     weights = config.model.weights
     if not weights:
         errors.append("model.weights: empty; use 'imagenet', 'none' or a path to a .h5 weights file")

@@ -64,29 +64,42 @@ def build_model(
 
 @keras.saving.register_keras_serializable(package="vgg_trainer")
 class Classifier(keras.Model):
-    """A functional Keras model whose training step can stamp the moment its gradients are ready.
+    """A functional Keras model whose training step stamps when its gradients are ready, and can
+    compile its compute with XLA while the all-reduce stays outside.
 
-    The step is Keras' own (forward, loss, gradients, update, metrics), written out with the
-    optimizer's public ``compute_gradients`` and ``apply_gradients`` (which scale and unscale
-    the loss under mixed precision) so that ``gradients_ready`` can run between the two:
-    after this worker's backward pass, before the all-reduce inside ``apply_gradients``. Set
-    it to a Python callable (telemetry's probe) before the first ``fit`` after ``compile``;
-    None (the default, and always under XLA, which cannot run Python) leaves the step as Keras'.
+    The step is Keras' own (forward, loss, gradients, update, metrics), split in two: the
+    compute (forward, loss, backward; the loss scaled and the gradients unscaled under
+    mixed_float16, as the LossScaleOptimizer's custom-loop API does) and the update
+    (``apply_gradients``: the all-reduce across replicas, then the optimizer). Between them,
+    ``gradients_ready`` runs when set: a Python callable (telemetry's probe), set before the
+    first ``fit`` after ``compile``. With ``compile_compute`` (``runtime.jit_compile``) the
+    compute alone is compiled with XLA: XLA has no collectives on CPU devices (TensorFlow
+    b/194942685), so compiling the whole step fails under MultiWorkerMirroredStrategy on CPU, and
+    the stamp, being Python, could not run inside it.
     """
 
     gradients_ready = None
+    compile_compute = False
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        compute = tf.function(self._compute, jit_compile=True) if self.compile_compute else self._compute
+        y_pred, grads = compute(x, y, sample_weight)
+        if self.gradients_ready is not None:
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                tf.py_function(self.gradients_ready, [], Tout=tf.int64)  # stateful: always runs
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def _compute(self, x, y, sample_weight):
+        scaling = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
-        grads_and_vars = self.optimizer.compute_gradients(loss, self.trainable_variables, tape=tape)
-        if self.gradients_ready is not None:
-            with tf.control_dependencies([g for g, _ in grads_and_vars if g is not None]):
-                tf.py_function(self.gradients_ready, [], Tout=tf.int64)  # stateful: always runs
-        self.optimizer.apply_gradients(grads_and_vars)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+            if scaling:
+                loss = self.optimizer.get_scaled_loss(loss)
+        grads = tape.gradient(loss, self.trainable_variables)
+        return y_pred, self.optimizer.get_unscaled_gradients(grads) if scaling else grads
 
 
 @keras.saving.register_keras_serializable(package="vgg_trainer")

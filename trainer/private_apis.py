@@ -10,7 +10,8 @@ trainer.model).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: name -> why it is needed (no public equivalent). The test resolves each name.
@@ -20,6 +21,12 @@ PRIVATE_APIS = {
         "before MultiWorkerMirroredStrategy starts it (tf.distribute uses the same call)"
     ),
     "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2.CoordinatedJob": ("the job list that call takes"),
+    "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended"
+    "._initialize_local_devices": (
+        "MultiWorkerMirroredStrategy gives a worker without GPUs one CPU device; runtime.cpu_devices "
+        "(several logical CPU devices per worker, to run the several-GPUs-per-worker path on CPU) "
+        "replaces that choice while the strategy is built"
+    ),
     "google.cloud.storage.retry.DEFAULT_RETRY._predicate": (
         "the library's own notion of a transient storage error, used with the trainer's retry budget"
     ),
@@ -40,6 +47,23 @@ def configure_coordination_service(num_workers: int, heartbeat_timeout_ms: int, 
         heartbeat_timeout_in_ms=heartbeat_timeout_ms,
         cluster_register_timeout_in_ms=register_timeout_ms,
     )
+
+
+@contextlib.contextmanager
+def collective_cpu_devices(count: int) -> Iterator[None]:
+    """While building a MultiWorkerMirroredStrategy: ``count`` local CPU devices per worker, not one."""
+    from tensorflow.python.distribute.collective_all_reduce_strategy import CollectiveAllReduceExtended
+
+    original = CollectiveAllReduceExtended._initialize_local_devices
+
+    def cpu_devices(self, cluster_resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(count)), "CPU"
+
+    CollectiveAllReduceExtended._initialize_local_devices = cpu_devices
+    try:
+        yield
+    finally:
+        CollectiveAllReduceExtended._initialize_local_devices = original
 
 
 def storage_transient_predicate() -> Callable[[BaseException], bool]:

@@ -2,7 +2,9 @@
 
 - TF_CONFIG naming more than one worker -> MultiWorkerMirroredStrategy (synchronous,
   all-reduce across processes; every worker must run the same program).
-- otherwise, several local GPUs -> MirroredStrategy; one GPU or CPU -> OneDeviceStrategy.
+- otherwise, several local GPUs -> MirroredStrategy; one GPU or CPU -> the default strategy.
+- without GPUs, ``runtime.cpu_devices: N`` splits the CPU into N logical devices, one replica
+  each, so a CPU machine runs the code paths of N GPUs per worker (for tests).
 
 The strategy must be built before any other TensorFlow op runs in the process.
 """
@@ -21,15 +23,23 @@ log = logging.getLogger(__name__)
 StrategyKind = Literal["one_device", "mirrored", "multi_worker"]
 
 
-def choose_strategy_kind(cluster: ClusterSpec, num_gpus: int) -> StrategyKind:
+def choose_strategy_kind(cluster: ClusterSpec, local_devices: int) -> StrategyKind:
+    """``local_devices``: this worker's GPUs, or its logical CPU devices (runtime.cpu_devices) without GPUs."""
     if cluster.is_multi_worker:
         return "multi_worker"
-    return "mirrored" if num_gpus > 1 else "one_device"
+    return "mirrored" if local_devices > 1 else "one_device"
 
 
-def use_mixed_precision(setting: str, num_gpus: int) -> bool:
-    """`auto` turns mixed_float16 on only where it pays: on GPUs (CPUs have no fast fp16)."""
-    return setting == "on" or (setting == "auto" and num_gpus > 0)
+def precision_policy(setting: str, num_gpus: int) -> str | None:
+    """The Keras mixed-precision policy; None for float32.
+
+    ``auto`` turns mixed_float16 on only where it pays: on GPUs (CPUs have no fast float16).
+    """
+    if setting in ("mixed_float16", "mixed_bfloat16"):
+        return setting
+    if setting == "on" or (setting == "auto" and num_gpus > 0):
+        return "mixed_float16"
+    return None
 
 
 @dataclass
@@ -38,40 +48,73 @@ class Distribution:
     kind: StrategyKind
     cluster: ClusterSpec
     num_gpus: int
-    mixed_precision: bool
+    precision: str | None  # the mixed-precision policy, None for float32
+    local_devices: int = 1  # replicas of this worker: its GPUs, or its logical CPU devices
 
     @property
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.precision is not None
 
 
 def build_distribution(cluster: ClusterSpec, runtime: RuntimeConfig) -> Distribution:
     import tensorflow as tf
 
     num_gpus = len(tf.config.list_physical_devices("GPU"))
-    kind = choose_strategy_kind(cluster, num_gpus)
+    cpu_devices = _split_cpu(runtime.cpu_devices) if num_gpus == 0 else 1
+    local_devices = num_gpus or cpu_devices
+    kind = choose_strategy_kind(cluster, local_devices)
     if kind == "multi_worker":
         _configure_coordination(cluster, runtime)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication_options(runtime))
+        strategy = _multi_worker_strategy(runtime, cpu_devices)
     elif kind == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
+        # On GPUs MirroredStrategy finds them itself; logical CPU devices must be named.
+        devices = None if num_gpus else [f"/cpu:{i}" for i in range(cpu_devices)]
+        strategy = tf.distribute.MirroredStrategy(devices)
     else:
         # The default strategy: one device (the GPU if there is one).
         strategy = tf.distribute.get_strategy()
-    mixed = use_mixed_precision(runtime.mixed_precision, num_gpus)
-    if mixed:
+    policy = precision_policy(runtime.mixed_precision, num_gpus)
+    if policy is not None:
         import tf_keras
 
-        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+        tf_keras.mixed_precision.set_global_policy(policy)
     log.info(
-        "strategy %s: %d replica(s) over %d worker(s), %d GPU(s) here, mixed precision %s",
+        "strategy %s: %d replica(s) over %d worker(s), %d GPU(s) here%s, mixed precision %s",
         kind,
         strategy.num_replicas_in_sync,
         cluster.num_workers,
         num_gpus,
-        "on" if mixed else "off",
+        f" ({cpu_devices} logical CPU devices)" if cpu_devices > 1 else "",
+        policy or "off",
     )
-    return Distribution(strategy, kind, cluster, num_gpus, mixed)
+    return Distribution(strategy, kind, cluster, num_gpus, policy, local_devices)
+
+
+def _split_cpu(count: int) -> int:
+    """Give this process ``count`` logical CPU devices (before TensorFlow initialises its devices)."""
+    if count <= 1:
+        return 1
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    return count
+
+
+def _multi_worker_strategy(runtime: RuntimeConfig, cpu_devices: int):
+    import tensorflow as tf
+
+    options = communication_options(runtime)
+    if cpu_devices == 1:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    from trainer import private_apis  # MultiWorkerMirroredStrategy takes one CPU device per worker
+
+    with private_apis.collective_cpu_devices(cpu_devices):
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
 def sum_over_workers(strategy):

@@ -307,6 +307,7 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
     from trainer.model import Classifier
     from trainer.train.backup import PhaseBackup
     from trainer.train.callbacks import Backups
+    from trainer.train.phases import fit_from_position
     from trainer.train.telemetry import RunTelemetry
 
     inputs = keras.Input((4,))
@@ -319,10 +320,13 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
     ).batch(8)
     plan = SimpleNamespace(name="feature_extraction", first_global_step=0, global_batch=8)
     callbacks = [*extra_callbacks]
-    run.instrument(callbacks, model, plan)
     backup = PhaseBackup(backup_dir, model, keep=2, is_chief=True)
-    callbacks.append(Backups(backup, save_freq=2, steps_per_epoch=3, on_backup=run.backup_finished))
-    model.fit(data, epochs=2, steps_per_epoch=3, validation_data=validation, callbacks=callbacks, verbose=0)
+    position = backup.restore()  # as trainer.train.phases.run_phase does
+    resumed = position.phase_steps if position else 0
+    run.instrument(callbacks, model, plan, resumed)
+    backups = Backups(backup, save_freq=2, steps_per_epoch=3, phase_steps=resumed, on_backup=run.backup_finished)
+    callbacks.append(backups)
+    fit_from_position(model, data, 2, 3, position, callbacks, backups, validation_data=validation)
     run.run_finished()
 
 

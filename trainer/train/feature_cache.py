@@ -126,8 +126,9 @@ def compile_head(head: keras.Model, model: keras.Model, cfg: Config, strategy) -
             optimizer=model.optimizer,
             loss=model.loss,
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-            jit_compile=cfg.runtime.jit_compile,
         )
+        # XLA compiles the step's compute only (trainer.model.Classifier): not its all-reduce.
+        head.compile_compute = cfg.runtime.jit_compile
 
 
 # --------------------------------------------------------------------------- cache files

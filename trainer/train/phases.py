@@ -109,8 +109,9 @@ def compile_for_phase(model: keras.Model, plan: PhasePlan, cfg: Config, strategy
             optimizer=make_optimizer(plan.config, plan.learning_rate, plan.steps_per_epoch),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-            jit_compile=cfg.runtime.jit_compile,
         )
+        # XLA compiles the step's compute only (trainer.model.Classifier): not its all-reduce.
+        model.compile_compute = cfg.runtime.jit_compile
     log.info(
         "phase %s: %d epochs x %d steps, global batch %d, learning rate %.3g, trainable blocks %s, "
         "%d trainable parameters",
@@ -218,10 +219,12 @@ def fit_from_position(
     backups: Backups,
     early: EarlyStopping | None = None,
     verbose: int = 0,
+    **fit_args,
 ) -> dict[str, list[float]]:
     """``model.fit`` over the segments that finish a phase from a restored ``position``; the joined history.
 
     A phase resumed mid-epoch takes two fits: the rest of that epoch, then the epochs after it.
+    ``fit_args`` go to every fit.
     """
     history: dict[str, list[float]] = {}
     for segment in segments(position, epochs, steps_per_epoch):
@@ -233,6 +236,7 @@ def fit_from_position(
             steps_per_epoch=segment.steps,
             callbacks=callbacks,
             verbose=verbose,
+            **fit_args,
         )
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(values)

@@ -70,6 +70,19 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
+def replica_fingerprints(model: keras.Model, strategy) -> list[str]:
+    """``weights_fingerprint`` of each of this worker's replicas (each device holds its own copy of
+    every mirrored variable): all equal in a healthy run, whatever the strategy."""
+    local = [strategy.experimental_local_results(v) for v in model.weights]
+    copies = max(len(values) for values in local)
+    digests = [hashlib.sha256() for _ in range(copies)]
+    for values in local:
+        for index, digest in enumerate(digests):
+            array = values[index if len(values) > 1 else 0].numpy()
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return [d.hexdigest()[:16] for d in digests]
+
+
 @dataclass
 class Preflight:
     """What the checks before the strategy found: the run's inputs, validated."""
@@ -210,7 +223,10 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     for split, values in results.items():
         telemetry.metrics.set_evaluation(split, values)
     fingerprint = weights_fingerprint(model)
+    replicas = replica_fingerprints(model, dist.strategy)
     log.info("weights fingerprint %s (worker %d)", fingerprint, cluster.worker_index)
+    if len(set(replicas)) > 1:
+        log.error("the replicas of worker %d hold different weights: %s", cluster.worker_index, replicas)
     summary: dict[str, Any] = {}
     if is_chief:
         checked.ensure_owner()
@@ -229,6 +245,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
             run_plan,
             time.perf_counter() - started,
         )
+        summary["distribution"]["replica_fingerprints"] = replicas
         summary["evaluation_report"] = report
         storage.write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
         if cfg.monitoring.curves:
@@ -259,9 +276,8 @@ def _telemetry(cfg: Config, dist: Distribution, layout: RunLayout, steps: int) -
     return RunTelemetry(
         metrics,
         num_workers=workers,
-        local_replicas=max(dist.replicas // workers, 1),
+        local_replicas=dist.local_devices,
         total_steps=total_steps,
-        stamp_gradients=not cfg.runtime.jit_compile,  # XLA cannot run the Python stamp
     )
 
 
@@ -463,7 +479,10 @@ def _summary(cfg, dist, manifest, state, results, exported, fingerprint, run_pla
             "replicas": dist.replicas,
             "global_batch": global_batch,
             "steps_per_epoch": steps,
+            "local_devices": dist.local_devices,
             "mixed_precision": dist.mixed_precision,
+            "precision_policy": dist.precision or "float32",
+            "jit_compile": cfg.runtime.jit_compile,
         },
         "phases": {name: asdict(result) for name, result in state.phases.items()},
         "evaluation": results,

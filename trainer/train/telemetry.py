@@ -12,8 +12,8 @@ Per step: input wait = batch arrival - step start (0 when the batch was already 
 not counted in the first step of each phase, which also traces the step function);
 compute = gradients ready - max(step start, batch arrival). In synchronous training every
 worker's *step* takes as long as the slowest worker's, so the step time cannot show a
-straggler; its compute time can. Under XLA (``runtime.jit_compile``) the gradient stamp is
-left out (XLA cannot run Python), so ``trainer_step_compute_seconds`` stays empty.
+straggler; its compute time can. Under XLA (``runtime.jit_compile``) every figure stays: XLA
+compiles the step's compute, and the stamp runs between it and the all-reduce.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ class RunTelemetry:
     local_replicas: int
     total_steps: int  # planned steps of the whole run (both phases)
     probe: StepProbe = field(default_factory=StepProbe)
-    stamp_gradients: bool = True  # False under XLA
 
     def instrument(self, callbacks: list, model: keras.Model, plan, resumed_steps: int = 0) -> None:
         """Add the telemetry callback for ``plan`` (a PhasePlan) to ``callbacks``; stamp the step.
@@ -105,7 +104,7 @@ class RunTelemetry:
         ``resumed_steps``: the steps of the phase a restored backup had done. Backups report
         to ``backup_finished`` (the backup callback's ``on_backup`` hook).
         """
-        if self.stamp_gradients and isinstance(model, model_lib.Classifier):
+        if isinstance(model, model_lib.Classifier):
             model.gradients_ready = self.probe.gradients_ready
         callbacks.insert(0, TrainingTelemetry(self, plan, resumed_steps))
 
