@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from trainer import config as config_lib
 from trainer.config import (
     VGG16_BLOCKS,
     Config,
@@ -451,3 +453,26 @@ def test_docs_configuration_md_is_the_generated_reference():
     committed = (REPO / "docs" / "configuration.md").read_text()
 
     assert committed == reference_markdown(), "regenerate: trainer config --reference > docs/configuration.md"
+
+
+def test_an_unknown_phase_name_is_refused_with_a_suggestion():
+    message = config_error(overrides=["phases.fine_tunning.epochs=3"])
+
+    assert message == "1 configuration problem: phases.fine_tunning: unknown key; did you mean 'fine_tuning'?"
+
+
+@pytest.mark.parametrize("recipe", ["transfer", "scratch", "notebook"])
+def test_the_printed_json_schema_accepts_each_recipes_configuration_and_refuses_a_bad_value(recipe, capsys):
+    import jsonschema
+
+    from trainer.cli import main
+
+    assert main(["config", "--json-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    settings = config_lib.to_dict(load_config(overrides=[f"recipe={recipe}"]))
+    del settings["prepare"], settings["data"]["dataset"], settings["output"]["dir"]  # the chart's own values
+
+    jsonschema.validate(settings, schema)
+    settings["phases"]["fine_tuning"]["epochs"] = -1
+    with pytest.raises(jsonschema.ValidationError, match="-1 is less than the minimum of 0"):
+        jsonschema.validate(settings, schema)

@@ -7,7 +7,7 @@ Validation happens here, at the edge, and reports every problem at once, each wi
 field path (``phases.fine_tuning.epochs: must be >= 0, got -1``). Unknown keys are errors,
 with a suggestion when one is close, so typos never pass silently; so are a key given twice
 in the YAML file (PyYAML would keep the last) and a non-finite number. pydantic checks the
-values; ``_problem`` turns each of its errors into that one line.
+values; ``_problem_lines`` turns each of its errors into that one line.
 
 The model is the only description of the settings: the reference (``docs/configuration.md``)
 and the chart's JSON Schema of its ``trainer`` value are generated from it (trainer.config_docs),
@@ -380,7 +380,7 @@ RECIPE_CHOICES = ("auto", "transfer", "scratch", "notebook")
 
 
 class Config(Section):
-    recipe: Literal["auto", "transfer", "scratch", "notebook"] = _f(
+    recipe: Literal[RECIPE_CHOICES] = _f(  # type: ignore[valid-type]
         "auto",
         "What trains when, as one setting (see Recipes below); a setting you give always wins over its recipe. "
         "auto = transfer with pretrained weights (imagenet or a file), scratch with model.weights=none.",
@@ -403,7 +403,7 @@ class Config(Section):
     @classmethod
     def _every_phase_in_order(cls, phases: dict[str, PhaseConfig]) -> dict[str, PhaseConfig]:
         """Every phase, in the order they run; one not given has its defaults."""
-        return {name: phases.get(name) or make_default() for name, (_, make_default) in PHASES.items()}
+        return {name: phases[name] if name in phases else make_default() for name, (_, make_default) in PHASES.items()}
 
     @model_validator(mode="after")
     def _settings_agree(self) -> Config:
