@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from trainer import config as config_lib
 from trainer.config import (
     VGG16_BLOCKS,
     Config,
     HeadConfig,
     config_from_dict,
     load_config,
-    reference_markdown,
     to_yaml,
 )
+from trainer.config_docs import reference_markdown
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,15 +34,12 @@ def config_error(*, path: str | None = None, overrides: list[str] = (), raw: dic
     return str(info.value)
 
 
-def leaf_paths(obj, prefix: str = "") -> list[str]:
+def leaf_paths(data: dict, prefix: str = "") -> list[str]:
+    """The dotted path of every setting in ``data`` (a config as plain data)."""
     paths = []
-    for fld in dataclasses.fields(obj):
-        value = getattr(obj, fld.name)
-        path = f"{prefix}{fld.name}"
-        if dataclasses.is_dataclass(value):
-            paths += leaf_paths(value, path + ".")
-        else:
-            paths.append(path)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        paths += leaf_paths(value, path + ".") if isinstance(value, dict) else [path]
     return paths
 
 
@@ -55,7 +53,7 @@ def test_defaults_are_valid_and_documented_values():
     assert cfg.data.image_size == 224
     assert cfg.model.weights == "imagenet"
     assert cfg.train.lr_scaling == "linear"
-    fe, ft = cfg.phases.feature_extraction, cfg.phases.fine_tuning
+    fe, ft = cfg.phases["feature_extraction"], cfg.phases["fine_tuning"]
     assert (fe.optimizer.name, fe.optimizer.learning_rate, fe.unfreeze_blocks) == ("adam", 1e-3, [])
     assert (ft.optimizer.name, ft.optimizer.learning_rate, ft.unfreeze_blocks) == ("sgd", 1e-4, ["block5"])
 
@@ -63,10 +61,10 @@ def test_defaults_are_valid_and_documented_values():
 def test_list_defaults_are_not_shared_between_instances():
     first, second = Config(), Config()
     first.model.head.dense_units.append(128)
-    first.phases.fine_tuning.unfreeze_blocks.append("block4")
+    first.phases["fine_tuning"].unfreeze_blocks.append("block4")
 
     assert second.model.head.dense_units == [256]
-    assert second.phases.fine_tuning.unfreeze_blocks == ["block5"]
+    assert second.phases["fine_tuning"].unfreeze_blocks == ["block5"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -98,10 +96,10 @@ def test_set_values_are_parsed_as_yaml_scalars_and_lists():
     )
 
     assert cfg.train.batch_size_per_replica == 16
-    assert cfg.phases.feature_extraction.optimizer.learning_rate == 0.01
+    assert cfg.phases["feature_extraction"].optimizer.learning_rate == 0.01
     assert cfg.data.augment.horizontal_flip is False
     assert cfg.model.head.dense_units == [512, 128]
-    assert cfg.phases.fine_tuning.unfreeze_blocks == ["block4", "block5"]
+    assert cfg.phases["fine_tuning"].unfreeze_blocks == ["block4", "block5"]
     assert cfg.data.dataset == "gs://bucket/flowers"
 
 
@@ -116,7 +114,7 @@ def test_set_learning_rate_in_exponent_notation():
     # PyYAML (YAML 1.1) reads "1e-5" as a string: learning rates are naturally written this way.
     cfg = load_config(overrides=["phases.fine_tuning.optimizer.learning_rate=1e-5"])
 
-    assert cfg.phases.fine_tuning.optimizer.learning_rate == pytest.approx(1e-5)
+    assert cfg.phases["fine_tuning"].optimizer.learning_rate == pytest.approx(1e-5)
 
 
 @pytest.mark.parametrize("value", ["on", "off", "auto"])
@@ -130,19 +128,19 @@ def test_set_mixed_precision_to_each_documented_choice(value):
 def test_overriding_one_nested_key_keeps_the_sections_own_defaults():
     cfg = load_config(overrides=["phases.fine_tuning.epochs=2"])
 
-    ft = cfg.phases.fine_tuning
+    ft = cfg.phases["fine_tuning"]
     assert ft.epochs == 2
     assert ft.optimizer.name == "sgd"
     assert ft.optimizer.learning_rate == 1e-4
     assert ft.unfreeze_blocks == ["block5"]
-    assert cfg.phases.feature_extraction == Config().phases.feature_extraction
+    assert cfg.phases["feature_extraction"] == Config().phases["feature_extraction"]
 
 
 def test_nested_yaml_section_keeps_defaults_of_keys_it_does_not_name(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("phases:\n  fine_tuning:\n    optimizer:\n      learning_rate: 0.0005\n")
 
-    ft = load_config(str(path)).phases.fine_tuning
+    ft = load_config(str(path)).phases["fine_tuning"]
 
     assert ft.optimizer.learning_rate == 0.0005
     assert (ft.optimizer.name, ft.optimizer.momentum, ft.unfreeze_blocks) == ("sgd", 0.9, ["block5"])
@@ -226,8 +224,9 @@ def test_field_problem_messages(override, expected):
 def test_bad_block_name_is_reported_with_its_index():
     message = config_error(overrides=["phases.fine_tuning.unfreeze_blocks=[block5, block6]"])
 
-    assert "phases.fine_tuning.unfreeze_blocks[1]: unknown block 'block6'" in message
-    assert ", ".join(VGG16_BLOCKS) in message
+    assert (
+        f"phases.fine_tuning.unfreeze_blocks[1]: expected one of {', '.join(VGG16_BLOCKS)}, got str 'block6'" in message
+    )
 
 
 def test_cross_field_problems_are_reported_together():
@@ -247,7 +246,7 @@ def test_cross_field_problems_are_reported_together():
 def test_one_phase_with_zero_epochs_is_fine():
     cfg = load_config(overrides=["phases.fine_tuning.epochs=0"])
 
-    assert cfg.phases.fine_tuning.epochs == 0
+    assert cfg.phases["fine_tuning"].epochs == 0
 
 
 def test_validation_and_test_fractions_must_leave_training_images():
@@ -326,7 +325,7 @@ def test_a_merge_key_may_still_be_overridden(tmp_path):
 
     cfg = load_config(str(path))
 
-    assert (cfg.phases.fine_tuning.epochs, cfg.phases.fine_tuning.early_stopping_patience) == (3, 1)
+    assert (cfg.phases["fine_tuning"].epochs, cfg.phases["fine_tuning"].early_stopping_patience) == (3, 1)
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "-Infinity"])
@@ -440,7 +439,7 @@ def test_default_to_yaml_round_trips():
 
 def test_reference_mentions_every_leaf_field_path_with_its_default():
     reference = reference_markdown()
-    paths = leaf_paths(Config())
+    paths = leaf_paths(Config().model_dump())
 
     assert len(paths) > 40
     for path in paths:
@@ -454,3 +453,26 @@ def test_docs_configuration_md_is_the_generated_reference():
     committed = (REPO / "docs" / "configuration.md").read_text()
 
     assert committed == reference_markdown(), "regenerate: trainer config --reference > docs/configuration.md"
+
+
+def test_an_unknown_phase_name_is_refused_with_a_suggestion():
+    message = config_error(overrides=["phases.fine_tunning.epochs=3"])
+
+    assert message == "1 configuration problem: phases.fine_tunning: unknown key; did you mean 'fine_tuning'?"
+
+
+@pytest.mark.parametrize("recipe", ["transfer", "scratch", "notebook"])
+def test_the_printed_json_schema_accepts_each_recipes_configuration_and_refuses_a_bad_value(recipe, capsys):
+    import jsonschema
+
+    from trainer.cli import main
+
+    assert main(["config", "--json-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    settings = config_lib.to_dict(load_config(overrides=[f"recipe={recipe}"]))
+    del settings["prepare"], settings["data"]["dataset"], settings["output"]["dir"]  # the chart's own values
+
+    jsonschema.validate(settings, schema)
+    settings["phases"]["fine_tuning"]["epochs"] = -1
+    with pytest.raises(jsonschema.ValidationError, match="-1 is less than the minimum of 0"):
+        jsonschema.validate(settings, schema)

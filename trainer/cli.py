@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective configuration (YAML)")
     _add_config_args(p)
     p.add_argument("--reference", action="store_true", help="print the configuration reference (markdown)")
+    p.add_argument("--json-schema", action="store_true", help="print the JSON Schema of the chart's `trainer` value")
 
     p = sub.add_parser("prepare", help="image folder -> sharded TFRecords + manifest")
     p.add_argument("source", help="folder with one sub-folder per class (optionally under train/ validation/ test/)")
@@ -166,8 +167,10 @@ def _run(args: argparse.Namespace) -> int | None:
 
     from trainer import config as config_lib
 
-    if args.command == "config" and args.reference:
-        print(config_lib.reference_markdown(), end="")
+    if args.command == "config" and (args.reference or args.json_schema):
+        from trainer import config_docs
+
+        print(config_docs.reference_markdown() if args.reference else config_docs.chart_json(), end="")
         return None
     cfg = config_lib.load_config(args.config, args.overrides)
     from trainer import gcs

@@ -1,30 +1,42 @@
-"""Typed configuration: dataclasses with documented defaults, loaded from YAML.
+"""Typed configuration: one pydantic model with documented defaults, loaded from YAML.
 
 One configuration drives every command. Sources, later ones winning:
 built-in defaults -> YAML file (``--config``) -> ``--set a.b=value`` overrides.
 
 Validation happens here, at the edge, and reports every problem at once, each with its
-field path (``phases.fine_tuning.epochs: expected an integer >= 0, got -1``). Unknown
-keys are errors, with a suggestion when one is close, so typos never pass silently; so are a
-key given twice in the YAML file (PyYAML would keep the last) and a non-finite number.
+field path (``phases.fine_tuning.epochs: must be >= 0, got -1``). Unknown keys are errors,
+with a suggestion when one is close, so typos never pass silently; so are a key given twice
+in the YAML file (PyYAML would keep the last) and a non-finite number. pydantic checks the
+values; ``_problem_lines`` turns each of its errors into that one line.
 
-Every field's ``doc`` metadata is the configuration reference: ``docs/configuration.md``
-is generated from it (``trainer config --reference``) and a test keeps the two in sync.
+The model is the only description of the settings: the reference (``docs/configuration.md``)
+and the chart's JSON Schema of its ``trainer`` value are generated from it (trainer.config_docs),
+and tests keep both in sync.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import difflib
-import math
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from trainer.contract import DEFAULT_LEASE_SECONDS, METRICS_PORT
 from trainer.errors import ConfigError
@@ -37,81 +49,131 @@ MIN_IMAGE_SIZE = 32
 SMALL_INPUT_SIZE = 64
 
 
+# --------------------------------------------------------------------------- value types
+# Strict: a YAML file says what it means, so "3" is no integer and true is no number. The
+# conversions below are the ones YAML itself makes necessary.
+
+
+def _number_from_text(value: Any) -> Any:
+    """YAML 1.1 reads 1e-5 (no dot) as a string; learning rates are naturally written this way."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def _text_from_scalar(value: Any) -> Any:
+    """An empty value means "", and YAML's numbers and dates (output.dir=2024-06-01) mean their text."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if value == "auto" else value
+
+
+def _on_off_from_bool(value: Any) -> Any:
+    """YAML 1.1 reads unquoted on/off as booleans."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict(), BeforeValidator(_text_from_scalar)]
+# .inf/.nan (and "inf", "nan") would pass every range check or none.
+Float = Annotated[float, Strict(), AllowInfNan(False), BeforeValidator(_number_from_text)]
+#: A choice the run's plan makes (trainer.train.plan): None, written `auto`, until then.
+AutoBool = Annotated[Bool | None, BeforeValidator(_auto_is_none), WithJsonSchema({"enum": ["auto", None, True, False]})]
+# Helm reads unquoted on/off as booleans too: the chart's schema lets them through, the trainer maps them back.
+OnOffAuto = Annotated[
+    Literal["auto", "on", "off"],
+    BeforeValidator(_on_off_from_bool),
+    WithJsonSchema({"enum": ["auto", "on", "off", True, False]}),
+]
+Precision = Annotated[
+    Literal["auto", "on", "off", "mixed_float16", "mixed_bfloat16"],
+    BeforeValidator(_on_off_from_bool),
+    WithJsonSchema({"enum": ["auto", "on", "off", "mixed_float16", "mixed_bfloat16", True, False]}),
+]
+Block = Literal[VGG16_BLOCKS]  # type: ignore[valid-type]
+
+
+class Section(BaseModel):
+    """A section of the configuration: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def _f(default: Any, doc: str, **checks: Any) -> Any:
-    """A dataclass field with documentation and optional checks (ge, gt, le, lt)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **checks})
-    return field(default=default, metadata={"doc": doc, **checks})
+    """A field with its documentation and optional range checks (ge, gt, le, lt); pydantic copies list defaults."""
+    return Field(default, description=doc, **checks)
 
 
 def _section(cls: type, doc: str) -> Any:
-    return field(default_factory=cls, metadata={"doc": doc})
+    return Field(default_factory=cls, description=doc)
 
 
-@dataclass
-class AugmentConfig:
-    random_crop: bool | None = _f(
+class AugmentConfig(Section):
+    random_crop: AutoBool = _f(
         None,
         f"Random-area crop for training images (Inception-style); false = centre crop; auto = on when "
         f"data.image_size is above {SMALL_INPUT_SIZE} (a crop of a small input loses most of what is in it).",
-        auto=True,
     )
-    crop_area_min: float = _f(0.35, "Smallest fraction of the image area a random crop keeps.", gt=0.0, le=1.0)
-    horizontal_flip: bool | None = _f(
+    crop_area_min: Float = _f(0.35, "Smallest fraction of the image area a random crop keeps.", gt=0.0, le=1.0)
+    horizontal_flip: AutoBool = _f(
         None,
         "Randomly flip training images left-right; auto = on, unless `trainer prepare` found the classes "
         "mirror-dependent (digits, text: a flipped image looks like no class or another one).",
-        auto=True,
     )
-    vertical_flip: bool = _f(False, "Randomly flip training images upside down (only for orientation-free data).")
+    vertical_flip: Bool = _f(False, "Randomly flip training images upside down (only for orientation-free data).")
 
 
-@dataclass
-class StagingConfig:
-    enabled: bool = _f(False, "Copy this worker's shards to local disk in the background and read them from there.")
-    dir: str = _f("", "Local directory for the copies; empty = $TRAINER_SCRATCH_DIR, else the system temp dir.")
-    budget_gb: float = _f(50.0, "Disk the copies may use; shards beyond it are read remotely.", ge=0)
-    parallel_downloads: int = _f(4, "Concurrent shard downloads per worker.", ge=1)
+class StagingConfig(Section):
+    enabled: Bool = _f(False, "Copy this worker's shards to local disk in the background and read them from there.")
+    dir: Str = _f("", "Local directory for the copies; empty = $TRAINER_SCRATCH_DIR, else the system temp dir.")
+    budget_gb: Float = _f(50.0, "Disk the copies may use; shards beyond it are read remotely.", ge=0)
+    parallel_downloads: Int = _f(4, "Concurrent shard downloads per worker.", ge=1)
 
 
-@dataclass
-class DataConfig:
-    dataset: str = _f("", "Prepared dataset directory (local path or gs://bucket/prefix) holding manifest.json.")
-    image_size: int = _f(224, "Side of the square model input in pixels (VGG16 needs >= 32).", ge=MIN_IMAGE_SIZE)
-    center_crop_fraction: float = _f(
+class DataConfig(Section):
+    dataset: Str = _f("", "Prepared dataset directory (local path or gs://bucket/prefix) holding manifest.json.")
+    image_size: Int = _f(224, "Side of the square model input in pixels (VGG16 needs >= 32).", ge=MIN_IMAGE_SIZE)
+    center_crop_fraction: Float = _f(
         0.875, "Evaluation: fraction of the shorter side kept by the centre crop.", gt=0.0, le=1.0
     )
-    shuffle_buffer: int = _f(2048, "Records in the training shuffle buffer (per worker).", ge=1)
-    read_parallelism: int = _f(0, "Shards read concurrently per worker; 0 = tf.data AUTOTUNE.", ge=0)
-    prefetch_batches: int = _f(0, "Batches prefetched ahead of training; 0 = AUTOTUNE.", ge=0)
+    shuffle_buffer: Int = _f(2048, "Records in the training shuffle buffer (per worker).", ge=1)
+    read_parallelism: Int = _f(0, "Shards read concurrently per worker; 0 = tf.data AUTOTUNE.", ge=0)
+    prefetch_batches: Int = _f(0, "Batches prefetched ahead of training; 0 = AUTOTUNE.", ge=0)
     augment: AugmentConfig = _section(AugmentConfig, "Training-time augmentation.")
     staging: StagingConfig = _section(StagingConfig, "Optional local copies of remote (gs://) training shards.")
 
 
-@dataclass
-class PrepareConfig:
-    shard_size_mb: float = _f(128.0, "Target size of one TFRecord shard in MB (tf.data guidance: 100-200).", gt=0)
-    min_shards: int = _f(
+class PrepareConfig(Section):
+    shard_size_mb: Float = _f(128.0, "Target size of one TFRecord shard in MB (tf.data guidance: 100-200).", gt=0)
+    min_shards: Int = _f(
         16,
         "Cut each split into at least this many shards (capped by its image count) so many workers can read it.",
         ge=1,
     )
-    validation_fraction: float = _f(
+    validation_fraction: Float = _f(
         0.2, "Share of each class held out for validation when the source has no validation/ folder.", ge=0.0, lt=1.0
     )
-    test_fraction: float = _f(
+    test_fraction: Float = _f(
         0.0, "Share of each class held out as a test split when the source has no test/ folder.", ge=0.0, lt=1.0
     )
-    seed: int = _f(1234, "Seed of the stratified split: the same seed and files give the same split.")
-    processes: int = _f(0, "Worker processes that read and check images; 0 = one per CPU core.", ge=0)
-    min_image_side: int = _f(MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1)
-    max_file_mb: float = _f(
+    seed: Int = _f(1234, "Seed of the stratified split: the same seed and files give the same split.")
+    processes: Int = _f(0, "Worker processes that read and check images; 0 = one per CPU core.", ge=0)
+    min_image_side: Int = _f(MIN_IMAGE_SIZE, "Images whose shorter side is below this are skipped and listed.", ge=1)
+    max_file_mb: Float = _f(
         64.0,
         "Files larger than this (MB) are skipped and listed without being read: a stored JPEG goes whole into a "
         "record and into a worker's memory, and even a 60 MP camera JPEG at top quality is about 30 MB.",
         gt=0,
     )
-    max_image_megapixels: float = _f(
+    max_image_megapixels: Float = _f(
         90.0,
         "Images with more pixels (width x height, read from the file header) are skipped and listed without being "
         "decoded: decoding takes 3-4 bytes per pixel in each worker (90 MP: 270-360 MB). 90 is above the largest "
@@ -120,47 +182,42 @@ class PrepareConfig:
     )
 
 
-@dataclass
-class HeadConfig:
+class HeadConfig(Section):
     pooling: Literal["avg", "flatten"] = _f("avg", "How the 7x7x512 base output becomes a vector.")
-    dense_units: list[int] = _f([256], "Hidden dense layers of the head, in order; [] = none.")
-    activation: str = _f("relu", "Activation of the hidden dense layers.")
-    dropout: float = _f(0.5, "Dropout rate after each hidden dense layer.", ge=0.0, lt=1.0)
+    dense_units: list[Int] = _f([256], "Hidden dense layers of the head, in order; [] = none.")
+    activation: Str = _f("relu", "Activation of the hidden dense layers.")
+    dropout: Float = _f(0.5, "Dropout rate after each hidden dense layer.", ge=0.0, lt=1.0)
 
 
-@dataclass
-class ModelConfig:
-    weights: str = _f(
+class ModelConfig(Section):
+    weights: Str = _f(
         "imagenet",
         "Base weights: 'imagenet' (Keras download, cached), 'none' (random), or a path to a VGG16 .h5 weights file.",
     )
     head: HeadConfig = _section(HeadConfig, "The classification head on top of the VGG16 base.")
 
 
-@dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     name: Literal["sgd", "adam", "rmsprop"] = _f("adam", "Optimizer.")
-    learning_rate: float = _f(
+    learning_rate: Float = _f(
         1e-3, "Learning rate at train.reference_batch_size; scaled to the global batch by train.lr_scaling.", gt=0.0
     )
-    momentum: float = _f(0.9, "Momentum (sgd, rmsprop).", ge=0.0, lt=1.0)
-    weight_decay: float = _f(0.0, "Decoupled weight decay; 0 = off.", ge=0.0)
-    clipnorm: float = _f(0.0, "Clip each gradient to this norm; 0 = off.", ge=0.0)
+    momentum: Float = _f(0.9, "Momentum (sgd, rmsprop).", ge=0.0, lt=1.0)
+    weight_decay: Float = _f(0.0, "Decoupled weight decay; 0 = off.", ge=0.0)
+    clipnorm: Float = _f(0.0, "Clip each gradient to this norm; 0 = off.", ge=0.0)
 
 
-@dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     name: Literal["constant", "cosine"] = _f("constant", "Learning-rate schedule within the phase.")
-    warmup_epochs: float = _f(0.0, "Linear warm-up from 0 over this many epochs (helps large global batches).", ge=0.0)
+    warmup_epochs: Float = _f(0.0, "Linear warm-up from 0 over this many epochs (helps large global batches).", ge=0.0)
 
 
-@dataclass
-class PhaseConfig:
-    epochs: int = _f(5, "Epochs of this phase; 0 skips it.", ge=0)
-    unfreeze_blocks: list[str] = _f([], "VGG16 blocks trained in this phase (block1..block5); [] = base frozen.")
+class PhaseConfig(Section):
+    epochs: Int = _f(5, "Epochs of this phase; 0 skips it.", ge=0)
+    unfreeze_blocks: list[Block] = _f([], "VGG16 blocks trained in this phase (block1..block5); [] = base frozen.")
     optimizer: OptimizerConfig = _section(OptimizerConfig, "Optimizer of this phase.")
     schedule: ScheduleConfig = _section(ScheduleConfig, "Learning-rate schedule of this phase.")
-    early_stopping_patience: int = _f(
+    early_stopping_patience: Int = _f(
         0,
         "Stop the phase after this many epochs without improvement of train.monitor (counted from its best "
         "epoch, or from its start; survives restarts); 0 = off.",
@@ -176,33 +233,48 @@ def _fine_tuning_defaults() -> PhaseConfig:
     )
 
 
-@dataclass
-class PhasesConfig:
-    feature_extraction: PhaseConfig = _section(
-        PhaseConfig, "Phase 1: the base is frozen, only the head learns (unfreeze_blocks must stay [])."
-    )
-    fine_tuning: PhaseConfig = field(
-        default_factory=_fine_tuning_defaults,
-        metadata={"doc": "Phase 2: unfreeze the named top blocks and continue at a lower learning rate."},
-    )
+#: The training phases in the order they run: what each does, and its defaults.
+PHASES: dict[str, tuple[str, Callable[[], PhaseConfig]]] = {
+    "feature_extraction": (
+        "Phase 1: the base is frozen, only the head learns (unfreeze_blocks must stay []).",
+        PhaseConfig,
+    ),
+    "fine_tuning": (
+        "Phase 2: unfreeze the named top blocks and continue at a lower learning rate.",
+        _fine_tuning_defaults,
+    ),
+}
+PHASE_NAMES = tuple(PHASES)
+PhaseName = Literal[PHASE_NAMES]  # type: ignore[valid-type]
 
 
-@dataclass
-class TrainConfig:
-    batch_size_per_replica: int = _f(32, "Images per replica per step; global batch = this x replicas.", ge=1)
-    reference_batch_size: int = _f(32, "Global batch size at which the phases' learning rates are given.", ge=1)
+def _default_phases() -> dict[str, PhaseConfig]:
+    return {name: make_default() for name, (_, make_default) in PHASES.items()}
+
+
+def _phases_by_name_schema(schema: dict[str, Any]) -> None:
+    """JSON Schema: one property per phase name (a typo is "additional property 'fine_tunning'")."""
+    phase = schema.pop("additionalProperties")
+    schema.pop("propertyNames", None)
+    schema["properties"] = {name: {**phase, "description": doc} for name, (doc, _) in PHASES.items()}
+    schema["additionalProperties"] = False
+
+
+class TrainConfig(Section):
+    batch_size_per_replica: Int = _f(32, "Images per replica per step; global batch = this x replicas.", ge=1)
+    reference_batch_size: Int = _f(32, "Global batch size at which the phases' learning rates are given.", ge=1)
     lr_scaling: Literal["linear", "sqrt", "none"] = _f(
         "linear", "How learning rates follow the global batch: lr x (global/reference), its square root, or fixed."
     )
-    steps_per_epoch: int = _f(0, "Training steps per epoch; 0 = train images // global batch.", ge=0)
-    validation_steps: int = _f(0, "Validation batches per epoch; 0 = the whole validation split.", ge=0)
-    backup_every_steps: int = _f(50, "Write a resumable backup every this many steps.", ge=1)
-    backups_to_keep: int = _f(2, "Complete backups kept per phase (older ones are deleted).", ge=1)
+    steps_per_epoch: Int = _f(0, "Training steps per epoch; 0 = train images // global batch.", ge=0)
+    validation_steps: Int = _f(0, "Validation batches per epoch; 0 = the whole validation split.", ge=0)
+    backup_every_steps: Int = _f(50, "Write a resumable backup every this many steps.", ge=1)
+    backups_to_keep: Int = _f(2, "Complete backups kept per phase (older ones are deleted).", ge=1)
     monitor: Literal["val_accuracy", "val_loss"] = _f(
         "val_accuracy", "Metric that selects the best model and drives early stopping."
     )
-    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", ge=0.0, lt=1.0)
-    cache_frozen_features: bool = _f(
+    label_smoothing: Float = _f(0.0, "Label smoothing of the cross-entropy loss.", ge=0.0, lt=1.0)
+    cache_frozen_features: Bool = _f(
         False,
         "A phase with the whole base frozen runs each image through the base once, caches the features on "
         "local scratch disk and trains the head on them (epochs many times faster). Cached images are "
@@ -210,20 +282,19 @@ class TrainConfig:
     )
 
 
-@dataclass
-class RuntimeConfig:
-    mixed_precision: Literal["auto", "on", "off", "mixed_float16", "mixed_bfloat16"] = _f(
+class RuntimeConfig(Section):
+    mixed_precision: Precision = _f(
         "auto",
         "Mixed-precision compute (the head's softmax stays float32): auto = mixed_float16 with loss "
         "scaling when training on GPUs, off on CPU; on = mixed_float16; mixed_bfloat16 (no loss "
         "scaling; for CPUs with AVX-512 BF16/AMX and TPUs) or mixed_float16 by name.",
     )
-    jit_compile: bool = _f(
+    jit_compile: Bool = _f(
         False,
         "Compile the training step's compute (forward, loss, backward) with XLA; the all-reduce and the "
         "optimizer update stay outside it (XLA has no collectives on CPU devices).",
     )
-    cpu_devices: int = _f(
+    cpu_devices: Int = _f(
         1,
         "Split the CPU into this many logical devices, one replica each, when the machine has no GPU: "
         "runs the several-GPUs-per-worker code paths (MirroredStrategy, and several devices per "
@@ -235,58 +306,57 @@ class RuntimeConfig:
         "Multi-worker gradient all-reduce: auto (TensorFlow picks NCCL on GPUs), nccl (GPUs), or ring "
         "(TensorFlow's own ring over gRPC; CPU or GPU).",
     )
-    all_reduce_pack_mb: float = _f(
+    all_reduce_pack_mb: Float = _f(
         0.0,
         "Multi-worker: all-reduce the gradients in packs of this many MiB, so communication overlaps "
         "the rest of the step; 0 = TensorFlow decides.",
         ge=0,
     )
-    deterministic: bool = _f(False, "Deterministic ops and input order (for tests; slower).")
-    seed: int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
-    peer_wait_seconds: float = _f(
+    deterministic: Bool = _f(False, "Deterministic ops and input order (for tests; slower).")
+    seed: Int = _f(42, "Seed for weights initialisation, shuffling and augmentation.")
+    peer_wait_seconds: Float = _f(
         600.0, "Multi-worker: how long a worker waits at start for every peer to answer before giving up.", gt=0
     )
-    collective_timeout_seconds: float = _f(
+    collective_timeout_seconds: Float = _f(
         300.0, "Multi-worker: a collective that takes longer than this fails instead of hanging.", gt=0
     )
-    stop_check_every_steps: int = _f(
+    stop_check_every_steps: Int = _f(
         10,
         "Multi-worker: the workers agree whether one got SIGTERM at least every this many steps (and at "
         "every epoch end); each check is a two-float all-reduce (a few ms), a stop waits for the next check.",
         ge=1,
     )
-    stop_check_seconds: float = _f(
+    stop_check_seconds: Float = _f(
         10.0,
         "Multi-worker: ... and at least this often in seconds when steps are slow (after every step when "
         "one step takes longer). A stop then takes at most this long plus one step and one backup; the "
         "launcher's grace and the chart's terminationGracePeriodSeconds are sized from it.",
         gt=0,
     )
-    heartbeat_timeout_seconds: float = _f(
+    heartbeat_timeout_seconds: Float = _f(
         60.0,
         "Multi-worker: a worker silent this long (dead, frozen, node gone) is declared failed and every "
         "worker stops with an error (exit 75) instead of hanging. Also how long the chief waits for "
         "its peers to exit after the final barrier.",
         gt=0,
     )
-    verbose: int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)
+    verbose: Int = _f(2, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.", ge=0, le=2)
 
 
-@dataclass
-class OutputConfig:
-    dir: str = _f("", "Run directory (local path or gs://bucket/prefix): backups, logs, best model, export, summary.")
-    evaluation_report: bool = _f(
+class OutputConfig(Section):
+    dir: Str = _f("", "Run directory (local path or gs://bucket/prefix): backups, logs, best model, export, summary.")
+    evaluation_report: Bool = _f(
         True,
         "At the end, run the export's serving signature over the test split (else validation) on every worker "
         "and write evaluation/<split>/evaluation.json and confusion-matrix.png (trainer.report).",
     )
-    lease_seconds: float = _f(
+    lease_seconds: Float = _f(
         float(DEFAULT_LEASE_SECONDS),
         "The chief holds output.dir with a lease (owner.json) renewed every quarter of this; a lease not "
         "renewed for this long is stale and another run may take it (trainer.train.lease).",
         ge=10,
     )
-    lease_wait_seconds: float = _f(
+    lease_wait_seconds: Float = _f(
         0.0,
         "How long a run waits for another live run holding output.dir to end before it fails (exit 75). "
         "0 = fail at once; the chart sets terminationGracePeriodSeconds + lease_seconds, so the Job a "
@@ -295,18 +365,16 @@ class OutputConfig:
     )
 
 
-@dataclass
-class StorageConfig:
-    retry_budget_seconds: float = _f(
+class StorageConfig(Section):
+    retry_budget_seconds: Float = _f(
         120.0, "Seconds one storage operation may spend retrying transient failures (429, 5xx, timeouts).", gt=0
     )
-    upload_workers: int = _f(8, "Parallel uploads when `prepare` writes to gs://.", ge=1)
+    upload_workers: Int = _f(8, "Parallel uploads when `prepare` writes to gs://.", ge=1)
 
 
-@dataclass
-class MonitoringConfig:
-    enabled: bool = _f(True, "Serve Prometheus metrics on every worker (started before TensorFlow).")
-    port: int = _f(
+class MonitoringConfig(Section):
+    enabled: Bool = _f(True, "Serve Prometheus metrics on every worker (started before TensorFlow).")
+    port: Int = _f(
         METRICS_PORT,
         "Port of the metrics endpoint; 0 = any free port. $TRAINER_METRICS_PORT overrides it (the local "
         "launcher gives each worker its own). The chart's metrics port (container port, liveness probe, "
@@ -314,27 +382,26 @@ class MonitoringConfig:
         ge=0,
         le=65535,
     )
-    address: str = _f(
+    address: Str = _f(
         "",
         "Address the endpoint listens on; empty = every IPv4 interface (0.0.0.0), :: = IPv6 and IPv4. "
         "In a pod the liveness probe and Prometheus connect to the pod's IP: the chart accepts only these.",
     )
-    pushgateway_url: str = _f(
+    pushgateway_url: Str = _f(
         "",
         "Pushgateway the chief pushes the run's outcome to when it ends, e.g. http://pushgateway:9091; empty = "
         "off. $TRAINER_PUSHGATEWAY_URL overrides it (the chart sets it from a Secret). Credentials "
         "(https://user:password@host) go as basic auth and are left out of logs, summary.json and `trainer config`.",
     )
-    pushgateway_job: str = _f("vgg-trainer", "The `job` label of the pushed outcome.")
-    curves: bool = _f(True, "The chief draws the training curves into training-curves.png beside summary.json.")
+    pushgateway_job: Str = _f("vgg-trainer", "The `job` label of the pushed outcome.")
+    curves: Bool = _f(True, "The chief draws the training curves into training-curves.png beside summary.json.")
 
 
 RECIPE_CHOICES = ("auto", "transfer", "scratch", "notebook")
 
 
-@dataclass
-class Config:
-    recipe: Literal["auto", "transfer", "scratch", "notebook"] = _f(
+class Config(Section):
+    recipe: Literal[RECIPE_CHOICES] = _f(  # type: ignore[valid-type]
         "auto",
         "What trains when, as one setting (see Recipes below); a setting you give always wins over its recipe. "
         "auto = transfer with pretrained weights (imagenet or a file), scratch with model.weights=none.",
@@ -342,12 +409,52 @@ class Config:
     data: DataConfig = _section(DataConfig, "Input data and the tf.data pipeline.")
     prepare: PrepareConfig = _section(PrepareConfig, "How `trainer prepare` turns an image folder into shards.")
     model: ModelConfig = _section(ModelConfig, "The VGG16 model.")
-    phases: PhasesConfig = _section(PhasesConfig, "The two training phases.")
+    phases: dict[PhaseName, PhaseConfig] = Field(
+        default_factory=_default_phases,
+        description="The training phases, by name, in the order they run.",
+        json_schema_extra=_phases_by_name_schema,
+    )
     train: TrainConfig = _section(TrainConfig, "Settings shared by both phases.")
     runtime: RuntimeConfig = _section(RuntimeConfig, "Devices, precision and determinism.")
     output: OutputConfig = _section(OutputConfig, "Where results go.")
     storage: StorageConfig = _section(StorageConfig, "Object storage (gs://) behaviour.")
     monitoring: MonitoringConfig = _section(MonitoringConfig, "Metrics endpoint, Pushgateway and training curves.")
+
+    @field_validator("phases")
+    @classmethod
+    def _every_phase_in_order(cls, phases: dict[str, PhaseConfig]) -> dict[str, PhaseConfig]:
+        """Every phase, in the order they run; one not given has its defaults."""
+        return {name: phases[name] if name in phases else make_default() for name, (_, make_default) in PHASES.items()}
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> Config:
+        """Checks across fields; pydantic runs them only once every field is valid on its own."""
+        problems = _disagreements(self)
+        if problems:
+            raise PydanticCustomError("disagreement", "settings disagree", {"problems": problems})
+        return self
+
+
+def _disagreements(config: Config) -> list[str]:
+    problems = []
+    phases = config.phases
+    if phases["feature_extraction"].unfreeze_blocks:
+        problems.append(
+            "phases.feature_extraction.unfreeze_blocks: the base is frozen in feature extraction; "
+            "list blocks under phases.fine_tuning.unfreeze_blocks instead"
+        )
+    if not any(phase.epochs for phase in phases.values()):
+        problems.append("phases: both phases have 0 epochs; set phases.feature_extraction.epochs or fine_tuning.epochs")
+    if config.prepare.validation_fraction + config.prepare.test_fraction >= 1.0:
+        problems.append("prepare: validation_fraction + test_fraction must leave images for training (sum < 1)")
+    if config.runtime.jit_compile and config.runtime.cpu_devices > 1:
+        problems.append(
+            "runtime.jit_compile: XLA across logical CPU devices of one process fails in TensorFlow 2.21; "
+            "set runtime.cpu_devices=1 or runtime.jit_compile=false"
+        )
+    if not config.model.weights:
+        problems.append("model.weights: empty; use 'imagenet', 'none' or a path to a .h5 weights file")
+    return problems
 
 
 # --------------------------------------------------------------------------- loading
@@ -372,7 +479,7 @@ REQUIRED = {
 
 def require(config: Config, *paths: str) -> None:
     """ConfigError naming each setting of ``paths`` that is empty and how to set it."""
-    missing = [path for path in paths if not _lookup(config, path)]
+    missing = [path for path in paths if not lookup(config, path)]
     if not missing:
         return
     how = " ".join(f"--set {path}={REQUIRED[path]}" for path in missing)
@@ -380,22 +487,29 @@ def require(config: Config, *paths: str) -> None:
     raise ConfigError(f"{' and '.join(missing)} {verb} not set; pass {how}, or set {pronoun} in the --config file")
 
 
+def lookup(config: Config, path: str) -> Any:
+    """The value at a dotted path, e.g. ``phases.fine_tuning.epochs``."""
+    node: Any = config
+    for part in path.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config; every problem is reported in one ConfigError.
 
-    The recipe's settings lie under ``raw``: a key given in ``raw`` always wins.
+    Layers, later ones winning key by key: the defaults, the recipe's settings, ``raw``. So a
+    section given in part keeps the defaults of the keys it does not name (fine_tuning stays
+    sgd on block5 when only its epochs are set).
     """
-    errors: list[str] = []
     recipe = recipe_of(raw)
-    if recipe is not None:
-        raw = _merged(recipe_settings(recipe), raw)
-    config = _build(Config(), raw, "", errors)
-    if not errors:
-        errors.extend(_cross_field_errors(config))
-    if errors:
-        count = f"{len(errors)} configuration problem{'s' if len(errors) > 1 else ''}"
-        raise ConfigError(f"{count}: " + "; ".join(errors))
-    return config
+    layered = _merged(Config().model_dump(), recipe_settings(recipe) if recipe else {})
+    try:
+        return Config.model_validate(_merged(layered, raw))
+    except ValidationError as err:
+        problems = [line for detail in err.errors() for line in _problem_lines(detail)]
+    count = f"{len(problems)} configuration problem{'s' if len(problems) > 1 else ''}"
+    raise ConfigError(f"{count}: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- recipes
@@ -454,7 +568,8 @@ def recipe_of(raw: dict[str, Any]) -> str | None:
     if name != "auto":
         return name
     model = raw.get("model")
-    weights = model.get("weights", ModelConfig.weights) if isinstance(model, dict) else ModelConfig.weights
+    default = ModelConfig.model_fields["weights"].default
+    weights = model.get("weights", default) if isinstance(model, dict) else default
     return "scratch" if weights == "none" else "transfer"
 
 
@@ -470,13 +585,11 @@ def recipe_settings(name: str) -> dict[str, Any]:
     return nested
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` applied on top, section by section."""
-    result = dict(base)
-    for key, value in over.items():
-        below = result.get(key)
-        result[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
-    return result
+def _merged(base: Any, over: Any) -> Any:
+    """``over`` laid on ``base`` mapping by mapping; anything else in ``over`` replaces what lies below."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{key: _merged(base.get(key), value) for key, value in over.items()}}
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -559,31 +672,77 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(default: Any, raw: Any, path: str, errors: list[str]) -> Any:
-    """``default`` (a dataclass instance) with the values of ``raw`` applied and checked.
+# --------------------------------------------------------------------------- pydantic's errors, one line each
 
-    Nested sections start from the parent's default, so e.g. fine_tuning keeps its own
-    defaults (sgd, block5) when only one of its keys is overridden.
-    """
-    cls = type(default)
-    if not isinstance(raw, dict):
-        errors.append(f"{path or 'config'}: expected a mapping, got {_describe(raw)}")
-        return default
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            errors.append(_unknown_key_message(str(key), path, list(fields)))
-    values = {}
-    for name, fld in fields.items():
-        if name not in raw:
-            continue
-        sub_path = f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(getattr(default, name), raw[name], sub_path, errors)
+#: pydantic error types -> what the setting expects.
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "a mapping",
+    "dict_type": "a mapping",
+    "finite_number": "a finite number",
+}
+#: pydantic error types of range checks -> (the check's keyword, its symbol).
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
+
+
+def _problem_lines(detail: ErrorDetails) -> list[str]:
+    """One pydantic error as today's lines: ``path: what is wrong, got what``."""
+    kind, loc, value = detail["type"], detail["loc"], detail["input"]
+    path = _path(loc) or "config"  # the whole file, e.g. a list instead of a mapping
+    if kind == "disagreement":
+        return list(detail["ctx"]["problems"])
+    if kind == "extra_forbidden":
+        return [_unknown_key_message(str(loc[-1]), _path(loc[:-1]), _known_keys(loc[:-1]))]
+    if loc[-1:] == ("[key]",):  # a mapping's key outside its choices: an unknown phase name
+        return [_unknown_key_message(str(loc[-2]), _path(loc[:-2]), _known_keys(loc[:-2]))]
+    if kind == "literal_error":
+        choices = ", ".join(map(str, typing.get_args(_hint_at(loc))))
+        return [f"{path}: expected one of {choices}, got {_describe(value)}"]
+    if kind == "finite_number":
+        return [f"{path}: expected a finite number, got {value}"]
+    if kind in _EXPECTED:
+        return [f"{path}: expected {_EXPECTED[kind]}, got {_describe(value)}"]
+    if kind in _BOUNDS:
+        keyword, symbol = _BOUNDS[kind]
+        return [f"{path}: must be {symbol} {detail['ctx'][keyword]}, got {value}"]
+    return [f"{path}: {detail['msg']}, got {_describe(value)}"]
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """``('phases', 'fine_tuning', 'unfreeze_blocks', 1)`` -> ``phases.fine_tuning.unfreeze_blocks[1]``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _hint_at(loc: tuple[int | str, ...]) -> Any:
+    """The type the model declares at ``loc``: a model's field, or the values of a mapping or list."""
+    hint: Any = Config
+    for part in loc:
+        if isinstance(hint, type) and issubclass(hint, BaseModel):
+            hint = hint.model_fields[str(part)].annotation
         else:
-            values[name] = _convert(hints[name], raw[name], sub_path, fld.metadata, errors)
-    return dataclasses.replace(default, **values)
+            hint = typing.get_args(hint)[-1]
+        while typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    hint = _hint_at(loc)
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return list(hint.model_fields)
+    return list(typing.get_args(typing.get_args(hint)[0]))  # dict[Literal[names], ...]
 
 
 def _unknown_key_message(key: str, path: str, known: list[str]) -> str:
@@ -593,215 +752,20 @@ def _unknown_key_message(key: str, path: str, known: list[str]) -> str:
     return f"{where}: unknown key; {hint}"
 
 
-def _convert(hint: Any, value: Any, path: str, meta: Any, errors: list[str]) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
-        if value not in choices:
-            errors.append(f"{path}: expected one of {', '.join(map(str, choices))}, got {_describe(value)}")
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected a list, got {_describe(value)}")
-            return []
-        return [_convert(item_type, item, f"{path}[{i}]", {}, errors) for i, item in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (meta.get("auto") and value == "auto"):
-            return None
-        return _convert(args[0], value, path, meta, errors)
-    return _convert_scalar(hint, value, path, meta, errors)
-
-
-def _convert_scalar(hint: type, value: Any, path: str, meta: Any, errors: list[str]) -> Any:
-    if hint is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected an integer, got {_describe(value)}")
-            return value
-    elif hint is float:
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {_describe(value)}")
-            return value
-        value = float(value)
-        if not math.isfinite(value):  # YAML's .inf/.nan and "inf"/"nan" pass every range check or none
-            errors.append(f"{path}: expected a finite number, got {value}")
-            return value
-    elif hint is str:
-        if value is None:
-            value = ""
-        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
-            value = str(value)  # e.g. output.dir=2024-06-01, which YAML reads as a date
-        if not isinstance(value, str):
-            errors.append(f"{path}: expected a string, got {_describe(value)}")
-        return value
-    _check_range(value, path, meta, errors)
-    return value
-
-
-_RANGE_CHECKS = {
-    "ge": (">=", lambda v, b: v >= b),
-    "gt": (">", lambda v, b: v > b),
-    "le": ("<=", lambda v, b: v <= b),
-    "lt": ("<", lambda v, b: v < b),
-}
-
-
-def _check_range(value: float, path: str, meta: Any, errors: list[str]) -> None:
-    failed = [f"{sym} {meta[k]}" for k, (sym, ok) in _RANGE_CHECKS.items() if k in meta and not ok(value, meta[k])]
-    if failed:
-        errors.append(f"{path}: must be {' and '.join(failed)}, got {value}")
-
-
 def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
     return f"{type(value).__name__} {value!r}"
 
 
-def _cross_field_errors(config: Config) -> list[str]:
-    errors = []
-    fe, ft = config.phases.feature_extraction, config.phases.fine_tuning
-    if fe.unfreeze_blocks:
-        errors.append(
-            "phases.feature_extraction.unfreeze_blocks: the base is frozen in feature extraction; "
-            "list blocks under phases.fine_tuning.unfreeze_blocks instead"
-        )
-    for i, block in enumerate(ft.unfreeze_blocks):
-        if block not in VGG16_BLOCKS:
-            errors.append(
-                f"phases.fine_tuning.unfreeze_blocks[{i}]: unknown block {block!r}; "
-                f"use one of {', '.join(VGG16_BLOCKS)}"
-            )
-    if fe.epochs + ft.epochs == 0:
-        errors.append("phases: both phases have 0 epochs; set phases.feature_extraction.epochs or fine_tuning.epochs")
-    if config.prepare.validation_fraction + config.prepare.test_fraction >= 1.0:
-        errors.append("prepare: validation_fraction + test_fraction must leave images for training (sum < 1)")
-    if config.runtime.jit_compile and config.runtime.cpu_devices > 1:
-        errors.append(
-            "runtime.jit_compile: XLA across logical CPU devices of one process fails in TensorFlow 2.21; "
-            "set runtime.cpu_devices=1 or runtime.jit_compile=false"
-        )
-    weights = config.model.weights
-    if not weights:
-        errors.append("model.weights: empty; use 'imagenet', 'none' or a path to a .h5 weights file")
-    return errors
-
-
 # --------------------------------------------------------------------------- output
 
 
-def to_dict(config: Any) -> dict[str, Any]:
+def to_dict(config: BaseModel) -> dict[str, Any]:
     """The configuration as plain data, credentials in URLs removed: what summary.json and
     `trainer config` show (a Pushgateway URL's user:password@ never reaches a file)."""
-    return redacted(dataclasses.asdict(config))
+    return redacted(config.model_dump())
 
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
-
-
-def reference_markdown() -> str:
-    """The configuration reference (docs/configuration.md), generated from the dataclasses."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated by `trainer config --reference` from `trainer/config.py`; do not edit by hand.",
-        "",
-        "Set values in a YAML file (`--config run.yaml`) or on the command line",
-        "(`--set phases.fine_tuning.epochs=3`). Unknown keys, keys given twice, wrong types and",
-        "non-finite numbers (`.inf`, `nan`) are errors.",
-        "",
-    ]
-    lines += _top_level_rows()
-    for fld in dataclasses.fields(Config):
-        if not dataclasses.is_dataclass(typing.get_type_hints(Config)[fld.name]):
-            continue
-        lines += _reference_section(
-            fld.type if isinstance(fld.type, type) else typing.get_type_hints(Config)[fld.name],
-            fld.name,
-            fld.metadata["doc"],
-            Config(),
-        )
-    lines += _recipes_markdown()
-    return "\n".join(lines) + "\n"
-
-
-def _top_level_rows() -> list[str]:
-    lines = ["## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    hints = typing.get_type_hints(Config)
-    for fld in dataclasses.fields(Config):
-        if not dataclasses.is_dataclass(hints[fld.name]):
-            lines.append(
-                f"| `{fld.name}` | {_type_name(hints[fld.name])} | `{_yaml_scalar(fld.default)}` | "
-                f"{fld.metadata['doc']} |"
-            )
-    return [*lines, ""]
-
-
-def _recipes_markdown() -> list[str]:
-    lines = [
-        "## Recipes",
-        "",
-        "A recipe is a set of defaults laid under your settings: any key you set wins over it. "
-        "`trainer config` prints the result, and a run logs its plan (each automatic choice with its "
-        "reason) and stores it in summary.json.",
-        "",
-    ]
-    for name, (why, settings) in RECIPES.items():
-        lines += [f"### `{name}`", "", why[0].upper() + why[1:] + ".", ""]
-        if not settings:
-            lines += ["The defaults in the tables above.", ""]
-            continue
-        lines += ["| key | value | why |", "|---|---|---|"]
-        lines += [f"| `{key}` | `{_yaml_scalar(value)}` | {reason} |" for key, (value, reason) in settings.items()]
-        lines.append("")
-    return lines
-
-
-def _reference_section(cls: type, path: str, doc: str, root: Any) -> list[str]:
-    lines = [f"## `{path}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    nested = []
-    hints = typing.get_type_hints(cls)
-    instance = _lookup(root, path)
-    for fld in dataclasses.fields(cls):
-        hint = hints[fld.name]
-        sub = f"{path}.{fld.name}"
-        if dataclasses.is_dataclass(hint):
-            nested.append((hint, sub, fld.metadata["doc"]))
-            continue
-        default = getattr(instance, fld.name)
-        shown = "auto" if default is None and fld.metadata.get("auto") else _yaml_scalar(default)
-        lines.append(f"| `{sub}` | {_type_name(hint)} | `{shown}` | {fld.metadata['doc']} |")
-    lines.append("")
-    for hint, sub, sub_doc in nested:
-        lines += _reference_section(hint, sub, sub_doc, root)
-    return lines
-
-
-def _lookup(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return " \\| ".join(f"`{a}`" for a in typing.get_args(hint))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(hint, str(hint))
-
-
-def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -351,7 +351,7 @@ def test_yaml_on_off_and_small_floats_survive_helm():
     cfg = config_lib.config_from_dict(raw)
 
     assert cfg.runtime.mixed_precision == "off"
-    assert cfg.phases.fine_tuning.optimizer.learning_rate == pytest.approx(1e-7)
+    assert cfg.phases["fine_tuning"].optimizer.learning_rate == pytest.approx(1e-7)
     assert cfg.data.shuffle_buffer == 1000000
 
 

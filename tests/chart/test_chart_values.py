@@ -8,12 +8,11 @@ import re
 
 import jsonschema
 import pytest
-import trainer_schema
 import yaml
 from chart_helpers import CHART, REQUIRED, ROOT, render, render_error
 
 from trainer import config as config_lib
-from trainer import contract
+from trainer import config_docs, contract
 
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
 
@@ -39,7 +38,7 @@ SCHEMA_REJECTS = [
     ({"networkPolicy": {"peerPorts": "some"}}, "at '/networkPolicy/peerPorts': value must be one of"),
     ({"monitoring": {"podMonitor": {"interval": "often"}}}, "at '/monitoring/podMonitor/interval': 'often'"),
     ({"scratch": {"sizeLimit": "big"}}, "at '/scratch/sizeLimit': 'big' does not match pattern"),
-    # The trainer's configuration, checked against its own schema (trainer_schema.py).
+    # The trainer's configuration, checked against its own schema (`trainer config --json-schema`).
     ({"trainer": {"phases": {"fine_tunning": {"epochs": 3}}}}, "at '/trainer/phases': additional properties 'fine_tu"),
     ({"trainer": {"train": {"batch_size_per_replica": 0}}}, "at '/trainer/train/batch_size_per_replica': minimum"),
     ({"trainer": {"phases": {"fine_tuning": {"epochs": -1}}}}, "at '/trainer/phases/fine_tuning/epochs': minimum"),
@@ -227,9 +226,9 @@ def test_dataset_and_output_are_required(values, message):
 def test_trainer_schema_matches_the_trainer_configuration():
     schema = json.loads((CHART / "values.schema.json").read_text())
 
-    assert schema["properties"]["trainer"] == trainer_schema.trainer_schema(), (
-        "the chart's schema of `trainer` is out of date with trainer/config.py: "
-        "run `python tests/chart/trainer_schema.py --write`"
+    assert schema["properties"]["trainer"] == config_docs.chart_schema(), (
+        "the chart's schema of `trainer` is out of date with trainer/config.py: run "
+        "`.venv/bin/python -c 'from trainer import config_docs; config_docs.write_chart_schema()'`"
     )
 
 

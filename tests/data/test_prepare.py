@@ -6,7 +6,6 @@ on small real image files in a temporary folder and reads the shards back with t
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -49,7 +48,7 @@ SIDE = 40  # test images are 40x40: above the default 32-pixel minimum, tiny on 
 
 def config(**overrides) -> PrepareConfig:
     """Small-dataset settings: one process (no pool start-up), few shards, a fixed seed."""
-    return dataclasses.replace(PrepareConfig(processes=1, min_shards=2, seed=7), **overrides)
+    return PrepareConfig(**{"processes": 1, "min_shards": 2, "seed": 7, **overrides})
 
 
 def noise(size: tuple[int, int] = (SIDE, SIDE), seed: int = 0, channels: int = 3) -> np.ndarray:

@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer.config import Config, PhaseConfig, load_config
+from trainer.config import PHASE_NAMES, Config, PhaseConfig, load_config
 from trainer.errors import DataError, Preempted
 from trainer.layout import RunLayout
 from trainer.train.callbacks import current_learning_rate, score
-from trainer.train.phases import PHASE_NAMES, WarmupSchedule, make_optimizer, plan_phase
+from trainer.train.phases import WarmupSchedule, make_optimizer, plan_phase
 from trainer.train.state import PhaseResult, RunState, load_state, save_state
 
 
@@ -77,7 +77,7 @@ def test_schedule_config_round_trips():
 
 def phase(**overrides) -> PhaseConfig:
     items = [f"phases.fine_tuning.{key}={value}" for key, value in overrides.items()]
-    return load_config(overrides=items).phases.fine_tuning
+    return load_config(overrides=items).phases["fine_tuning"]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_plan_phase_scales_the_learning_rate_linearly_to_the_global_batch():
     plan = plan_phase("fine_tuning", cfg, steps_per_epoch=25, global_batch=128, first_step=100)
 
     assert plan.learning_rate == pytest.approx(1e-4 * 4)
-    assert plan.config is cfg.phases.fine_tuning
+    assert plan.config is cfg.phases["fine_tuning"]
     assert (plan.name, plan.steps_per_epoch, plan.global_batch, plan.first_global_step) == ("fine_tuning", 25, 128, 100)
     assert plan.validation_steps == 3
 
@@ -144,9 +144,14 @@ def test_plan_phase_without_scaling_and_with_the_whole_validation_split():
     assert plan.validation_steps is None  # 0 in the config = the whole split
 
 
-def test_phase_names_are_the_config_sections_in_order():
+def test_phases_are_keyed_by_name_in_the_order_they_run():
     assert PHASE_NAMES == ("feature_extraction", "fine_tuning")
-    assert all(isinstance(getattr(Config().phases, name), PhaseConfig) for name in PHASE_NAMES)
+    assert list(Config().phases) == list(PHASE_NAMES)
+    assert all(isinstance(phase, PhaseConfig) for phase in Config().phases.values())
+    # Given in another order, or only in part, the phases still run in their order with their defaults.
+    given = Config(phases={"fine_tuning": PhaseConfig(epochs=1)})
+    assert list(given.phases) == list(PHASE_NAMES)
+    assert given.phases["feature_extraction"] == Config().phases["feature_extraction"]
 
 
 # --------------------------------------------------------------------------- callbacks

@@ -48,7 +48,7 @@ def test_pretrained_weights_keep_the_transfer_recipe():
 def test_a_setting_the_user_gives_wins_over_the_recipe_and_the_plan_says_so():
     cfg, plan = _plan("model.weights=none", "phases.fine_tuning.optimizer.learning_rate=3e-4")
 
-    assert cfg.phases.fine_tuning.optimizer.learning_rate == 3e-4
+    assert cfg.phases["fine_tuning"].optimizer.learning_rate == 3e-4
     (choice,) = [c for c in plan.choices if c.setting == "phases.fine_tuning.optimizer.learning_rate"]
     assert (choice.by, choice.value) == ("you", 3e-4)
 

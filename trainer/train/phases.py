@@ -35,11 +35,13 @@ from trainer.train.state import PhaseResult
 
 log = logging.getLogger(__name__)
 
-PHASE_NAMES = ("feature_extraction", "fine_tuning")
-
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to ``peak`` over ``warmup_steps``, then constant or cosine decay to 0."""
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then constant or cosine decay to 0.
+
+    Not Keras' ``CosineDecay(warmup_target=..., alpha=1.0 for constant)``: its warm-up starts at 0, so
+    the first step learns nothing, and shifting its ramp by one step shifts the cosine too.
+    """
 
     def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, decay: str = "constant"):
         self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
@@ -94,7 +96,7 @@ class PhasePlan:
 
 
 def plan_phase(name: str, cfg: Config, steps_per_epoch: int, global_batch: int, first_step: int) -> PhasePlan:
-    phase = getattr(cfg.phases, name)
+    phase = cfg.phases[name]
     lr = scaled_learning_rate(
         phase.optimizer.learning_rate, global_batch, cfg.train.reference_batch_size, cfg.train.lr_scaling
     )

@@ -29,8 +29,6 @@ from trainer.data.stats import (
     suggested_image_size,
 )
 
-PHASES = ("feature_extraction", "fine_tuning")
-
 
 def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
     """The documented learning-rate rule: linear scaling (Goyal et al. 2017) by default.
@@ -111,14 +109,14 @@ def make_plan(cfg: Config, stats: ImageStats | None, global_batch: int, steps_pe
     recipe = recipe_name(cfg)
     choices = _recipe_choices(cfg, recipe)
     augment, augment_choices = _decide_augmentation(cfg, stats)
-    resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment))
+    resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": augment})})
     plan = Plan(
         recipe=recipe,
         recipe_reason=config_lib.RECIPES[recipe][0],
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
         phases=_phases(resolved, global_batch),
-        augmentation=dataclasses.asdict(augment),
+        augmentation=augment.model_dump(),
         choices=choices + augment_choices,
         warnings=_warnings(cfg, resolved, stats),
     )
@@ -128,7 +126,7 @@ def make_plan(cfg: Config, stats: ImageStats | None, global_batch: int, steps_pe
 def _recipe_choices(cfg: Config, recipe: str) -> list[Choice]:
     choices = []
     for key, (value, reason) in config_lib.RECIPES[recipe][1].items():
-        actual = _lookup(cfg, key)
+        actual = config_lib.lookup(cfg, key)
         if actual == value:
             choices.append(Choice(key, value, f"recipe {recipe}", reason))
         else:
@@ -161,13 +159,12 @@ def _decide_augmentation(cfg: Config, stats: ImageStats | None):
         else:
             reason = f"`prepare` found mirroring keeps what the images show (it costs {stats.mirror_cost:.0%})"
         choices.append(Choice("data.augment.horizontal_flip", flip, "data", reason))
-    return dataclasses.replace(augment, random_crop=random_crop, horizontal_flip=flip), choices
+    return augment.model_copy(update={"random_crop": random_crop, "horizontal_flip": flip}), choices
 
 
 def _phases(cfg: Config, global_batch: int) -> list[dict[str, Any]]:
     phases = []
-    for name in PHASES:
-        phase = getattr(cfg.phases, name)
+    for name, phase in cfg.phases.items():
         if phase.epochs == 0:
             continue
         blocks = phase.unfreeze_blocks
@@ -202,7 +199,7 @@ def _phases(cfg: Config, global_batch: int) -> list[dict[str, Any]]:
 def _warnings(given: Config, resolved: Config, stats: ImageStats | None) -> list[str]:
     warnings = []
     size = resolved.data.image_size
-    if given.model.weights == "none" and given.phases.feature_extraction.epochs > 0:
+    if given.model.weights == "none" and given.phases["feature_extraction"].epochs > 0:
         warnings.append(
             "phases.feature_extraction trains the head on a frozen base with random weights (model.weights=none): "
             "on real images such features teach it little (0.23 validation accuracy on scanned digits); "
@@ -226,13 +223,6 @@ def _warnings(given: Config, resolved: Config, stats: ImageStats | None) -> list
             f"data.image_size={suggested}; set --set data.image_size={suggested} unless the detail is needed"
         )
     return warnings
-
-
-def _lookup(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def _shown(value: Any) -> str:

@@ -43,7 +43,7 @@ from trainer.strategy import Distribution, sum_over_workers
 from trainer.train import evaluation, feature_cache
 from trainer.train import lease as lease_lib
 from trainer.train import plan as plan_lib
-from trainer.train.phases import PHASE_NAMES, compile_for_phase, plan_phase, run_phase
+from trainer.train.phases import compile_for_phase, plan_phase, run_phase
 from trainer.train.state import RunState, check_resume, load_state, save_state
 from trainer.train.telemetry import RunTelemetry, count_attempt
 
@@ -192,8 +192,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
     _resume_after_completed_phases(model, state, layout)
 
     first_step = sum(r.epochs_run for r in state.phases.values()) * steps
-    for name in PHASE_NAMES:
-        phase_cfg = getattr(cfg.phases, name)
+    for name, phase_cfg in cfg.phases.items():
         if phase_cfg.epochs == 0 or name in state.phases:
             continue
         plan = plan_phase(name, cfg, steps, global_batch, first_step)
@@ -272,7 +271,7 @@ def _telemetry(cfg: Config, dist: Distribution, layout: RunLayout, steps: int) -
     metrics.workers.set(workers)
     metrics.replicas.set(dist.replicas)
     metrics.group_restarts.set(count_attempt(layout.attempts, dist.cluster.is_chief) - 1)
-    total_steps = sum(getattr(cfg.phases, name).epochs for name in PHASE_NAMES) * steps
+    total_steps = sum(phase.epochs for phase in cfg.phases.values()) * steps
     return RunTelemetry(
         metrics,
         num_workers=workers,
