@@ -73,3 +73,10 @@ def test_the_instance_attributes_exist_on_live_objects(tmp_path, monkeypatch):
     client = storage.Client(project="p", credentials=AnonymousCredentials())
     assert isinstance(private_apis.storage_credentials(client), AnonymousCredentials)
     assert private_apis.storage_transient_predicate()(ConnectionError())
+
+
+def test_the_vgg16_notop_file_and_hash_keras_checks():
+    url, md5 = private_apis.vgg16_notop_weights()
+
+    assert url.startswith("https://") and url.endswith("_notop.h5")
+    assert len(md5) == 32 and md5 != "64373286793e3c8b2b4e3219cbf3544b"  # not the with-top file's hash
