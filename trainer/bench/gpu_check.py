@@ -30,7 +30,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from typing import IO, NamedTuple
 
 from trainer.bench.comms import phase_compute_fraction
 from trainer.cluster import make_tf_config
@@ -224,7 +226,15 @@ def _gpu_groups(run: str, gpus: int) -> list[str | None]:
     return [None if run == "mirrored" else ("0" if gpus else None)]
 
 
-def start_run(run: str, args: argparse.Namespace, gpus: int) -> list[subprocess.Popen]:
+class Worker(NamedTuple):
+    process: subprocess.Popen
+    out: IO[str]
+    err: IO[str]
+
+
+def start_run(run: str, args: argparse.Namespace, gpus: int) -> list[Worker]:
+    """The run's processes; each one's output goes to unnamed temporary files, not pipes: a
+    worker blocked on a full pipe would stall its peer in the next collective."""
     groups = _gpu_groups(run, gpus)
     addresses = [f"localhost:{port}" for port in free_ports(len(groups))] if len(groups) > 1 else []
     processes = []
@@ -232,23 +242,36 @@ def start_run(run: str, args: argparse.Namespace, gpus: int) -> list[subprocess.
         extra = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}
         if addresses:
             extra[Env.TF_CONFIG.value] = make_tf_config(addresses, index)
-        processes.append(subprocess.Popen(_worker_command(run, args), env=_worker_env(**extra), text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in _output)
+        process = subprocess.Popen(_worker_command(run, args), env=_worker_env(**extra), text=True,
+                                   stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # fmt: skip
+        processes.append(Worker(process, out, err))
     return processes
 
 
-def finish_run(run: str, processes: list[subprocess.Popen], timeout: float) -> dict:
+def _output(worker: Worker) -> tuple[str, str]:
+    texts = []
+    for stream in (worker.out, worker.err):
+        stream.seek(0)
+        texts.append(stream.read())
+        stream.close()
+    return texts[0], texts[1]
+
+
+def finish_run(run: str, workers: list[Worker], timeout: float) -> dict:
     """The first process's (the chief's) result, or why the run failed."""
-    outputs = []
     deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            return {"run": run, "error": f"no result within {timeout:.0f} s"}
-    failed = [(p.returncode, err) for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode != 0]
+    try:
+        for worker in workers:
+            worker.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for worker in workers:
+            worker.process.kill()
+            worker.process.wait()
+        return {"run": run, "error": f"no result within {timeout:.0f} s"}
+    outputs = [_output(worker) for worker in workers]
+    codes = [worker.process.returncode for worker in workers]
+    failed = [(code, err) for code, (_, err) in zip(codes, outputs, strict=True) if code != 0]
     if failed:
         code, err = failed[0]
         return {"run": run, "error": f"exit {code}: {err.strip().splitlines()[-1] if err.strip() else 'no output'}"}
