@@ -7,7 +7,7 @@ Independent of pytest. Two kinds of clients reach the same in-memory emulator:
 * TensorFlow's native ``gs://`` filesystem, whose endpoints are fixed
   (``https://www.googleapis.com``, ``https://storage.googleapis.com``): inside
   ``scripts/sandbox.sh`` those names resolve to 127.0.0.1, where the proxy listens with TLS on
-  :443 (a CA made at start, trusted through ``CURL_CA_BUNDLE``) and plainly on :80.
+  :443 (a CA trustme makes at start, trusted through ``CURL_CA_BUNDLE``) and plainly on :80.
 
 All traffic goes through the proxy, which:
 
