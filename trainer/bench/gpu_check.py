@@ -217,13 +217,14 @@ def _worker_command(run: str, args: argparse.Namespace) -> list[str]:
 
 
 def _gpu_groups(run: str, gpus: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each process of a run (None: leave it as it is)."""
+    """CUDA_VISIBLE_DEVICES of each process of a run (None: leave it as it is; "": CPU only)."""
+    processes = 2 if run == "multi_worker_nccl" else 1
+    if gpus == 0:
+        return [""] * processes  # --allow-cpu: on the CPU even where a GPU is present
     if run == "multi_worker_nccl":
-        if gpus == 0:
-            return [None, None]  # --allow-cpu: both workers on the CPU
         half = gpus // 2  # NCCL cannot put two ranks on one GPU: each worker gets its own GPUs
         return [",".join(map(str, range(half))), ",".join(map(str, range(half, 2 * half)))]
-    return [None if run == "mirrored" else ("0" if gpus else None)]
+    return [None if run == "mirrored" else "0"]
 
 
 class Worker(NamedTuple):
