@@ -95,3 +95,10 @@ def test_no_other_module_reaches_into_a_library():
     ]
 
     assert uses == [], "private APIs outside trainer/private_apis.py: " + "; ".join(uses)
+
+
+def test_the_vgg16_notop_file_and_hash_keras_checks():
+    url, md5 = private_apis.vgg16_notop_weights()
+
+    assert url.startswith("https://") and url.endswith("_notop.h5")
+    assert len(md5) == 32 and md5 != "64373286793e3c8b2b4e3219cbf3544b"  # not the with-top file's hash

@@ -33,6 +33,14 @@ PRIVATE_APIS = {
     "google.cloud.storage.Client._credentials": (
         "which identity the calls run as, for error messages (its e-mail or kind, never a secret)"
     ),
+    "tf_keras.src.applications.vgg16.WEIGHTS_PATH_NO_TOP": (
+        "where VGG16(weights='imagenet', include_top=False) downloads from; the image bakes that file "
+        "so the Keras cache finds it (tests/chart/test_chart_image.py compares it to the Dockerfile)"
+    ),
+    "tf_keras.src.applications.vgg16.VGG16.__code__": (
+        "the MD5 Keras checks the notop file against is a literal inside VGG16(); a baked file with "
+        "another hash would be downloaded again (which fails on an air-gapped cluster)"
+    ),
 }
 
 
@@ -74,3 +82,21 @@ def storage_transient_predicate() -> Callable[[BaseException], bool]:
 
 def storage_credentials(client: Any) -> Any:
     return client._credentials
+
+
+def vgg16_notop_weights() -> tuple[str, str]:
+    """(URL, MD5) of the file tf-keras' VGG16(include_top=False, weights="imagenet") fetches and checks.
+
+    The MD5 is the string constant that follows the notop file name among VGG16's constants (the
+    order get_file's arguments appear in its source); ValueError when that layout changes.
+    """
+    import re
+
+    from tf_keras.src.applications import vgg16
+
+    url = vgg16.WEIGHTS_PATH_NO_TOP
+    constants = [c for c in vgg16.VGG16.__code__.co_consts if isinstance(c, str)]
+    name = url.rsplit("/", 1)[1]
+    if name not in constants[:-1] or not re.fullmatch(r"[0-9a-f]{32}", md5 := constants[constants.index(name) + 1]):
+        raise ValueError(f"tf_keras VGG16 no longer names {name} followed by its MD5")
+    return url, md5

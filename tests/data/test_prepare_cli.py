@@ -181,7 +181,7 @@ def test_oversized_files_are_skipped_from_size_and_header_with_little_memory(tmp
         for pid in processes.descendants(cli.pid) | {cli.pid}:
             peaks[pid] = max(peaks.get(pid, 0), peak_rss_mb(pid) or 0)
         time.sleep(0.02)
-    out, err = cli.communicate(timeout=60)
+    _, err = cli.communicate(timeout=60)
 
     assert cli.returncode == 0, err[-3000:]
     report = json.loads((dataset / PREPARE_REPORT_FILE).read_text())
@@ -192,8 +192,6 @@ def test_oversized_files_are_skipped_from_size_and_header_with_little_memory(tmp
     }
     assert skipped["a/huge.jpg"]["detail"].startswith(f"{1536 * 2**20} bytes > 64000000")
     assert skipped["b/huge.png"]["detail"].startswith("12000x12000 = 144000000 pixels > 90000000")
-    assert f"too large: a/huge.jpg ({1536 * 2**20} bytes > 64000000" in out
-    assert "too many pixels: b/huge.png (12000x12000 = 144000000 pixels > 90000000" in out
     assert sum(report["images"].values()) == 6
     workers = [peak for pid, peak in peaks.items() if pid != cli.pid]
     print(f"peak RSS: main process {peaks[cli.pid]} MB (TensorFlow), workers {sorted(workers)} MB")
@@ -273,7 +271,6 @@ def test_a_full_disk_keeps_the_complete_shards_and_a_rerun_resumes(tmp_path, mou
         same = (after[name].st_ino, after[name].st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         assert same == (name != changed_shard), name
     assert stored_bytes(seen / changed_shard, changed) == (source / changed).read_bytes()
-    assert f"resumed: kept {len(kept) - 1} complete shard(s)" in again.stdout
 
 
 def _records(shard: Path) -> list[dict]:

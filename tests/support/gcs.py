@@ -7,7 +7,7 @@ Independent of pytest. Two kinds of clients reach the same in-memory emulator:
 * TensorFlow's native ``gs://`` filesystem, whose endpoints are fixed
   (``https://www.googleapis.com``, ``https://storage.googleapis.com``): inside
   ``scripts/sandbox.sh`` those names resolve to 127.0.0.1, where the proxy listens with TLS on
-  :443 (a CA made at start, trusted through ``CURL_CA_BUNDLE``) and plainly on :80.
+  :443 (a CA trustme makes at start, trusted through ``CURL_CA_BUNDLE``) and plainly on :80.
 
 All traffic goes through the proxy, which:
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime as dt
 import email.parser
 import http.client
 import json
@@ -150,103 +149,21 @@ class _Rule:
 def make_certificates(directory: str, hosts: Iterable[str] = (*STORAGE_HOSTS, "localhost"), ips=("127.0.0.1",)):
     """Write ``ca.pem`` (trust this), ``server.pem`` (chain) and ``server.key`` into ``directory``.
 
-    Uses the ``cryptography`` package (a CA and a leaf signed by it); without it, the ``openssl``
-    CLI (one self-signed certificate that is its own CA). Returns (ca_path, cert_path, key_path).
+    trustme makes a test CA and a server certificate signed by it whose SANs are ``hosts`` and
+    ``ips``: TF's gs:// (curl, through ``CURL_CA_BUNDLE``) and Python's ssl both verify it against
+    the CA. Returns (ca_path, cert_path, key_path).
     """
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        return _make_certificates_openssl(directory, hosts, ips)
-    return _make_certificates_cryptography(directory, hosts, ips)
+    import trustme
 
-
-def _make_certificates_cryptography(directory, hosts, ips):
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=7)
-
-    def usage(**on):
-        names = (
-            "digital_signature",
-            "content_commitment",
-            "key_encipherment",
-            "data_encipherment",
-            "key_agreement",
-            "key_cert_sign",
-            "crl_sign",
-            "encipher_only",
-            "decipher_only",
-        )
-        return x509.KeyUsage(**{n: on.get(n, False) for n in names})
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vgg-trainer test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName(h) for h in hosts] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, next(iter(hosts)))]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
+    ca = trustme.CA(organization_name="vgg-trainer tests")
+    leaf = ca.issue_cert(*hosts, *ips)
     paths = tuple(os.path.join(directory, n) for n in ("ca.pem", "server.pem", "server.key"))
-    with open(paths[0], "wb") as f:
-        f.write(ca.public_bytes(pem))
+    ca.cert_pem.write_to_path(paths[0])
     with open(paths[1], "wb") as f:
-        f.write(leaf.public_bytes(pem) + ca.public_bytes(pem))
-    with open(paths[2], "wb") as f:
-        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(paths[2])
     os.chmod(paths[2], 0o600)
     return paths
-
-
-def _make_certificates_openssl(directory, hosts, ips):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError("neither the 'cryptography' package nor the openssl CLI is available to make a test cert")
-    ca, cert, key = (os.path.join(directory, n) for n in ("ca.pem", "server.pem", "server.key"))
-    san = ",".join([f"DNS:{h}" for h in hosts] + [f"IP:{i}" for i in ips])
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", key, "-out", cert, "-days", "7", "-subj", f"/CN={next(iter(hosts))}",
-         "-addext", f"subjectAltName={san}",
-         "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
-         "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-         "-addext", "extendedKeyUsage=serverAuth"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    shutil.copyfile(cert, ca)
-    return ca, cert, key
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gcs import SANDBOX_HINT, _make_certificates_openssl, in_sandbox
+from tests.support.gcs import SANDBOX_HINT, STORAGE_HOSTS, in_sandbox
 
 # The fixtures (gcs, gcs_clean, gcs_bucket, gcs_env). tests/conftest.py registers the same plugin for the
 # whole suite; registering it here as well is a no-op then, and lets this directory run on its own.
@@ -95,17 +95,14 @@ def test_direct_helpers(gcs_bucket, gcs):
     assert gcs.request_log == []  # direct access bypasses the proxy
 
 
-def test_openssl_fallback_makes_a_usable_certificate(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl CLI (the cryptography package is used instead)")
-    from cryptography import x509
-
-    ca, cert, key = _make_certificates_openssl(str(tmp_path), ["storage.googleapis.com", "localhost"], ["127.0.0.1"])
-    ssl.create_default_context(cafile=ca).load_cert_chain(cert, key)
-    san = x509.load_pem_x509_certificate(Path(cert).read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    )
-    assert "storage.googleapis.com" in san.value.get_values_for_type(x509.DNSName)
+def test_the_certificate_names_both_storage_hosts_and_chains_to_the_ca(gcs):
+    """TF's gs:// connects to either host name; each must verify against the CA in CURL_CA_BUNDLE."""
+    context = ssl.create_default_context(cafile=gcs.env()["CURL_CA_BUNDLE"])
+    for host in STORAGE_HOSTS:
+        raw = socket.create_connection(("127.0.0.1", gcs.tls_port), timeout=10)
+        with context.wrap_socket(raw, server_hostname=host) as tls:  # verifies the chain and the name
+            names = [value for kind, value in tls.getpeercert()["subjectAltName"] if kind == "DNS"]
+        assert host in names
 
 
 # ---------------------------------------------------------------------------------------------
