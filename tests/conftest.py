@@ -33,7 +33,7 @@ GCS_MODULES = (
     "tests/train/test_run_gcs_faults.py",
     "tests/train/test_lease_gcs.py",
 )
-PER_TEST_LANES = ("tests/train/test_multi_worker_faults.py",)
+PER_TEST_LANES = ("tests/train/test_multi_worker_faults.py", "tests/train/test_devices.py")
 #: Started first, longest first, so that the last lane to start is a short one.
 LONGEST_FIRST = ("gcs-emulator", "tests/train/test_multi_worker_faults.py", "tests/observability/", "tests/bench/")
 

@@ -300,7 +300,7 @@ def _slow_records(batch: int, delay: float):
     return tf.data.Dataset.from_generator(generate, output_signature=spec)
 
 
-def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 0.15):
+def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 0.15, xla: bool = False):
     import tensorflow as tf
     import tf_keras as keras
 
@@ -313,6 +313,7 @@ def _fit(m: TrainerMetrics, backup_dir: str, extra_callbacks=(), delay: float = 
     inputs = keras.Input((4,))
     model = Classifier(inputs, keras.layers.Dense(2, activation="softmax")(inputs))  # the trainer's training step
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile_compute = xla  # runtime.jit_compile
     run = RunTelemetry(m, num_workers=1, local_replicas=1, total_steps=6)
     data = run.probe.stamp_dataset(_slow_records(8, delay))
     validation = tf.data.Dataset.from_tensor_slices(
@@ -369,6 +370,15 @@ def test_buffered_input_shows_much_less_wait_than_slow_input(tmp_path):
     _fit(fast, str(tmp_path / "fast"), delay=0.0)
 
     assert value(fast, metrics.INPUT_WAIT) < value(slow, metrics.INPUT_WAIT) / 4
+
+
+def test_under_xla_the_compute_of_every_step_is_still_stamped(tmp_path):
+    m = TrainerMetrics()
+
+    _fit(m, str(tmp_path / "backup"), delay=0.0, xla=True)
+
+    assert value(m, metrics.STEP_COMPUTE + "_count") == value(m, metrics.STEP_DURATION + "_count") == 6
+    assert 0 < value(m, metrics.STEP_COMPUTE + "_sum") < value(m, metrics.STEP_DURATION + "_sum")
 
 
 def test_a_resumed_phase_counts_a_restore_and_keeps_the_global_step(tmp_path):
