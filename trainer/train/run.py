@@ -206,6 +206,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
                 fit.model, plan, cfg, layout, fit.train_data, fit.validation, is_chief, manifest.class_names,
                 baseline, telemetry, run_plan,
             )  # fmt: skip
+        result.feature_cache = fit.cut
         first_step += result.epochs_run * steps
         state.phases[name] = result
         # The chief removes the phase's backup only once every worker is past the phase (a worker
