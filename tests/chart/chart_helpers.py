@@ -180,6 +180,18 @@ class KubernetesSchemas:
         ]
 
 
+def kubernetes_errors(docs: list[dict], schemas: KubernetesSchemas) -> list[str]:
+    """Strict schema errors of every document for every K8S_VERSIONS (Prometheus Operator CRDs,
+    which kubernetes-validate has no schemas for, are checked structurally by test_monitoring_*)."""
+    return [
+        error
+        for doc in docs
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/")
+        for version in K8S_VERSIONS
+        for error in schemas.errors(doc, version)
+    ]
+
+
 # --------------------------------------------------------------------------- Pod Security "restricted"
 
 #: Volume types the "restricted" Pod Security Standard allows.

@@ -375,6 +375,20 @@ def test_gpus_per_worker_become_resources_and_a_toleration():
 
 
 @pytest.mark.parametrize(
+    "toleration",
+    [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"},
+    ],
+)
+def test_the_gpu_toleration_is_not_repeated_when_the_user_gives_one(toleration):
+    spot = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    spec = one(render({"tolerations": [toleration, spot]}), "Job")["spec"]["template"]["spec"]
+
+    assert spec["tolerations"] == [toleration, spot]
+
+
+@pytest.mark.parametrize(
     ("placement", "kind"), [("spread", "podAntiAffinity"), ("pack", "podAffinity"), ("none", None)]
 )
 def test_worker_placement(placement, kind):

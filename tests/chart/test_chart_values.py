@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import trainer_schema
 import yaml
-from chart_helpers import CHART, REQUIRED, ROOT, render, render_error
+from chart_helpers import CHART, REQUIRED, ROOT, one, render, render_error
 
 from trainer import config as config_lib
 from trainer import contract
@@ -204,13 +204,31 @@ def test_the_grace_period_must_cover_a_stop_check_plus_the_margin():
         render({**runtime, "job": {"terminationGracePeriodSeconds": check + margin}})
 
 
-def test_staging_budget_must_fit_the_scratch_volume():
-    default_gib = config_lib.StagingConfig().budget_gb * 1e9 / 2**30  # the trainer's default budget
+def test_staging_budget_follows_the_scratch_volume_unless_set():
     staging = {"trainer": {"data": {"staging": {"enabled": True}}}}
 
-    assert "exceeds scratch.sizeLimit" in render_error({**staging, "scratch": {"sizeLimit": f"{int(default_gib)}Gi"}})
-    render({**staging, "scratch": {"sizeLimit": f"{int(default_gib) + 1}Gi"}})
-    render({"trainer": {"data": {"staging": {"enabled": True, "dir": "/data/stage"}}}})  # not on scratch
+    assert config_lib.StagingConfig().budget_gb == 0  # the trainer's "follow the disk"
+    assert staged_config(staging)["budget_gb"] == 19.32  # 90% of the default 20Gi, in GB
+    assert staged_config({**staging, "scratch": {"sizeLimit": "100G"}})["budget_gb"] == 90.0
+    assert "budget_gb" not in staged_config({"trainer": {"data": {"staging": {"enabled": True, "dir": "/data/s"}}}})
+    set_budget = {"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 5}}}}
+    assert staged_config(set_budget)["budget_gb"] == 5
+
+
+def test_a_staging_budget_set_beyond_the_scratch_volume_is_refused():
+    staging = {"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 30}}}}
+
+    err = render_error({**staging, "scratch": {"sizeLimit": "20Gi"}})
+    assert "trainer.data.staging.budget_gb (30 GB) exceeds scratch.sizeLimit (20Gi)" in err
+    assert "leave it unset (it follows scratch.sizeLimit)" in err
+    render({**staging, "scratch": {"sizeLimit": "30Gi"}})
+    render({"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 30, "dir": "/data/stage"}}}})
+
+
+def staged_config(values: dict) -> dict:
+    """trainer.data.staging of the ConfigMap's config.yaml rendered with ``values``."""
+    config_map = one(render(values), "ConfigMap")
+    return yaml.safe_load(config_map["data"]["config.yaml"])["data"]["staging"]
 
 
 @pytest.mark.parametrize(

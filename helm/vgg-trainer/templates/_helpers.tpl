@@ -139,7 +139,23 @@ The trainer validates it again at start (exit 64).
 {{- $_ = set $out "lease_wait_seconds" (add (int .Values.job.terminationGracePeriodSeconds) (int $lease)) -}}
 {{- end -}}
 {{- $_ = set $cfg "output" $out -}}
+{{- $staging := deepCopy (default dict $data.staging) -}}
+{{- if and $staging.enabled (not $staging.dir) (not $staging.budget_gb) -}}
+{{- /* Staging on the scratch emptyDir: the budget follows its size limit (the rest is for caches). */ -}}
+{{- $budget := divf (floor (mulf (include "vgg-trainer.scratchBytes" .) 0.9e-7)) 100 -}}
+{{- $_ = set $staging "budget_gb" $budget -}}
+{{- $_ = set $data "staging" $staging -}}
+{{- end -}}
 {{- toYaml $cfg -}}
+{{- end }}
+
+{{/* scratch.sizeLimit in bytes (a Kubernetes quantity: plain, k/M/G/T or Ki/Mi/Gi/Ti). */}}
+{{- define "vgg-trainer.scratchBytes" -}}
+{{- $limit := .Values.scratch.sizeLimit | toString -}}
+{{- $number := regexFind "^[0-9.]+" $limit | float64 -}}
+{{- $unit := trimPrefix (regexFind "^[0-9.]+" $limit) $limit -}}
+{{- $scale := get (dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0) $unit -}}
+{{- printf "%.0f" (mulf $number $scale) -}}
 {{- end }}
 
 {{/*
@@ -250,7 +266,12 @@ template:
       {{- toYaml . | nindent 6 }}
     {{- end }}
     {{- $tolerations := $v.tolerations | default list }}
-    {{- if and (gt $gpus 0) $v.gpuToleration }}
+    {{- /* The GPU toleration, unless the user already tolerates that taint key (GKE docs tell users to add it). */}}
+    {{- $userTolerates := false }}
+    {{- range $tolerations }}
+    {{- if eq (toString .key) $v.gpuResourceName }}{{ $userTolerates = true }}{{ end }}
+    {{- end }}
+    {{- if and (gt $gpus 0) $v.gpuToleration (not $userTolerates) }}
     {{- $tolerations = append $tolerations (dict "key" $v.gpuResourceName "operator" "Exists" "effect" "NoSchedule") }}
     {{- end }}
     {{- with $tolerations }}
