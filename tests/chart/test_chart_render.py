@@ -83,6 +83,7 @@ SCENARIOS: dict[str, dict] = {
     "pushgateway-secret": PUSHGATEWAY_SECRET,
     "network-policy-off": {"networkPolicy": {"enabled": False}},
     "kueue": KUEUE,
+    "kueue-topology": merge(KUEUE, {"kueue": {"topology": {"required": "cloud.google.com/gce-topology-block"}}}),
     "everything": merge(
         MONITORING_ALL,
         WORKLOAD_IDENTITY,
@@ -446,15 +447,43 @@ def test_image_defaults_to_the_app_version():
 # --------------------------------------------------------------------------- Kueue, identity, network
 
 
-def test_kueue_queues_a_suspended_job():
+def test_kueue_queues_the_job_and_leaves_suspend_to_kueue():
+    """Kueue's webhook suspends a queued Job; Helm 4's server-side apply must not own the field."""
     job = one(render(KUEUE), "Job")
     plain = one(render(), "Job")
 
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low"
-    assert job["spec"]["suspend"] is True
+    assert "suspend" not in job["spec"]
     assert plain["spec"]["suspend"] is False
+    assert one(render({"job": {"suspend": True}}), "Job")["spec"]["suspend"] is True
     assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("level", ["required", "preferred"])
+def test_kueue_topology_aware_scheduling_annotates_the_pod_template(level):
+    block = "cloud.google.com/gce-topology-block"
+    job = one(render(merge(KUEUE, {"kueue": {"topology": {level: block}}})), "Job")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+
+    assert annotations[f"kueue.x-k8s.io/podset-{level}-topology"] == block
+    assert [k for k in annotations if k.startswith("kueue.x-k8s.io/")] == [f"kueue.x-k8s.io/podset-{level}-topology"]
+    assert not any(
+        k.startswith("kueue.x-k8s.io/")
+        for k in one(render(KUEUE), "Job")["spec"]["template"]["metadata"]["annotations"]
+    )
+
+
+def test_notes_under_kueue_rescale_without_suspending():
+    path = values_file(merge(REQUIRED, KUEUE))
+    try:
+        proc = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+    notes = proc.stdout.split("NOTES:", 1)[1]
+
+    assert "--reuse-values --set workers=N" in notes and "job.suspend" not in notes
+    assert "until Kueue admits it (queue team-a)" in notes and "get workloads" in notes
 
 
 def test_workload_identity_annotates_the_service_account():

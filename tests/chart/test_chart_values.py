@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import trainer_schema
 import yaml
-from chart_helpers import CHART, REQUIRED, ROOT, one, render, render_error
+from chart_helpers import CHART, REQUIRED, ROOT, helm_cmd, merge, one, render, render_error
 
 from trainer import config as config_lib
 from trainer import contract
@@ -55,6 +55,15 @@ SCHEMA_REJECTS = [
 
 #: (bad values, message) refused by the chart's templates (checks across values, readable messages).
 TEMPLATE_REJECTS = [
+    (
+        {"kueue": {"enabled": True, "queueName": "team-a"}, "job": {"suspend": True}},
+        "job.suspend with kueue.enabled: Kueue owns the Job's spec.suspend",
+    ),
+    (
+        {"kueue": {"enabled": True, "queueName": "q", "topology": {"required": "rack", "preferred": "block"}}},
+        "kueue.topology: set required or preferred, not both",
+    ),
+    ({"kueue": {"topology": {"preferred": "block"}}}, "kueue.topology needs kueue.enabled=true"),
     ({"extraEnv": [{"name": "TF_CONFIG", "value": "{}"}]}, "extraEnv[0]: TF_CONFIG is set by the chart"),
     (
         {"extraEnv": [{"name": "A", "value": "1"}, {"name": "TRAINER_NUM_WORKERS", "value": "9"}]},
@@ -330,3 +339,13 @@ def test_schema_is_valid_draft_07_and_accepts_the_defaults():
 
     jsonschema.Draft7Validator.check_schema(schema)  # Helm 3 and 4 both read draft 7
     assert [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)] == []
+
+
+def test_helm_lint_strict_does_not_run_the_charts_checks_but_template_does():
+    """docs/helm.md, "What validates values": lint reports a `fail` as INFO and passes."""
+    both_monitors = {"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    lint = helm_cmd("lint", merge(REQUIRED, both_monitors))
+
+    assert lint.returncode == 0 and "0 chart(s) failed" in lint.stdout
+    assert "enable podMonitor or serviceMonitor, not both" in render_error(both_monitors)
+    assert "validates values" in (ROOT / "docs" / "helm.md").read_text()

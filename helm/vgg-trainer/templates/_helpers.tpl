@@ -199,8 +199,10 @@ name: leaves out `suspend`).
 completionMode: Indexed
 completions: {{ int $v.workers }}
 parallelism: {{ int $v.workers }}
-{{- if not .hashing }}
-suspend: {{ or $v.job.suspend $v.kueue.enabled }}
+{{- /* Under Kueue no suspend at all: its webhook suspends the queued Job and Kueue flips the
+field on admission; a rendered value would make Helm 4 (server-side apply) own it. */ -}}
+{{- if not (or .hashing $v.kueue.enabled) }}
+suspend: {{ $v.job.suspend }}
 {{- end }}
 backoffLimit: {{ include "vgg-trainer.backoffLimit" $root }}
 {{- with $v.job.activeDeadlineSeconds }}
@@ -240,6 +242,14 @@ template:
       {{- end }}
     annotations:
       checksum/config: {{ include "vgg-trainer.configChecksum" $root }}
+      {{- if $v.kueue.enabled }}
+      {{- with $v.kueue.topology.required }}
+      kueue.x-k8s.io/podset-required-topology: {{ . }}
+      {{- end }}
+      {{- with $v.kueue.topology.preferred }}
+      kueue.x-k8s.io/podset-preferred-topology: {{ . }}
+      {{- end }}
+      {{- end }}
       {{- with $v.podAnnotations }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
