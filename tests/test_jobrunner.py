@@ -28,10 +28,12 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.jobs import (
     ISOLATED,
     NAMESPACE,
+    ROOT,
     TINY_TRAINER,
     Capture,
     assert_one_live_pod_per_index,
@@ -473,3 +475,28 @@ def test_real_trainer_on_a_corrupt_manifest_fails_the_job_once_without_retries(t
     assert runner.exit_code == ExitCode.DATA_ERROR
     assert not [e for e in runner.events if e.reason == "PodStarted" and e.replaces]  # no retry
     assert any("manifest is not valid JSON" in log for log in logs), logs
+
+
+@pytest.mark.slow
+@needs_namespaces
+@pytest.mark.timeout(600)
+def test_the_gke_example_values_run_to_complete_with_trainer_job_run(tmp_path):
+    """Issue 18's acceptance: docs/examples/gke-l4.yaml (Kueue, monitoring, Workload Identity,
+    staging on) rendered by the chart, with 2 CPU workers and local paths, completes."""
+    from tests.support.training import make_tiny_dataset
+
+    gke = yaml.safe_load((ROOT / "docs" / "examples" / "gke-l4.yaml").read_text())
+    trainer = {**TINY_TRAINER, "data": {**TINY_TRAINER["data"], **gke["trainer"]["data"]}}
+    output = tmp_path / "run"
+    values = {**gke, "workers": 2, "gpusPerWorker": 0, "trainer": trainer}
+    values |= {"dataset": make_tiny_dataset(tmp_path), "output": str(output)}
+    manifests = tmp_path / "manifests.yaml"
+    manifests.write_text(render(tmp_path, values))
+
+    cmd = [sys.executable, "-m", "trainer", "job", "run", str(manifests), "-n", NAMESPACE, "--timeout", "500"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
+
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert re.search(r"^job \S+: Complete \(CompletionsReached\)", proc.stdout, re.M), proc.stdout[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["distribution"]["workers"] == 2
