@@ -500,3 +500,26 @@ def test_the_gke_example_values_run_to_complete_with_trainer_job_run(tmp_path):
     assert re.search(r"^job \S+: Complete \(CompletionsReached\)", proc.stdout, re.M), proc.stdout[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["distribution"]["workers"] == 2
+
+
+@pytest.mark.parametrize("path", ["../../escaped.yaml", "/tmp/escaped.yaml", "a/../../escaped.yaml"])
+def test_job_run_refuses_volume_items_outside_the_volume(harness, path):
+    docs = [d for d in yaml.safe_load_all(harness.manifests({"*": ["ok"]})) if d]
+    job = next(d for d in docs if d["kind"] == "Job")
+    config = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    config["configMap"]["items"] = [{"key": "config.yaml", "path": path}]
+    manifests = harness.dir / "manifests.yaml"
+    manifests.write_text(yaml.safe_dump_all(docs))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "job", "run", str(manifests), "-n", NAMESPACE, "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"path {path!r} is absolute or contains '..'; give a relative path inside the volume" in line
+    assert "volume item 'config.yaml' of ConfigMap" in line
+    assert not list(harness.dir.parent.glob("**/escaped.yaml")) and not os.path.exists("/tmp/escaped.yaml")

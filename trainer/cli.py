@@ -8,13 +8,14 @@ faults are.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from trainer.contract import Env, ExitCode
+from trainer.contract import LOCAL_LISTEN_ADDRESS, Env, ExitCode
 from trainer.errors import ConfigError, DataError, Preempted
 from trainer.exits import explain
 
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="run N local worker processes of `trainer train`")
     p.add_argument("--workers", type=int, default=2, help="number of worker processes (default 2)")
+    p.add_argument(
+        "--listen-address",
+        default=LOCAL_LISTEN_ADDRESS,
+        help=f"address of the workers' metrics endpoints unless monitoring.address is set (default "
+        f"{LOCAL_LISTEN_ADDRESS}: this machine only; 0.0.0.0 = every interface)",
+    )
     _add_config_args(p)
 
     p = sub.add_parser("predict", help="classify image files with an exported model")
@@ -181,7 +188,7 @@ def _run(args: argparse.Namespace) -> int | None:
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds
 
-        return launch_local(args.workers, _train_args(args), grace_seconds=stop_grace_seconds(cfg.runtime))
+        return launch_local(args.workers, _launch_args(args, cfg), grace_seconds=stop_grace_seconds(cfg.runtime))
     if args.command == "train":
         from trainer import worker
 
@@ -219,6 +226,14 @@ def _show_config(cfg) -> None:
     print(f"# the plan for 1 replica {where}:")
     for line in [*plan.lines(), *(f"warning: {w}" for w in plan.warnings)]:
         print(f"# {line}")
+
+
+def _launch_args(args: argparse.Namespace, cfg) -> list[str]:
+    """The workers' `trainer train` arguments: the metrics endpoint on --listen-address unless the
+    configuration names an address (the endpoint is unauthenticated; docs/operations.md, "Trust model")."""
+    if cfg.monitoring.address:
+        return _train_args(args)
+    return [*_train_args(args), "--set", f"monitoring.address={json.dumps(args.listen_address)}"]  # YAML string
 
 
 def _train_args(args: argparse.Namespace) -> list[str]:

@@ -72,6 +72,9 @@ DEFAULT_LEASE_SECONDS = 120
 WORKER_PORT = 2222
 #: Port of the Prometheus metrics endpoint on every worker.
 METRICS_PORT = 9090
+#: Where `trainer launch` workers serve metrics unless told otherwise: this machine only (the
+#: endpoint is unauthenticated; in a pod the chart's NetworkPolicy guards it instead).
+LOCAL_LISTEN_ADDRESS = "127.0.0.1"
 
 #: The console script installed by pyproject and used as the container entrypoint.
 ENTRYPOINT = "trainer"

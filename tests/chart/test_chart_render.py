@@ -61,6 +61,7 @@ WORKLOAD_IDENTITY = {
     "workloadIdentity": {"enabled": True, "gcpServiceAccount": "trainer@my-project.iam.gserviceaccount.com"}
 }
 KUEUE = {"kueue": {"enabled": True, "queueName": "team-a", "priorityClassName": "batch-low"}}
+EGRESS = {"networkPolicy": {"egress": {"enabled": True}}}
 PUSHGATEWAY_SECRET = {"monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth", "key": "push-url"}}}
 
 #: The values matrix: name -> values on top of REQUIRED.
@@ -82,6 +83,7 @@ SCENARIOS: dict[str, dict] = {
     "key-file-secret": {"credentials": {"existingSecret": "gcs-key", "key": "sa.json"}},
     "pushgateway-secret": PUSHGATEWAY_SECRET,
     "network-policy-off": {"networkPolicy": {"enabled": False}},
+    "egress-policy": merge(WORKLOAD_IDENTITY, EGRESS, {"workers": 2, "gpusPerWorker": 1}),
     "kueue": KUEUE,
     "kueue-topology": merge(KUEUE, {"kueue": {"topology": {"required": "cloud.google.com/gce-topology-block"}}}),
     "everything": merge(
@@ -565,17 +567,19 @@ def test_the_pushgateway_url_comes_from_the_secret_never_from_the_config_map():
     assert Env.PUSHGATEWAY_URL.value not in env_of(render())  # only with the Secret
 
 
-def test_network_policy_admits_only_peers_and_monitoring():
+def test_network_policy_admits_only_the_jobs_own_pods_and_monitoring():
     single = one(render(), "NetworkPolicy")
     multi_gpu = one(render(SCENARIOS["multi-worker-4x1gpu"]), "NetworkPolicy")
     cpu = one(render(SCENARIOS["cpu-only-2x0"]), "NetworkPolicy")
     job = one(render(), "Job")
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    own = {**pod_labels, "batch.kubernetes.io/job-name": job["metadata"]["name"]}  # the Job controller's label
 
     assert single["spec"]["policyTypes"] == ["Ingress"]
-    assert single["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    selector = single["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= own.items() and selector["batch.kubernetes.io/job-name"] == job["metadata"]["name"]
     peers, monitoring = single["spec"]["ingress"]
-    assert peers["from"] == [{"podSelector": {"matchLabels": single["spec"]["podSelector"]["matchLabels"]}}]
+    assert peers["from"] == [{"podSelector": {"matchLabels": selector}}]  # not merely the release's labels
     assert peers["ports"] == [{"port": WORKER_PORT, "protocol": "TCP"}]
     assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert monitoring["ports"] == [{"port": METRICS_PORT, "protocol": "TCP"}]
@@ -583,6 +587,47 @@ def test_network_policy_admits_only_peers_and_monitoring():
     assert cpu["spec"]["ingress"][0]["ports"] == [{"port": WORKER_PORT, "protocol": "TCP"}]
     assert "ports" not in one(render({"networkPolicy": {"peerPorts": "all"}}), "NetworkPolicy")["spec"]["ingress"][0]
     assert "NetworkPolicy" not in kinds(render(SCENARIOS["network-policy-off"]))
+
+
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_every_port_is_open_only_to_the_jobs_own_pods_or_to_named_ports(scenario):
+    """An ingress rule without ports (every port) may only come from this Job's own pods."""
+    docs = render(SCENARIOS[scenario])
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    job_name = one(docs, "Job")["metadata"]["name"]
+    for policy in policies:
+        for rule in policy["spec"]["ingress"] + policy["spec"].get("egress", []):
+            if "ports" not in rule:
+                peers = rule.get("from", rule.get("to"))
+                assert peers, f"{scenario}: a rule admits every port from anywhere"
+                for peer in peers:
+                    assert set(peer) == {"podSelector"}, f"{scenario}: every port open to {peer}"
+                    assert peer["podSelector"]["matchLabels"]["batch.kubernetes.io/job-name"] == job_name
+
+
+def test_egress_policy_is_opt_in_and_admits_dns_https_metadata_and_peers():
+    assert "egress" not in one(render(WORKLOAD_IDENTITY), "NetworkPolicy")["spec"]
+    policy = one(render(merge(WORKLOAD_IDENTITY, EGRESS)), "NetworkPolicy")["spec"]
+    rules = policy["egress"]
+
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert rules[0] == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    https = rules[1]
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert https["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in https["to"][0]["ipBlock"]["except"]
+    metadata = [(r["to"][0]["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in rules[2:4]]
+    assert metadata == [("169.254.169.254/32", 80), ("169.254.169.252/32", 988)]  # Workload Identity's tokens
+    assert rules[4]["to"] == policy["ingress"][0]["from"] and rules[4]["ports"] == [
+        {"port": WORKER_PORT, "protocol": "TCP"}
+    ]
+    no_wi = one(render(EGRESS), "NetworkPolicy")["spec"]["egress"]
+    assert not any("169.254" in json.dumps(r) for r in no_wi)  # no Workload Identity: no metadata server
+    extra = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": 9091}],
+    }
+    with_extra = one(render(merge(EGRESS, {"networkPolicy": {"egress": {"extra": [extra]}}})), "NetworkPolicy")
+    assert with_extra["spec"]["egress"][-1] == extra
 
 
 # --------------------------------------------------------------------------- monitoring hooks

@@ -47,6 +47,12 @@ the monitors name the port ("metrics"), so they follow too. validate.yaml refuse
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/* Labels of this Job's pods only: the release's and the one the Job controller sets (NetworkPolicy peers). */}}
+{{- define "vgg-trainer.peerLabels" -}}
+{{ include "vgg-trainer.selectorLabels" . }}
+batch.kubernetes.io/job-name: {{ include "vgg-trainer.jobName" . }}
+{{- end }}
+
 {{- define "vgg-trainer.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
 {{- end }}
