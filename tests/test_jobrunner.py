@@ -523,3 +523,47 @@ def test_job_run_refuses_volume_items_outside_the_volume(harness, path):
     assert f"path {path!r} is absolute or contains '..'; give a relative path inside the volume" in line
     assert "volume item 'config.yaml' of ConfigMap" in line
     assert not list(harness.dir.parent.glob("**/escaped.yaml")) and not os.path.exists("/tmp/escaped.yaml")
+
+
+# --- helm test: trainer doctor in the chart's test pod -------------------------------------------
+
+
+def _job_test(tmp_path, values: dict) -> subprocess.CompletedProcess:
+    manifests = tmp_path / "manifests.yaml"
+    manifests.write_text(render(tmp_path, values))
+    cmd = [sys.executable, "-m", "trainer", "job", "test", str(manifests), "-n", NAMESPACE, "--timeout", "120"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@needs_namespaces
+def test_the_helm_test_pod_runs_trainer_doctor_against_a_good_configuration(tmp_path):
+    from tests.support.training import make_tiny_dataset
+
+    output = tmp_path / "run"
+    values = {"workers": 2, "dataset": make_tiny_dataset(tmp_path), "output": str(output), "trainer": TINY_TRAINER}
+
+    proc = _job_test(tmp_path, values)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\] ok   manifest .*manifest.json readable: 3 classes", proc.stdout), proc.stdout[-3000:]
+    assert re.search(rf"\] ok   output   {re.escape(str(output))}: a probe object was written", proc.stdout)
+    assert re.search(r"\] ok   dns      2 worker name\(s\) resolve: flowers-vgg-trainer-\w+-0\.", proc.stdout)
+    assert re.search(r"\] skip gpus     no GPU asked for", proc.stdout)
+    assert re.search(r"\] skip weights  model.weights=none", proc.stdout)
+    assert re.search(r"^test pod flowers-vgg-trainer-doctor: passed$", proc.stdout, re.M)
+    assert not list(output.glob(".doctor-probe-*"))  # the probe was deleted
+
+
+@needs_namespaces
+def test_the_helm_test_pod_fails_a_broken_configuration_with_the_trainers_exit_code(tmp_path):
+    (tmp_path / "empty").mkdir()
+    weights = {**TINY_TRAINER, "model": {**TINY_TRAINER["model"], "weights": str(tmp_path / "missing.h5")}}
+    values = {"workers": 2, "dataset": str(tmp_path / "empty"), "output": str(tmp_path / "run"), "trainer": weights}
+
+    proc = _job_test(tmp_path, values)
+
+    assert proc.returncode == ExitCode.DATA_ERROR, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\] FAIL manifest no manifest.json in .*; run `trainer prepare SOURCE", proc.stdout)
+    assert re.search(r"\] FAIL weights  model.weights .*missing.h5 does not exist; fix the path", proc.stdout)
+    assert re.search(r"\] ok   output ", proc.stdout)  # the other checks still ran
+    assert re.search(r"^test pod flowers-vgg-trainer-doctor: failed", proc.stdout, re.M)

@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, predict, evaluate, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, doctor, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
+    p = sub.add_parser("doctor", help="check what a run needs here: dataset, output, peers, GPUs, weights")
+    p.add_argument(
+        "--gpus", type=int, default=None, help="GPUs that must be visible (default $TRAINER_GPUS_PER_WORKER, else 0)"
+    )
+    _add_config_args(p)
+
     p = sub.add_parser("predict", help="classify image files with an exported model")
     p.add_argument("model", help="export directory (holding saved_model/) or the SavedModel itself")
     p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
@@ -106,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
     p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
     p.add_argument("--keep-workdir", action="store_true", help="keep the pods' volume directories")
+
+    p = job_sub.add_parser("test", help="run the `helm test` pods (trainer doctor) of the rendered manifests")
+    p.add_argument("manifests", help="rendered manifests (`helm template` output); - = stdin")
+    p.add_argument("--timeout", type=float, default=600, help="stop a test pod after S seconds (default 600)")
+    p.add_argument("--namespace", "-n", default=None, help="the pods' namespace (default: the Job's, else default)")
+    p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
 
     p = sub.add_parser("bench", help="performance benchmark suite (docs/benchmarks.md)")
     p.add_argument("--out", default="benchmarks.json", help="JSON result file (default benchmarks.json)")
@@ -157,6 +170,10 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.report import evaluate_command
 
         return evaluate_command(args.model, args.dataset, args.split, args.output, args.top_k)
+    if args.command == "job" and args.job_command == "test":
+        from trainer.jobrunner.testpods import run_test_file
+
+        return run_test_file(args.manifests, args.timeout, args.namespace, args.network, args.volume)
     if args.command == "job":
         from trainer.jobrunner import run_job_file
 
@@ -184,6 +201,10 @@ def _run(args: argparse.Namespace) -> int | None:
         return _show_config(cfg)
     if args.command == "prepare":
         return _prepare(args, cfg)
+    if args.command == "doctor":
+        from trainer.doctor import doctor_command
+
+        return doctor_command(cfg, args.gpus)
     config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds

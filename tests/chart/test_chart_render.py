@@ -633,13 +633,42 @@ def test_egress_policy_is_opt_in_and_admits_dns_https_metadata_and_peers():
 # --------------------------------------------------------------------------- monitoring hooks
 
 
+def test_the_helm_test_pod_runs_trainer_doctor_as_the_workers_do():
+    docs = render(merge(WORKLOAD_IDENTITY, {"workers": 4}))
+    test, job = one(docs, "Pod"), one(docs, "Job")
+    spec, worker = test["spec"], job["spec"]["template"]["spec"]
+    (doctor,) = spec["containers"]
+    env = {e["name"]: e for e in doctor["env"]}
+    worker_env = {e["name"]: e for e in worker["containers"][0]["env"]}
+
+    assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert doctor["command"] == [ENTRYPOINT] and doctor["args"] == [
+        "doctor",
+        "--config",
+        f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}",
+    ]
+    assert spec["serviceAccountName"] == worker["serviceAccountName"]  # the workers' identity
+    assert spec["volumes"][0] == worker["volumes"][0]  # the run's ConfigMap
+    for name in ("TRAINER_NUM_WORKERS", "TRAINER_JOB_NAME", "TRAINER_SERVICE_NAME", "TRAINER_WORKER_PORT"):
+        assert env[name] == worker_env[name]
+    assert env["TRAINER_GPUS_PER_WORKER"]["value"] == "0" and worker_env["TRAINER_GPUS_PER_WORKER"]["value"] == "1"
+    assert "nvidia.com/gpu" not in doctor["resources"]["limits"] and "tolerations" not in spec
+    assert "batch.kubernetes.io/job-name" not in test["metadata"]["labels"]  # no peer of the workers
+    assert test["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
+    gpu_test = one(render({"helmTest": {"gpus": True}, "nodeSelector": {"pool": "l4"}}), "Pod")["spec"]
+    assert gpu_test["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_test["nodeSelector"] == {"pool": "l4"} and gpu_test["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
 def test_objects_follow_the_toggles():
-    assert kinds(render()) == ["ConfigMap", "Job", "NetworkPolicy", "Service", "ServiceAccount"]
+    assert kinds(render()) == ["ConfigMap", "Job", "NetworkPolicy", "Pod", "Service", "ServiceAccount"]
+    assert "Pod" not in kinds(render({"helmTest": {"enabled": False}}))
     assert kinds(render(MONITORING_ALL)) == [
         "ConfigMap",
         "ConfigMap",
         "Job",
         "NetworkPolicy",
+        "Pod",
         "PodMonitor",
         "PrometheusRule",
         "Service",

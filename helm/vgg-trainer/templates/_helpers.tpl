@@ -155,6 +155,21 @@ The trainer validates it again at start (exit 64).
 {{- toYaml $cfg -}}
 {{- end }}
 
+{{/* The worker pods' tolerations: the user's, and the GPU toleration unless the user already
+tolerates that taint key (GKE's docs tell users to add it). */}}
+{{- define "vgg-trainer.tolerations" -}}
+{{- $v := .Values -}}
+{{- $tolerations := $v.tolerations | default list -}}
+{{- $userTolerates := false -}}
+{{- range $tolerations -}}
+{{- if eq (toString .key) $v.gpuResourceName }}{{ $userTolerates = true }}{{ end -}}
+{{- end -}}
+{{- if and (gt (int $v.gpusPerWorker) 0) $v.gpuToleration (not $userTolerates) -}}
+{{- $tolerations = append $tolerations (dict "key" $v.gpuResourceName "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- toYaml $tolerations -}}
+{{- end }}
+
 {{/* scratch.sizeLimit in bytes (a Kubernetes quantity: plain, k/M/G/T or Ki/Mi/Gi/Ti). */}}
 {{- define "vgg-trainer.scratchBytes" -}}
 {{- $limit := .Values.scratch.sizeLimit | toString -}}
@@ -281,16 +296,7 @@ template:
     nodeSelector:
       {{- toYaml . | nindent 6 }}
     {{- end }}
-    {{- $tolerations := $v.tolerations | default list }}
-    {{- /* The GPU toleration, unless the user already tolerates that taint key (GKE docs tell users to add it). */}}
-    {{- $userTolerates := false }}
-    {{- range $tolerations }}
-    {{- if eq (toString .key) $v.gpuResourceName }}{{ $userTolerates = true }}{{ end }}
-    {{- end }}
-    {{- if and (gt $gpus 0) $v.gpuToleration (not $userTolerates) }}
-    {{- $tolerations = append $tolerations (dict "key" $v.gpuResourceName "operator" "Exists" "effect" "NoSchedule") }}
-    {{- end }}
-    {{- with $tolerations }}
+    {{- with (include "vgg-trainer.tolerations" $root | fromYamlArray) }}
     tolerations:
       {{- toYaml . | nindent 6 }}
     {{- end }}
@@ -346,6 +352,9 @@ template:
             value: {{ $c.workerPort | quote }}
           - name: TRAINER_SCRATCH_DIR
             value: {{ $c.scratchDir }}
+          # `trainer doctor` (kubectl exec) checks that TensorFlow sees them.
+          - name: TRAINER_GPUS_PER_WORKER
+            value: {{ $gpus | quote }}
           # Reported in the trainer_build_info metric.
           - name: TRAINER_IMAGE
             value: {{ include "vgg-trainer.image" $root | quote }}
