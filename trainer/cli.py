@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, doctor, predict, evaluate, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, doctor, status, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
+    p = sub.add_parser("status", help="a run's phase, progress, speed, loss, ETA, backups, restarts, Job conditions")
+    p.add_argument("release", nargs="?", help="Helm release (read through the API server with your kubeconfig)")
+    p.add_argument("--namespace", "-n", default=None, help="the release's namespace (default: the context's)")
+    p.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+    p.add_argument(
+        "--metrics-url", action="append", default=[], metavar="URL", help="read this /metrics directly instead "
+        "(repeat per worker, the chief first)"
+    )  # fmt: skip
+    p.add_argument("--watch", "-w", action="store_true", help="refresh every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch (default 10)")
+    p.add_argument("--sample-seconds", type=float, default=3.0, help="seconds between the two reads (default 3)")
+
     p = sub.add_parser("predict", help="classify image files with an exported model")
     p.add_argument("model", help="export directory (holding saved_model/) or the SavedModel itself")
     p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
@@ -178,6 +190,14 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.jobrunner import run_job_file
 
         return run_job_file(args.manifests, args.timeout, args.namespace, args.network, args.volume, args.keep_workdir)
+    if args.command == "status":
+        from trainer.status import status_command
+
+        if args.release and args.metrics_url:
+            raise ConfigError("give RELEASE or --metrics-url, not both")
+        return status_command(
+            args.release, args.namespace, args.context, args.metrics_url, args.watch, args.interval, args.sample_seconds
+        )
     if args.command == "demo":
         from trainer.demo import run_demo
 

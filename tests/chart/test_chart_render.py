@@ -878,6 +878,7 @@ def test_notes_explain_logs_metrics_scaling_and_cleanup():
     assert "Dashboard:" in notes
     assert "--set workers=N" in notes and "job.suspend=true" in notes
     assert "helm uninstall flowers" in notes
+    assert f"trainer status flowers -n {NAMESPACE} --watch" in notes
 
 
 def test_kubernetes_validation_catches_mistakes(k8s_schemas):
