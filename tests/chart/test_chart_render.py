@@ -439,6 +439,22 @@ def test_scheduling_values_reach_the_pod():
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in container(docs)["volumeMounts"]
 
 
+def test_image_registry_goes_in_front_of_the_repository():
+    docs = render({"image": {"registry": "europe-docker.pkg.dev/p/ml/", "digest": "sha256:" + "b" * 64}})
+
+    assert container(docs)["image"] == "europe-docker.pkg.dev/p/ml/vgg-trainer@sha256:" + "b" * 64
+    assert one(docs, "Pod")["spec"]["containers"][0]["image"] == container(docs)["image"]  # the helm test pod too
+
+
+def test_common_labels_reach_every_object_and_the_worker_pods():
+    docs = render(merge(MONITORING_ALL, {"commonLabels": {"team": "vision", "cost-center": "ml"}}))
+
+    for doc in docs:
+        assert doc["metadata"]["labels"]["team"] == "vision", doc["kind"]
+    assert one(docs, "Job")["spec"]["template"]["metadata"]["labels"]["cost-center"] == "ml"
+    assert "team" not in one(docs, "Service")["spec"]["selector"]  # selectors stay the chart's
+
+
 def test_image_defaults_to_the_app_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
 

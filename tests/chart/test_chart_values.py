@@ -55,6 +55,11 @@ SCHEMA_REJECTS = [
 
 #: (bad values, message) refused by the chart's templates (checks across values, readable messages).
 TEMPLATE_REJECTS = [
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "commonLabels: app.kubernetes.io/name is set by the chart"),
+    (
+        {"commonLabels": {"team": "a"}, "podLabels": {"team": "b"}},
+        "commonLabels and podLabels both set team",
+    ),
     (
         {"kueue": {"enabled": True, "queueName": "team-a"}, "job": {"suspend": True}},
         "job.suspend with kueue.enabled: Kueue owns the Job's spec.suspend",
@@ -349,3 +354,14 @@ def test_helm_lint_strict_does_not_run_the_charts_checks_but_template_does():
     assert lint.returncode == 0 and "0 chart(s) failed" in lint.stdout
     assert "enable podMonitor or serviceMonitor, not both" in render_error(both_monitors)
     assert "validates values" in (ROOT / "docs" / "helm.md").read_text()
+
+
+def test_the_chart_readme_is_generated_from_values_yaml():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart-readme.py"), "--check"], capture_output=True)
+
+    assert proc.returncode == 0, proc.stderr.decode()
+    readme = (CHART / "README.md").read_text()
+    assert '| `kueue.topology.required` | `""` | Level all workers must be placed in' in readme

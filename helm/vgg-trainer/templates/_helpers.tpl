@@ -93,6 +93,9 @@ helm.sh/chart: {{ include "vgg-trainer.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: vgg-trainer
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "vgg-trainer.serviceName" -}}
@@ -108,10 +111,12 @@ app.kubernetes.io/part-of: vgg-trainer
 {{- end }}
 
 {{- define "vgg-trainer.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end }}
 
@@ -258,6 +263,9 @@ template:
   metadata:
     labels:
       {{- include "vgg-trainer.podLabels" $root | nindent 6 }}
+      {{- with $v.commonLabels }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
       {{- with $v.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
