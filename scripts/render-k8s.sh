@@ -35,7 +35,7 @@ render() {
 
 BASE_HEADER="# Overlays in k8s/overlays/ patch it. Each overlay's chart-values.yaml renders the same objects."
 MONITORING_HEADER="# With k8s/monitoring/chart-values.yaml too: the monitoring objects only (Prometheus Operator CRDs needed)."
-MONITORING_ARGS=(-f k8s/monitoring/chart-values.yaml
+MONITORING_ARGS=(-f k8s/monitoring/chart-values.yaml --api-versions monitoring.coreos.com/v1
   --show-only templates/podmonitor.yaml --show-only templates/prometheusrule.yaml
   --show-only templates/grafana-dashboard.yaml)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-from chart_helpers import CHART, NAMESPACE, REQUIRED, ROOT, helm, kubernetes_errors, run
+from chart_helpers import CHART, NAMESPACE, OPERATOR, REQUIRED, ROOT, helm, kubernetes_errors, run
 
 DOCUMENTS = ("docs/helm.md", "README.md")
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -102,7 +102,7 @@ def render_example(example: Example, tmp_path) -> list[dict]:
     else:
         snippet.write_text(example.text)
         args = ["flowers", str(CHART), "--namespace", NAMESPACE, "-f", str(base), "-f", str(snippet)]
-    proc = run([helm(), "template", *args], check=False)
+    proc = run([helm(), "template", *args, *OPERATOR], check=False)  # a cluster with the Prometheus Operator
     assert proc.returncode == 0, f"{example} does not render: {proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 

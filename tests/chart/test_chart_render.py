@@ -796,6 +796,25 @@ def test_monitoring_grafana_dashboard_for_the_sidecar():
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
+def test_operator_objects_need_the_clusters_crds_unless_forced():
+    path = values_file(merge(REQUIRED, MONITORING_ALL))
+    try:
+        plain = run([helm(), "template", "flowers", str(CHART), "-f", path, "-n", NAMESPACE])
+        forced = run(
+            [helm(), "template", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--set", "monitoring.crds=always"]
+        )
+        notes = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+    rendered = [d["kind"] for d in yaml.safe_load_all(plain.stdout) if d]
+
+    assert not {"PodMonitor", "PrometheusRule"} & set(rendered)  # no monitoring.coreos.com/v1 served
+    assert "ConfigMap" in rendered and rendered.count("ConfigMap") == 2  # the dashboard needs no CRD
+    assert {"PodMonitor", "PrometheusRule"} <= {d["kind"] for d in yaml.safe_load_all(forced.stdout) if d}
+    assert "WARNING: the cluster serves no monitoring.coreos.com/v1" in notes.stdout
+    assert {"PodMonitor", "PrometheusRule"} <= set(kinds(render(MONITORING_ALL)))  # helm_cmd passes OPERATOR
+
+
 def test_monitoring_off_renders_no_monitoring_objects():
     assert not {"PodMonitor", "ServiceMonitor", "PrometheusRule"} & set(kinds(render(SCENARIOS["monitoring-off"])))
 

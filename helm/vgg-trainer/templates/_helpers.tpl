@@ -484,3 +484,13 @@ template:
       {{- toYaml . | nindent 6 }}
       {{- end }}
 {{- end }}
+
+{{/*
+"true" when the Prometheus Operator's objects (PodMonitor, ServiceMonitor, PrometheusRule) are to
+be rendered: the cluster serves monitoring.coreos.com/v1 (.Capabilities, which `helm install`
+reads from the cluster and `helm template` takes from --api-versions), or monitoring.crds=always.
+Without the CRDs the install would fail on "no matches for kind PodMonitor".
+*/}}
+{{- define "vgg-trainer.operatorCRDs" -}}
+{{- or (eq .Values.monitoring.crds "always") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") -}}
+{{- end }}
