@@ -13,26 +13,13 @@ import time
 
 import pytest
 
-from tests.support.training import make_tiny_dataset, set_args
+from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
 from trainer import metrics
 from trainer.contract import ExitCode
 from trainer.status import parse, read_url, value
 
 #: Long enough to be read while it trains (2 workers share the 2 cores): 3 x 40 steps.
-RUN = [
-    "recipe=transfer",
-    "model.weights=none",
-    "model.head.dense_units=[16]",
-    "data.image_size=32",
-    "data.shuffle_buffer=64",
-    "train.batch_size_per_replica=4",
-    "train.steps_per_epoch=40",
-    "train.backup_every_steps=5",
-    "phases.feature_extraction.epochs=1",
-    "phases.fine_tuning.epochs=2",
-    "runtime.verbose=0",
-    "output.evaluation_report=false",
-]
+RUN = [*TINY_RUN, "train.steps_per_epoch=40", "train.backup_every_steps=5"]
 
 
 def trainer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
