@@ -134,7 +134,12 @@ class AugmentConfig(Section):
 class StagingConfig(Section):
     enabled: Bool = _f(False, "Copy this worker's shards to local disk in the background and read them from there.")
     dir: Str = _f("", "Local directory for the copies; empty = $TRAINER_SCRATCH_DIR, else the system temp dir.")
-    budget_gb: Float = _f(50.0, "Disk the copies may use; shards beyond it are read remotely.", ge=0)
+    budget_gb: Float = _f(
+        0.0,
+        "Disk the copies may use (GB); shards beyond it are read remotely. 0 = follow the disk: the chart sets "
+        "90% of scratch.sizeLimit, elsewhere 90% of the directory's free space at start.",
+        ge=0,
+    )
     parallel_downloads: Int = _f(4, "Concurrent shard downloads per worker.", ge=1)
 
 

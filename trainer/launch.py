@@ -105,6 +105,8 @@ def launch_local(
     workers = [f"localhost:{port}" for port in ports[:num_workers]] if num_workers > 1 else []
     metrics_ports = list(metrics_ports or ports[num_workers:])
     command = list(command or entrypoint_command()) + list(args)
+    if workers:
+        _say(grpc_exposure_warning(ports[:num_workers]))
     procs, pumps = [], []
     for index in range(num_workers):
         env = worker_env(workers, index, metrics_port=metrics_ports[index])
@@ -128,6 +130,17 @@ def launch_local(
         for pump in pumps:
             pump.join(timeout=5)
     return code
+
+
+def grpc_exposure_warning(ports: Sequence[int]) -> str:
+    """TensorFlow's gRPC server listens on every interface (0.0.0.0 and [::], whatever address its
+    task has; it has no option to bind one) and authenticates no one: say so once per launch."""
+    listed = ", ".join(str(p) for p in ports)
+    return (
+        f"the workers' TensorFlow gRPC ports ({listed}) accept connections on every interface without "
+        "authentication; on a shared or untrusted network block them (firewall) or run the workers in "
+        'private network namespaces with `trainer job run` (docs/operations.md, "Trust model")'
+    )
 
 
 def _say(message: str) -> None:

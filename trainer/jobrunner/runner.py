@@ -687,24 +687,9 @@ def run_job_file(
 
     ``volumes``: volume name -> local directory, or ``NAME=DIR`` strings (the --volume option).
     """
-    volume_dirs: dict[str, str] = {}
-    if isinstance(volumes, Mapping):
-        volume_dirs.update(volumes)
-    else:
-        for item in volumes or []:
-            name, sep, directory = item.partition("=")
-            if not sep or not name or not directory:
-                raise ConfigError(f"--volume {item!r} is not NAME=DIR")
-            volume_dirs[name] = os.path.abspath(directory)
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None
-    manifests = load_manifests(text, source="standard input" if path == "-" else f"manifests file {path}")
+    text, source = read_manifests_text(path)
+    manifests = load_manifests(text, source=source)
+    volume_dirs = volume_map(volumes)
     with JobRunner(
         manifests, namespace=namespace, network=network, volume_dirs=volume_dirs, keep_workdir=keep_workdir
     ) as runner:
@@ -719,3 +704,27 @@ def run_job_file(
         if keep_workdir:
             print(f"job {runner.name}: pod files kept in {runner.workdir}", flush=True)
         return runner.exit_code
+
+
+def volume_map(volumes: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """Volume name -> local directory, from a mapping or ``NAME=DIR`` strings (the --volume option)."""
+    if isinstance(volumes, Mapping):
+        return dict(volumes)
+    volume_dirs: dict[str, str] = {}
+    for item in volumes or []:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--volume {item!r} is not NAME=DIR")
+        volume_dirs[name] = os.path.abspath(directory)
+    return volume_dirs
+
+
+def read_manifests_text(path: str) -> tuple[str, str]:
+    """(text, how errors name it) of a manifests file; "-" = standard input."""
+    if path == "-":
+        return sys.stdin.read(), "standard input"
+    try:
+        with open(path) as f:
+            return f.read(), f"manifests file {path}"
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None

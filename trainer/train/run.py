@@ -370,14 +370,13 @@ def _stager(cfg: Config, manifest: Manifest, files: list[str], own: list[str]):
     staging = cfg.data.staging
     if not staging.enabled or not all(storage.is_remote(f) for f in own):
         return None
-    from trainer.data.staging import ShardStager
+    from trainer.data.staging import ShardStager, budget_bytes
 
     sizes = dict(zip(files, (s.bytes for s in manifest.shards["train"]), strict=True))
     directory = staging.dir or os.path.join(os.environ.get(Env.SCRATCH_DIR.value) or tempfile.gettempdir(), "shards")
     log.info("staging %d shard(s) to %s in the background", len(own), directory)
-    return ShardStager(
-        own, [sizes[f] for f in own], directory, int(staging.budget_gb * 1e9), staging.parallel_downloads
-    )
+    budget = budget_bytes(staging.budget_gb, directory)
+    return ShardStager(own, [sizes[f] for f in own], directory, budget, staging.parallel_downloads)
 
 
 def _final_evaluation(
