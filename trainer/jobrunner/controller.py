@@ -160,14 +160,15 @@ def may_replace(policy: str, live_pods_of_index: Sequence[LivePod]) -> bool:
 
 
 def index_ranges(indexes: Iterable[int]) -> str | None:
-    """Kubernetes' completedIndexes format: "0-2,4" (None when there are none)."""
+    """Kubernetes' completedIndexes format: "1,3-5,7" (runs of three or more as first-last; None: none)."""
     items = sorted(set(indexes))
     out, i = [], 0
     while i < len(items):
         j = i
         while j + 1 < len(items) and items[j + 1] == items[j] + 1:
             j += 1
-        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        run = [str(n) for n in items[i : j + 1]]
+        out.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ",".join(run))
         i = j + 1
     return ",".join(out) or None
 
