@@ -77,9 +77,8 @@ def test_output_is_passed_on_as_lines_raw_chunks_and_a_log_file(tmp_path):
     lines: list[str] = []
     chunks: list[bytes] = []
     script = r"import sys; sys.stdout.buffer.write(b'one\r\ntwo\rthree\n\xff bad\nlast without newline')"
-    child = Child(
-        [sys.executable, "-c", script], on_line=lines.append, on_chunk=chunks.append, log_path=tmp_path / "log"
-    )
+    log = tmp_path / "log"
+    child = Child([sys.executable, "-c", script], on_line=lines.append, on_chunk=chunks.append, log_path=log)
 
     assert child.wait(timeout=20) == 0
     child.join_output()
