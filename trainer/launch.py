@@ -10,6 +10,9 @@ the launcher then exits 76. It never kills a worker that is finishing its step (
 unless asked a second time. If a worker fails, the others get SIGTERM, and SIGKILL once the
 grace (``runtime.stop_check_seconds`` + ``STOP_MARGIN_SECONDS``) has passed; the launcher exits
 with the failed worker's code, and says which worker failed and which it killed.
+
+The workers are trainer.supervisor children (a process group each); the launcher's handler for
+the stop signals is a trainer.signals.stop_requests handler, held while the workers run.
 """
 
 from __future__ import annotations

@@ -13,10 +13,13 @@ The chain, from whoever asks to whoever stops:
    SIGTERM raises ``trainer.errors.Preempted`` wherever the main thread is, and
    ``trainer.exits`` turns it into exit 76 (PREEMPTED: restart, no retry budget spent). Ctrl-C
    raises KeyboardInterrupt, mapped to the same code.
-3. **Training.** While a phase trains, its stop check (trainer.train.callbacks.StopRequest) holds
-   a :func:`stop_requests` handler that only notes the signal: the step in progress finishes, the
-   workers agree at a step that someone was asked to stop (an all-reduce), write one backup
-   together and raise Preempted, so the run exits 76 and resumes from that backup.
+3. **Training.** While a phase trains, its stop check (trainer.train.callbacks.StopRequest,
+   installed and uninstalled around ``model.fit``) replaces that handler with one that only
+   notes the signal: the step in progress finishes, the workers agree at a step that someone was
+   asked to stop (an all-reduce), write one backup together and raise Preempted, so the run exits
+   76 and resumes from that backup. (StopRequest still swaps the handler with ``signal.signal``
+   and restores the one it found, which is this module's dispatcher; it is to hold a
+   :func:`stop_requests` handler instead.)
 4. **Prepare.** `trainer prepare` checks and encodes images in a pool of worker processes:
    :func:`reset_in_worker` gives each the default SIGTERM (the pool stops its workers with
    SIGTERM; the CLI's handler must not run there). The parent writes a shard and its progress

@@ -13,8 +13,9 @@
 
 SIGTERM is turned into ``trainer.errors.Preempted`` by the handler ``trainer.cli.main`` installs
 (trainer.signals, which describes the whole stop chain); the phases' stop check
-(trainer.train.callbacks.StopRequest) makes every worker stop at the same step with one backup. Every exception leaves through here unchanged; ``trainer.exits`` maps it
-to the exit code, the same one pushed as the outcome.
+(trainer.train.callbacks.StopRequest) makes every worker stop at the same step with one backup.
+Every exception leaves through here unchanged; ``trainer.exits`` maps it to the exit code, the
+same one pushed as the outcome.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from trainer import storage
 from trainer.config import PrepareConfig
 from trainer.contract import PREPARE_REPORT_FILE
 from trainer.data import stats
-from trainer.data.manifest import SPLITS, Manifest, manifest_path, write_manifest
-from trainer.data.prepare.images import check_images
+from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
+from trainer.data.prepare.images import ImageCheck, check_images
 from trainer.data.prepare.output import (
     error_text,
     is_disk_full,
@@ -30,7 +30,7 @@ from trainer.data.prepare.output import (
 )
 from trainer.data.prepare.report import PrepareReport, report_json
 from trainer.data.prepare.shards import plan_shards
-from trainer.data.prepare.source import SourceLayout, discover_source
+from trainer.data.prepare.source import SourceFile, SourceLayout, discover_source
 from trainer.data.prepare.splits import Entry, assign_splits, class_counts
 from trainer.data.prepare.workers import Progress, worker_pool
 from trainer.data.prepare.writing import ShardSink, write_split
@@ -61,42 +61,12 @@ def prepare_dataset(
     sources = [f for per_class in layout.files.values() for files in per_class.values() for f in files]
     say(f"found {len(sources)} files in {len(layout.class_names)} classes under {source}")
 
-    sink: ShardSink | None = None
+    sink = ShardSink(output, upload_workers, say)
     try:
-        with worker_pool(cfg.processes, len(sources)) as pool:
-            checks = check_images(pool, sources, cfg, say)
-            splits = assign_splits(layout, sources, checks, cfg)
-            plans = {split: plan_shards(split, splits[split], cfg) for split in SPLITS}
-            remove_previous_dataset(output)
-            storage.makedirs(output)
-            with ShardSink(output, upload_workers, say) as sink:
-                sink.resume([shard for split in SPLITS for shard in plans[split]])
-                shards = {split: write_split(pool, sink, split, plans[split], say) for split in SPLITS}
-            sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
-
-        skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
-        manifest = Manifest(
-            class_names=layout.class_names,
-            counts={split: class_counts(splits[split], layout.class_names) for split in SPLITS},
-            shards=shards,
-            source=os.path.abspath(source),
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            skipped=len(skipped),
-            extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
-        )
-        manifest.check(manifest_path(output))
-        seconds = time.monotonic() - started
-        report = PrepareReport(
-            manifest,
-            skipped,
-            seconds,
-            len(sources) / max(seconds, 1e-9),
-            output,
-            details={f.rel: checks[f.path].detail for f in sources if checks[f.path].problem},
-            shards_reused=sink.reused,
-        )
+        checks, splits, shards = _write_shards(layout, sources, cfg, sink)
+        report = _describe(source, layout, sources, checks, splits, shards, cfg, time.monotonic() - started, sink)
         storage.write_text(storage.join(output, PREPARE_REPORT_FILE), report_json(report, sources, checks))
-        write_manifest(output, manifest)  # last: its presence marks the dataset complete
+        write_manifest(output, report.manifest)  # last: its presence marks the dataset complete
     except BaseException as err:
         explained = _interruption(err, output, sink)
         if explained is None:
@@ -106,9 +76,60 @@ def prepare_dataset(
     return report
 
 
-def _interruption(err: BaseException, output: str, sink: ShardSink | None) -> TrainerError | None:
+def _write_shards(
+    layout: SourceLayout, sources: list[SourceFile], cfg: PrepareConfig, sink: ShardSink
+) -> tuple[dict[str, ImageCheck], dict[str, list[Entry]], dict[str, list[Shard]]]:
+    """Check every file, split the usable ones, and write (or keep) every shard: (checks, splits, shards)."""
+    with worker_pool(cfg.processes, len(sources)) as pool:
+        checks = check_images(pool, sources, cfg, sink.say)
+        splits = assign_splits(layout, sources, checks, cfg)
+        plans = {split: plan_shards(split, splits[split], cfg) for split in SPLITS}
+        remove_previous_dataset(sink.output)
+        storage.makedirs(sink.output)
+        with sink:
+            sink.resume([shard for split in SPLITS for shard in plans[split]])
+            shards = {split: write_split(pool, sink, split, plans[split], sink.say) for split in SPLITS}
+        sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
+    return checks, splits, shards
+
+
+def _describe(
+    source: str,
+    layout: SourceLayout,
+    sources: list[SourceFile],
+    checks: dict[str, ImageCheck],
+    splits: dict[str, list[Entry]],
+    shards: dict[str, list[Shard]],
+    cfg: PrepareConfig,
+    seconds: float,
+    sink: ShardSink,
+) -> PrepareReport:
+    """The manifest (checked against the shards written) and the report of a finished run."""
+    skipped = [(f.rel, checks[f.path].problem or "") for f in sources if checks[f.path].problem]
+    manifest = Manifest(
+        class_names=layout.class_names,
+        counts={split: class_counts(splits[split], layout.class_names) for split in SPLITS},
+        shards=shards,
+        source=os.path.abspath(source),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        skipped=len(skipped),
+        extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
+    )
+    manifest.check(manifest_path(sink.output))
+    return PrepareReport(
+        manifest,
+        skipped,
+        seconds,
+        len(sources) / max(seconds, 1e-9),
+        sink.output,
+        details={f.rel: checks[f.path].detail for f in sources if checks[f.path].problem},
+        shards_reused=sink.reused,
+    )
+
+
+def _interruption(err: BaseException, output: str, sink: ShardSink) -> TrainerError | None:
     """The one line for a prepare cut short: what it kept and how to go on (None: not an interruption)."""
-    kept = sink.kept_phrase() if sink is not None and sink.total else "no shard was written yet"
+    kept = sink.kept_phrase() if sink.total else "no shard was written yet"
     if isinstance(err, ConfigError | TransientError) and isinstance(err.__context__, OSError):
         err = err.__context__  # trainer.storage's line for a failed local write: say here what was kept
     if isinstance(err, Preempted):
