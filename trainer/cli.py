@@ -11,13 +11,13 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from trainer.contract import LOCAL_LISTEN_ADDRESS, Env, ExitCode
-from trainer.errors import ConfigError, DataError, Preempted
+from trainer.errors import ConfigError, DataError
 from trainer.exits import explain
+from trainer.signals import preempt_on_sigterm
 
 log = logging.getLogger("trainer")
 
@@ -155,23 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return int(_run(args) or ExitCode.OK)
-    except BaseException as err:
-        explained = explain(err)
-        if explained is None:
-            raise  # a bug (or SystemExit): keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
-        if not isinstance(err, KeyboardInterrupt):
-            print(f"error: {explained}", file=sys.stderr, flush=True)
-        return int(explained.exit_code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _on_sigterm(signum, frame) -> None:
-    # Kubernetes sends SIGTERM before killing a pod. The run resumes from its last backup.
-    raise Preempted("received SIGTERM; stopping (the run resumes from its last backup when restarted)")
+    with preempt_on_sigterm():  # SIGTERM -> Preempted -> exit 76; the whole chain: trainer.signals
+        try:
+            return int(_run(args) or ExitCode.OK)
+        except BaseException as err:
+            explained = explain(err)
+            if explained is None:
+                raise  # a bug (or SystemExit): keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
+            if not isinstance(err, KeyboardInterrupt):
+                print(f"error: {explained}", file=sys.stderr, flush=True)
+            return int(explained.exit_code)
 
 
 def _run(args: argparse.Namespace) -> int | None:
