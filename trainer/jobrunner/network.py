@@ -7,6 +7,12 @@ plugged into the bridge ``br0`` of a private hub namespace, its hostname, and a 
 /etc/hosts (bind-mounted in its mount namespace) naming every pod of the Job. Nothing is added
 to the machine's own network namespace, and everything disappears with the processes.
 
+The hub namespace is the node's side of the pod network: its bridge has the node's address
+(198.18.0.1) and the runner's liveness probes connect from there to a pod's IP, as the kubelet's
+do from the node. :meth:`PodNetwork.socket` hands out TCP sockets created by the hub process, so
+they live in the hub's network namespace although the runner uses them (a socket keeps the
+namespace it was created in; the hub passes it over a Unix socket, SCM_RIGHTS).
+
 ``HostNetwork``: pods share the runner's network and /etc/hosts; peer names do not resolve and
 two pods cannot listen on one port. Enough for one-pod Jobs and for commands that need no peers.
 """
@@ -18,8 +24,10 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from trainer.errors import ConfigError
@@ -27,8 +35,20 @@ from trainer.errors import ConfigError
 PODINIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_podinit.py")
 SUBNET = ipaddress.IPv4Network("198.18.0.0/15")
 FIRST_HOST = 10  # pod i gets SUBNET[FIRST_HOST + i]
+NODE_ADDRESS = str(SUBNET[1])  # the hub's bridge: where probes come from, like the kubelet's node
 _TOOLS = ("unshare", "nsenter", "ip", "mount", "umount")
-_HUB_SCRIPT = "import sys; print('ready', flush=True); sys.stdin.buffer.read()"
+#: The hub process: holds the Job's namespace and, for every byte on the Unix socket whose file
+#: descriptor is its argument, sends
+#: back a new TCP socket of its namespace; it ends when the runner's end closes (also if it dies).
+_HUB_SCRIPT = """
+import socket, sys
+channel = socket.socket(fileno=int(sys.argv[1]))
+print("ready", flush=True)
+while channel.recv(1):
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    socket.send_fds(channel, [b"s"], [tcp.fileno()])
+    tcp.close()
+"""
 
 
 @functools.cache
@@ -90,6 +110,10 @@ class HostNetwork:
     def address(self, index: int) -> str:
         return "127.0.0.1"
 
+    def socket(self) -> socket.socket:
+        """A TCP socket that reaches the pods (here: this machine's own network)."""
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
     def command(self, spec: dict, pod_seq: int) -> list[str]:
         spec = {k: v for k, v in spec.items() if k not in ("hosts_file", "hostname")}
         return [sys.executable, "-I", "-S", PODINIT, json.dumps(spec)]
@@ -111,6 +135,8 @@ class PodNetwork:
                 raise ConfigError(f"per-pod network namespaces are not available: {why}; use network='host'")
         self.mode = mode
         self.hub: subprocess.Popen | None = None
+        self._channel: socket.socket | None = None  # the runner's end of the hub's socket factory
+        self._channel_lock = threading.Lock()
 
     @property
     def _enter_user(self) -> list[str]:
@@ -119,19 +145,24 @@ class PodNetwork:
 
     def start(self) -> None:
         user = ["--user", "--map-root-user"] if self.mode == "userns" else []
-        self.hub = subprocess.Popen(
-            [_tool("unshare"), *user, "--net", "--", sys.executable, "-I", "-S", "-c", _HUB_SCRIPT],
-            stdin=subprocess.PIPE,  # the hub lives until this pipe closes (also when the runner dies)
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._channel = ours
+        with theirs:
+            self.hub = subprocess.Popen(
+                [*_hub_command(user), str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=(theirs.fileno(),),
+            )
         if self.hub.stdout.readline().strip() != "ready":
             err = self.hub.stderr.read() if self.hub.wait(timeout=10) is not None else ""
             raise ConfigError(f"could not create the Job's network namespace: {err.strip()}")
         setup = subprocess.run(
             [*self._enter_user, _tool("nsenter"), f"--net=/proc/{self.hub.pid}/ns/net", _tool("ip"), "-batch", "-"],
-            input="link set lo up\nlink add br0 type bridge\nlink set br0 up\n",
+            input=f"link set lo up\nlink add br0 type bridge\naddr add {NODE_ADDRESS}/{SUBNET.prefixlen} dev br0\n"
+            "link set br0 up\n",
             capture_output=True,
             text=True,
         )
@@ -141,6 +172,17 @@ class PodNetwork:
 
     def address(self, index: int) -> str:
         return pod_address(index)
+
+    def socket(self) -> socket.socket:
+        """A TCP socket of the hub's (the node's) network namespace: it reaches every pod's IP."""
+        with self._channel_lock:
+            if self._channel is None:
+                raise ConnectionError("the Job's network is closed")
+            self._channel.sendall(b"s")
+            _, fds, _, _ = socket.recv_fds(self._channel, 1, 1)
+        if not fds:
+            raise ConnectionError("the Job's network namespace is gone")
+        return socket.socket(fileno=fds[0])
 
     def command(self, spec: dict, pod_seq: int) -> list[str]:
         index = spec["index"]
@@ -170,7 +212,9 @@ class PodNetwork:
     def close(self) -> None:
         if self.hub is None:
             return
-        self.hub.stdin.close()
+        with self._channel_lock:
+            self._channel.close()  # the hub's loop reads end-of-stream and exits
+            self._channel = None
         try:
             self.hub.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -179,6 +223,10 @@ class PodNetwork:
         self.hub.stdout.close()
         self.hub.stderr.close()
         self.hub = None
+
+
+def _hub_command(user: list[str]) -> list[str]:
+    return [_tool("unshare"), *user, "--net", "--", sys.executable, "-I", "-S", "-c", _HUB_SCRIPT]
 
 
 def make_network(kind: str | HostNetwork | PodNetwork) -> HostNetwork | PodNetwork:

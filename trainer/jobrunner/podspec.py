@@ -29,6 +29,7 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.jobrunner.manifests import Manifests
+from trainer.jobrunner.probes import HttpProbe, liveness_probe
 
 #: Annotation and labels the Job controller puts on Indexed Job pods.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -365,6 +366,7 @@ class PodPlan:
     cwd: str | None
     mounts: list[tuple[str, str]] = field(default_factory=list)
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    liveness: HttpProbe | None = None
 
 
 def plan_pod(
@@ -398,4 +400,5 @@ def plan_pod(
         cwd=cwd,
         mounts=mounts,
         grace_seconds=float(DEFAULT_GRACE_SECONDS if grace is None else grace),
+        liveness=liveness_probe(container),
     )

@@ -14,21 +14,30 @@ environment and volumes.
   gives the pod the DisruptionTarget condition the podFailurePolicy can match.
 - When the main process exits, the rest of its process group is killed (a container's processes
   end with it) before the exit is judged: a replacement never meets a leftover of the old pod.
+- A container's ``livenessProbe`` (httpGet) runs as the kubelet runs it, in one thread per pod:
+  :mod:`.probes` decides when to probe and when to kill, the thread sends the HTTP request from
+  the node's side of the pod network (:meth:`.network.PodNetwork.socket`) to the pod's IP. After
+  ``failureThreshold`` failures in a row: a "Killing" event, SIGTERM, SIGKILL after the probe's
+  (or else the pod's) terminationGracePeriodSeconds; the pod then fails with the container's
+  exit code (137 after SIGKILL), as with restartPolicy Never. Each failed probe is an
+  "Unhealthy" event ("Liveness probe failed: ..."), like the kubelet's.
 - The Job's status (V1JobStatus), conditions (V1JobCondition) and events are the kubernetes
   package's models and the runner's :class:`Event` list.
 
-Not emulated: scheduling, resources, probes and securityContext (the pods run as the runner's
-user); the delay before re-creating failed pods is 0 unless ``backoff_delay_seconds`` is given
+Not emulated: scheduling, resources, readiness and startup probes, and securityContext (the pods
+run as the runner's user); the delay before re-creating failed pods is 0 unless ``backoff_delay_seconds`` is given
 (Kubernetes uses 10 s doubling).
 """
 
 from __future__ import annotations
 
 import datetime
+import http.client
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.errors import ConfigError
-from trainer.jobrunner import podspec
+from trainer.jobrunner import podspec, probes
 from trainer.jobrunner.controller import COMPLETE, JobController, JobPolicy, LivePod, Outcome, index_ranges
 from trainer.jobrunner.manifests import Manifests, load_manifests
 from trainer.jobrunner.network import HostNetwork, PodNetwork, hosts_file, make_network
@@ -52,7 +61,8 @@ class Event:
     """Something the runner did or saw; ``time`` is seconds since the Job started."""
 
     time: float
-    reason: str  # PodStarted, PodSucceeded, PodFailed, PodDeleting, PodSignalled, JobCondition, Warning
+    # PodStarted, PodSucceeded, PodFailed, PodDeleting, PodSignalled, Unhealthy, Killing, JobCondition, Warning
+    reason: str
     message: str
     pod: str | None = None
     index: int | None = None
@@ -73,6 +83,8 @@ class Pod:
     by_job: bool = False  # deleted because the Job finished
     finished: float | None = None
     exit_code: int | None = None
+    liveness: probes.LivenessState | None = None
+    ended: threading.Event = field(default_factory=threading.Event)  # wakes its prober when it exits
 
     @property
     def proc(self) -> Any:  # subprocess.Popen of the pod's main process
@@ -380,6 +392,7 @@ class JobRunner:
         root = os.path.join(self.workdir, name)
         plan = podspec.plan_pod(self.manifests, meta, root, self.executables, self.base_env, self.volume_dirs)
         hosts = os.path.join(root, "etc-hosts")
+        os.makedirs(root, exist_ok=True)  # a pod without volumes has no directory yet
         with open(hosts, "w") as f:
             f.write(hosts_file(self._host_entries(index, plan.hostname), f"hosts file of pod {name} (jobrunner)"))
         self._seq += 1
@@ -397,6 +410,41 @@ class JobRunner:
         self.pods.append(pod)
         message = f"created pod {name}" + (f" (replaces {replaces})" if replaces else "")
         self._event("PodStarted", message, pod, replaces=replaces)
+        if plan.liveness is not None:
+            pod.liveness = probes.LivenessState(plan.liveness, started=child.started)
+            threading.Thread(target=self._probe_loop, args=(pod,), name=f"liveness-{name}", daemon=True).start()
+
+    # --- the liveness probe: one thread per pod, as the kubelet has one worker per probe ------
+
+    def _probe_loop(self, pod: Pod) -> None:
+        state = pod.liveness
+        address = self.network.address(pod.index)
+        while True:
+            with self._lock:
+                if not pod.live or state.killed or pod.deleting_since is not None:
+                    return
+                due = state.next_probe()
+            if pod.ended.wait(max(0.0, due - time.monotonic())):
+                return
+            ok, detail = http_probe(self.network.socket, address, state.probe)
+            with self._lock:
+                if pod.live and pod.deleting_since is None:
+                    self._probed(pod, ok, detail)
+
+    def _probed(self, pod: Pod, ok: bool, detail: str) -> None:
+        kill = pod.liveness.record(ok, time.monotonic())
+        if not ok:
+            self._event("Unhealthy", f"Liveness probe failed: {detail}", pod)
+        if kill:
+            grace = pod.liveness.probe.kill_grace(pod.plan.grace_seconds)
+            container = self.manifests.container.name
+            self._event(
+                "Killing",
+                f"Container {container} failed liveness probe, will be killed (restartPolicy Never); "
+                f"SIGTERM, SIGKILL after {grace:g} s",
+                pod,
+            )
+            pod.child.terminate(grace)
 
     def _pod_output(self, name: str, log: list[str]) -> Callable[[str], None]:
         def keep_and_print(line: str) -> None:
@@ -446,6 +494,7 @@ class JobRunner:
         pod.child.join_output(timeout=2)
         pod.exit_code = pod.child.exit_code
         pod.finished = time.monotonic()
+        pod.ended.set()
         verdict = self.controller.pod_exited(
             pod.index,
             pod.exit_code,
@@ -539,6 +588,57 @@ class JobRunner:
         with self._sink_lock:
             self.sink.write(text)
             self.sink.flush()
+
+
+#: The kubelet's probe User-Agent is kube-probe/<its minor version>.
+PROBE_USER_AGENT = "kube-probe/1.35"
+
+
+class _ProbeConnection(http.client.HTTPConnection):
+    """An HTTP connection over a socket of ``new_socket`` (the node's network namespace)."""
+
+    def __init__(self, host: str, port: int, timeout: float, new_socket: Callable[[], socket.socket]):
+        super().__init__(host, port, timeout=timeout)
+        self._new_socket = new_socket
+
+    def connect(self) -> None:
+        sock = self._new_socket()
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def http_probe(new_socket: Callable[[], socket.socket], address: str, probe: probes.HttpProbe) -> tuple[bool, str]:
+    """One ``httpGet`` probe as the kubelet sends it: (success, what happened, for the event).
+
+    ``timeoutSeconds`` bounds each step (connect, send, each read): a frozen process still gets
+    its connections accepted by the kernel, so its probe fails by the read timing out.
+    """
+    url = f"http://{address}:{probe.port}{probe.path}"
+    connection = _ProbeConnection(address, probe.port, probe.timeout, new_socket)
+    try:
+        # Like the kubelet: no keep-alive, its User-Agent, Accept */*.
+        headers = {"User-Agent": PROBE_USER_AGENT, "Accept": "*/*", "Connection": "close"}
+        connection.request("GET", probe.path, headers=headers)
+        response = connection.getresponse()
+        response.read(10 * 1024)  # the kubelet reads at most 10 KiB of the body
+    except (OSError, http.client.HTTPException) as err:
+        return False, f'Get "{url}": {_describe(err)}'
+    finally:
+        connection.close()
+    if probes.succeeded(response.status):
+        return True, f"HTTP probe succeeded with statuscode: {response.status}"
+    return False, f"HTTP probe failed with statuscode: {response.status}"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError):
+        return "timeout awaiting the response (Client.Timeout exceeded)"
+    return str(err) or type(err).__name__
 
 
 def run_job_file(
