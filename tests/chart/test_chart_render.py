@@ -276,6 +276,11 @@ def test_liveness_probe_asks_the_metrics_port_only_when_the_endpoint_runs():
     assert default["httpGet"] == {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}
     assert default["periodSeconds"] * default["failureThreshold"] == 120  # a frozen trainer lives 2 min
     assert tuned["periodSeconds"] == 5 and tuned["failureThreshold"] == 3 and tuned["timeoutSeconds"] == 10
+    # The probe's own grace (a process that failed its probe cannot act on SIGTERM); null: the pod's.
+    assert default["terminationGracePeriodSeconds"] == 30
+    assert "terminationGracePeriodSeconds" not in probe(
+        {"job": {"livenessProbe": {"terminationGracePeriodSeconds": None}}}
+    )
     assert probe({"job": {"livenessProbe": {"enabled": False}}}) is None
     assert probe({"trainer": {"monitoring": {"enabled": False}}}) is None  # no endpoint, no probe
 

@@ -401,8 +401,9 @@ template:
             protocol: TCP
         {{- $probe := $v.job.livenessProbe }}
         {{- if and $probe.enabled (ne (dig "monitoring" "enabled" true ($v.trainer | default dict)) false) }}
-        # A frozen trainer (stopped, or stuck holding Python's GIL) stops answering: the kubelet
-        # kills it, the pod fails and is replaced, and the group restarts from its backup.
+        # A frozen trainer (stopped, or stuck in C code holding Python's GIL) stops answering: the
+        # kubelet kills it (exit 137: counted), the pod is replaced and the group restarts from its
+        # backup. A Python loop or C code that released the GIL still answers (docs/operations.md).
         livenessProbe:
           httpGet:
             path: {{ $c.healthPath }}
@@ -410,6 +411,9 @@ template:
           periodSeconds: {{ int $probe.periodSeconds }}
           timeoutSeconds: {{ int $probe.timeoutSeconds }}
           failureThreshold: {{ int $probe.failureThreshold }}
+          {{- if not (kindIs "invalid" $probe.terminationGracePeriodSeconds) }}
+          terminationGracePeriodSeconds: {{ int $probe.terminationGracePeriodSeconds }}
+          {{- end }}
         {{- end }}
         resources:
           requests:
