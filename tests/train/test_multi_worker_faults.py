@@ -32,7 +32,7 @@ from tests.support.jobs import (
     render,
 )
 from tests.support.training import TINY_RUN, make_tiny_dataset, set_args
-from trainer.contract import ExitCode
+from trainer.contract import RUN_ATTEMPTS_FILE, ExitCode
 from trainer.jobrunner import JobRunner
 from trainer.launch import entrypoint_command
 
@@ -238,6 +238,48 @@ def test_a_frozen_worker_becomes_an_error_on_the_others_within_the_heartbeat_bou
     # Heartbeat timeout 10 s (+ TensorFlow's polling), well before the 60 s collective timeout.
     assert detected_after < 45, detected_after
     print(f"\nfigures: frozen worker detected by the chief after {detected_after:.1f} s")
+
+
+#: The chart's probe, shortened: a frozen pod is killed within 2 + 3 x (2 + 1) s plus a 2 s grace.
+FAST_PROBE = {"periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 3, "terminationGracePeriodSeconds": 2}
+
+
+@pytest.mark.timeout(240)
+def test_a_frozen_worker_is_killed_by_its_liveness_probe_and_the_group_restarts_and_completes(tmp_path):
+    dataset = make_tiny_dataset(tmp_path)
+    output = tmp_path / "run"
+    values = {"workers": 2, "dataset": dataset, "output": str(output), "trainer": _trainer()}
+    text = render(tmp_path, {**values, "job": {"livenessProbe": FAST_PROBE}})
+    with JobRunner(text, namespace=NAMESPACE, sink=Capture()) as runner:
+        runner.start()
+        runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=180)
+        frozen = runner.kill_pod(1, signal.SIGSTOP)  # alive but silent; nobody but the probe ends it
+        frozen_at = time.monotonic()
+        killing = runner.wait_for(lambda: _events(runner, "Killing"), 60, "the probe's kill")
+        killed_after = time.monotonic() - frozen_at
+        status = runner.wait(timeout=180)
+        events = runner.events
+        tails = _tails(runner, 2)
+        assert_one_live_pod_per_index(runner)
+
+    assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), tails
+    assert [e.pod for e in killing] == [frozen]  # the probe killed the frozen pod, and only it
+    unhealthy = [e for e in events if e.reason == "Unhealthy" and e.pod == frozen and e.time > killing[0].time - 10]
+    assert len(unhealthy) >= FAST_PROBE["failureThreshold"], events
+    assert all("Liveness probe failed" in e.message for e in unhealthy)
+    # The kill: SIGKILL after the probe's 2 s grace (a stopped process never acts on SIGTERM): 137,
+    # which the chart's podFailurePolicy counts; the chief's transient error counts too; both replaced.
+    failures = [(e.pod == frozen, e.exit_code, e.action) for e in events if e.reason == "PodFailed"]
+    assert sorted(failures) == [(False, ExitCode.TRANSIENT, "Count"), (True, 137, "Count")], failures
+    assert killed_after < 2 + 3 * (2 + 1) + 3, killed_after
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["distribution"]["workers"] == 2
+    assert json.loads((output / RUN_ATTEMPTS_FILE).read_text())["attempts"] == 2  # one group restart
+    print(f"\nfigures: frozen worker killed by its liveness probe {killed_after:.1f} s after SIGSTOP")
+
+
+def _events(runner: JobRunner, reason: str) -> list:
+    return [e for e in runner.events if e.reason == reason]
 
 
 def test_a_run_stopped_with_three_workers_resumes_with_two_from_the_same_backup(tmp_path):
