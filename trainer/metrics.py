@@ -274,8 +274,11 @@ def _handler(exposition: _Exposition) -> type[http.server.BaseHTTPRequestHandler
         def do_GET(self):
             self.server.busy(self.connection)
             if self.path.split("?", 1)[0] == HEALTH_PATH:
-                # Answered by a thread of the trainer process: fails only when the whole process
-                # is frozen (stopped, or stuck holding the GIL), which the liveness probe catches.
+                # Answered by this thread, so it fails only when no Python thread can run: the
+                # process stopped, or its main thread in a C call that holds the GIL. A Python
+                # busy loop (the GIL is handed over every 5 ms) and C code that released it
+                # (TensorFlow ops and collectives, even deadlocked) still get an answer: the
+                # collective timeout bounds those (measured: tests/jobrunner/test_liveness.py).
                 self._send(b"ok\n", "text/plain; charset=utf-8")
                 return
             if self.path.split("?", 1)[0] not in ("/metrics", "/"):

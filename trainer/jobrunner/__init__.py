@@ -6,7 +6,9 @@ ConfigMaps/Secrets and its headless Service, and runs one OS process per pod (:m
 command, args, env with fieldRefs, volumes). :mod:`.controller` holds the Job controller's rules as
 pure decisions (completions, parallelism, podFailurePolicy, backoffLimit, podReplacementPolicy,
 activeDeadlineSeconds, conditions), unit-tested against the Kubernetes documentation;
-:mod:`.runner` carries them out: pods as processes (trainer.supervisor), grace periods, status.
+:mod:`.runner` carries them out: pods as processes (trainer.supervisor), grace periods, status,
+and the kubelet's liveness probe (:mod:`.probes`: the rules, pure; the runner sends the requests
+to the pod's IP from the Job's hub namespace, the node's side of the pod network).
 
 Peer hostnames (:mod:`.network`). The trainer's peers are ``<job>-<i>.<service>.<ns>.svc:2222``,
 the same port for every pod. Checked here: TensorFlow's gRPC server binds ``0.0.0.0:<port>``
