@@ -7,7 +7,9 @@ namespace.
 - a SIGKILLed worker makes the survivors fail within the health-check bound: the group restarts
   from the newest backup (counted), loses at most one backup interval, and completes with a
   final accuracy within the band of an uninterrupted run of the same recipe;
-- a frozen worker (SIGSTOP) turns into an error on the others within a bounded time;
+- a frozen worker (SIGSTOP) turns into an error on the others within a bounded time, and the
+  chart's liveness probe (run by the runner as the kubelet runs it) kills it: the group restarts
+  and the run completes;
 - a run stopped with 3 workers resumes with 2 from the same backup; a finished run re-run is a no-op.
 """
 
@@ -251,16 +253,19 @@ def test_a_frozen_worker_is_killed_by_its_liveness_probe_and_the_group_restarts_
     values = {"workers": 2, "dataset": dataset, "output": str(output), "trainer": _trainer()}
     text = render(tmp_path, {**values, "job": {"livenessProbe": FAST_PROBE}})
     with JobRunner(text, namespace=NAMESPACE, sink=Capture()) as runner:
-        runner.start()
-        runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=180)
-        frozen = runner.kill_pod(1, signal.SIGSTOP)  # alive but silent; nobody but the probe ends it
-        frozen_at = time.monotonic()
-        killing = runner.wait_for(lambda: _events(runner, "Killing"), 60, "the probe's kill")
-        killed_after = time.monotonic() - frozen_at
-        status = runner.wait(timeout=180)
-        events = runner.events
-        tails = _tails(runner, 2)
-        assert_one_live_pod_per_index(runner)
+        try:
+            runner.start()
+            runner.wait_for_log(0, "fine_tuning epoch 1:", timeout=180)
+            frozen = runner.kill_pod(1, signal.SIGSTOP)  # alive but silent; nobody but the probe ends it
+            frozen_at = time.monotonic()
+            killing = runner.wait_for(lambda: _events(runner, "Killing"), 60, "the probe's kill")
+            killed_after = time.monotonic() - frozen_at
+            status = runner.wait(timeout=180)
+            events = runner.events
+            tails = _tails(runner, 2)
+            assert_one_live_pod_per_index(runner)
+        finally:
+            runner.close(grace_seconds=1)  # a failed test must not wait out a frozen pod's 300 s grace
 
     assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), tails
     assert [e.pod for e in killing] == [frozen]  # the probe killed the frozen pod, and only it

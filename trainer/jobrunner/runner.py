@@ -24,9 +24,9 @@ environment and volumes.
 - The Job's status (V1JobStatus), conditions (V1JobCondition) and events are the kubernetes
   package's models and the runner's :class:`Event` list.
 
-Not emulated: scheduling, resources, readiness and startup probes, and securityContext (the pods
-run as the runner's user); the delay before re-creating failed pods is 0 unless ``backoff_delay_seconds`` is given
-(Kubernetes uses 10 s doubling).
+Not emulated: scheduling, resources, readiness and startup probes, and securityContext (the
+pods run as the runner's user); the delay before re-creating failed pods is 0 unless
+``backoff_delay_seconds`` is given (Kubernetes uses 10 s doubling).
 """
 
 from __future__ import annotations
