@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default="benchmarks.md", help="markdown table file (default benchmarks.md)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds not minutes (for tests)")
     p.add_argument("--workdir", default=None, help="keep generated data, logs and runs here (default: a temp dir)")
+    p.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="overwrite --out/--table even when the machine is busy (the files then say so at the top)",
+    )
 
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
@@ -137,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _on_sigterm(signum, frame) -> None:
     # Kubernetes sends SIGTERM before killing a pod. The run resumes from its last backup.
     raise Preempted("received SIGTERM; stopping (the run resumes from its last backup when restarted)")
@@ -162,7 +171,7 @@ def _run(args: argparse.Namespace) -> int | None:
     if args.command == "bench":
         from trainer.bench.suite import run_bench
 
-        run_bench(args.out, args.table, args.quick, args.workdir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        run_bench(args.out, args.table, args.quick, args.workdir, say=_to_stderr, allow_busy=args.allow_busy)
         return None
 
     from trainer import config as config_lib
