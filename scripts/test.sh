@@ -9,6 +9,8 @@ scripts/machine-info.sh
 # Real helm and kubectl for the chart tests (tests/chart), into the git-ignored .tools/bin.
 PYTHON=.venv/bin/python scripts/tools.sh
 export PATH="$PWD/.tools/bin:$PATH"
+# The checkov scanner (tests/chart/test_chart_scan.py), into the git-ignored .tools/checkov-venv.
+scripts/checkov.sh
 # Real Prometheus, promtool and Pushgateway for the observability tests (tests/observability).
 scripts/prometheus.sh
 .venv/bin/ruff check trainer tests

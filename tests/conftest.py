@@ -26,7 +26,7 @@ pytest_plugins = ["tests.support.gcs_fixtures"]
 # paths; collection checks that every test using the emulator is in a GCS module.
 GCS_MODULES = (
     "tests/test_gcs.py",
-    "tests/data/test_prepare_gcs.py",
+    "tests/data/prepare/test_prepare_gcs.py",
     "tests/data/test_staging.py",
     "tests/support/test_gcs_harness.py",
     "tests/train/test_run_gcs.py",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +162,24 @@ def test_after_a_failure_a_worker_that_ignores_sigterm_is_killed_after_the_grace
 
     assert launcher.returncode == ExitCode.TRANSIENT, output  # the failure's code, not the kill's
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize(
+    ("flags", "address"),
+    [([], "127.0.0.1"), (["--listen-address", "0.0.0.0"], "0.0.0.0"), (["--set", "monitoring.address='::'"], "[::]")],
+    ids=["loopback-by-default", "listen-address", "configured-address"],
+)
+def test_launched_workers_serve_metrics_on_loopback_unless_told_otherwise(tmp_path, flags, address):
+    """The real `trainer launch`; each worker serves metrics before it reads the (missing) dataset."""
+    (tmp_path / "empty").mkdir()
+    dirs = ["--set", f"data.dataset={tmp_path / 'empty'}", "--set", f"output.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "trainer", "launch", "--workers", "2", *dirs, *flags]
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    assert proc.returncode == ExitCode.DATA_ERROR, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for index in range(2):
+        assert re.search(
+            rf"^\[worker-{index}\] .*metrics on http://{re.escape(address)}:\d+/metrics$", proc.stdout, re.M
+        )
+    assert "TensorFlow gRPC ports" in proc.stderr and "without authentication" in proc.stderr

@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, predict, evaluate, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, doctor, status, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -8,15 +8,16 @@ faults are.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
-from trainer.contract import Env, ExitCode
-from trainer.errors import ConfigError, DataError, Preempted
+from trainer.contract import LOCAL_LISTEN_ADDRESS, Env, ExitCode
+from trainer.errors import ConfigError, DataError
 from trainer.exits import explain
+from trainer.signals import preempt_on_sigterm
 
 log = logging.getLogger("trainer")
 
@@ -76,7 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="run N local worker processes of `trainer train`")
     p.add_argument("--workers", type=int, default=2, help="number of worker processes (default 2)")
+    p.add_argument(
+        "--listen-address",
+        default=LOCAL_LISTEN_ADDRESS,
+        help=f"address of the workers' metrics endpoints unless monitoring.address is set (default "
+        f"{LOCAL_LISTEN_ADDRESS}: this machine only; 0.0.0.0 = every interface)",
+    )
     _add_config_args(p)
+
+    p = sub.add_parser("doctor", help="check what a run needs here: dataset, output, peers, GPUs, weights")
+    p.add_argument(
+        "--gpus", type=int, default=None, help="GPUs that must be visible (default $TRAINER_GPUS_PER_WORKER, else 0)"
+    )
+    _add_config_args(p)
+
+    p = sub.add_parser("status", help="a run's phase, progress, speed, loss, ETA, backups, restarts, Job conditions")
+    p.add_argument("release", nargs="?", help="Helm release (read through the API server with your kubeconfig)")
+    p.add_argument("--namespace", "-n", default=None, help="the release's namespace (default: the context's)")
+    p.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+    p.add_argument(
+        "--metrics-url", action="append", default=[], metavar="URL", help="read this /metrics directly instead "
+        "(repeat per worker, the chief first)"
+    )  # fmt: skip
+    p.add_argument("--watch", "-w", action="store_true", help="refresh every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch (default 10)")
+    p.add_argument("--sample-seconds", type=float, default=3.0, help="seconds between the two reads (default 3)")
 
     p = sub.add_parser("predict", help="classify image files with an exported model")
     p.add_argument("model", help="export directory (holding saved_model/) or the SavedModel itself")
@@ -100,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
     p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
     p.add_argument("--keep-workdir", action="store_true", help="keep the pods' volume directories")
+
+    p = job_sub.add_parser("test", help="run the `helm test` pods (trainer doctor) of the rendered manifests")
+    p.add_argument("manifests", help="rendered manifests (`helm template` output); - = stdin")
+    p.add_argument("--timeout", type=float, default=600, help="stop a test pod after S seconds (default 600)")
+    p.add_argument("--namespace", "-n", default=None, help="the pods' namespace (default: the Job's, else default)")
+    p.add_argument("--network", choices=["auto", "pod", "host"], default="auto", help="pod networking (default auto)")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME=DIR", help="a volume as a local directory")
 
     p = sub.add_parser("bench", help="performance benchmark suite (docs/benchmarks.md)")
     p.add_argument("--out", default="benchmarks.json", help="JSON result file (default benchmarks.json)")
@@ -128,27 +160,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return int(_run(args) or ExitCode.OK)
-    except BaseException as err:
-        explained = explain(err)
-        if explained is None:
-            raise  # a bug (or SystemExit): keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
-        if not isinstance(err, KeyboardInterrupt):
-            print(f"error: {explained}", file=sys.stderr, flush=True)
-        return int(explained.exit_code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with preempt_on_sigterm():  # SIGTERM -> Preempted -> exit 76; the whole chain: trainer.signals
+        try:
+            return int(_run(args) or ExitCode.OK)
+        except BaseException as err:
+            explained = explain(err)
+            if explained is None:
+                raise  # a bug (or SystemExit): keep the traceback; Python exits with 1 (ExitCode.INTERNAL)
+            if not isinstance(err, KeyboardInterrupt):
+                print(f"error: {explained}", file=sys.stderr, flush=True)
+            return int(explained.exit_code)
 
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum, frame) -> None:
-    # Kubernetes sends SIGTERM before killing a pod. The run resumes from its last backup.
-    raise Preempted("received SIGTERM; stopping (the run resumes from its last backup when restarted)")
 
 
 def _run(args: argparse.Namespace) -> int | None:
@@ -160,10 +185,22 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.report import evaluate_command
 
         return evaluate_command(args.model, args.dataset, args.split, args.output, args.top_k)
+    if args.command == "job" and args.job_command == "test":
+        from trainer.jobrunner.testpods import run_test_file
+
+        return run_test_file(args.manifests, args.timeout, args.namespace, args.network, args.volume)
     if args.command == "job":
         from trainer.jobrunner import run_job_file
 
         return run_job_file(args.manifests, args.timeout, args.namespace, args.network, args.volume, args.keep_workdir)
+    if args.command == "status":
+        from trainer.status import status_command
+
+        if args.release and args.metrics_url:
+            raise ConfigError("give RELEASE or --metrics-url, not both")
+        return status_command(
+            args.release, args.namespace, args.context, args.metrics_url, args.watch, args.interval, args.sample_seconds
+        )
     if args.command == "demo":
         from trainer.demo import run_demo
 
@@ -189,11 +226,15 @@ def _run(args: argparse.Namespace) -> int | None:
         return _show_config(cfg)
     if args.command == "prepare":
         return _prepare(args, cfg)
+    if args.command == "doctor":
+        from trainer.doctor import doctor_command
+
+        return doctor_command(cfg, args.gpus)
     config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds
 
-        return launch_local(args.workers, _train_args(args), grace_seconds=stop_grace_seconds(cfg.runtime))
+        return launch_local(args.workers, _launch_args(args, cfg), grace_seconds=stop_grace_seconds(cfg.runtime))
     if args.command == "train":
         from trainer import worker
 
@@ -231,6 +272,14 @@ def _show_config(cfg) -> None:
     print(f"# the plan for 1 replica {where}:")
     for line in [*plan.lines(), *(f"warning: {w}" for w in plan.warnings)]:
         print(f"# {line}")
+
+
+def _launch_args(args: argparse.Namespace, cfg) -> list[str]:
+    """The workers' `trainer train` arguments: the metrics endpoint on --listen-address unless the
+    configuration names an address (the endpoint is unauthenticated; docs/operations.md, "Trust model")."""
+    if cfg.monitoring.address:
+        return _train_args(args)
+    return [*_train_args(args), "--set", f"monitoring.address={json.dumps(args.listen_address)}"]  # YAML string
 
 
 def _train_args(args: argparse.Namespace) -> list[str]:

@@ -134,7 +134,12 @@ class AugmentConfig(Section):
 class StagingConfig(Section):
     enabled: Bool = _f(False, "Copy this worker's shards to local disk in the background and read them from there.")
     dir: Str = _f("", "Local directory for the copies; empty = $TRAINER_SCRATCH_DIR, else the system temp dir.")
-    budget_gb: Float = _f(50.0, "Disk the copies may use; shards beyond it are read remotely.", ge=0)
+    budget_gb: Float = _f(
+        0.0,
+        "Disk the copies may use (GB); shards beyond it are read remotely. 0 = follow the disk: the chart sets "
+        "90% of scratch.sizeLimit, elsewhere 90% of the directory's free space at start.",
+        ge=0,
+    )
     parallel_downloads: Int = _f(4, "Concurrent shard downloads per worker.", ge=1)
 
 
@@ -278,7 +283,21 @@ class TrainConfig(Section):
         False,
         "A phase with the whole base frozen runs each image through the base once, caches the features on "
         "local scratch disk and trains the head on them (epochs many times faster). Cached images are "
-        "unaugmented, so such a phase ignores data.augment; phases that unfreeze blocks are never cached.",
+        "unaugmented (see train.cache_views), so such a phase ignores data.augment.",
+    )
+    cache_frozen_blocks: Bool = _f(
+        False,
+        "A phase that trains only top blocks (the default fine-tuning phase trains block5) runs each image "
+        "once through the frozen blocks below them, caches their output (block4's pooled features for "
+        "block5) on local scratch disk and trains the top blocks and the head on it; the model and its "
+        "export stay the whole network. Same caveats as cache_frozen_features.",
+    )
+    cache_views: Int = _f(
+        0,
+        "Views per training image in a feature cache when data.augment is on: 0 = each image's centre "
+        "crop once (the cached phase then trains unaugmented); N = N augmented views (random crop, "
+        "flips), N times the cache's disk and its first epoch's time, every epoch drawing from all.",
+        ge=0,
     )
 
 

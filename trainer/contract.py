@@ -49,6 +49,7 @@ class Env(enum.StrEnum):
     WORKER_PORT = "TRAINER_WORKER_PORT"
     SCRATCH_DIR = "TRAINER_SCRATCH_DIR"  # writable local scratch (emptyDir) for staging and caches
     IMAGE = "TRAINER_IMAGE"  # the container image reference, reported in trainer_build_info
+    GPUS_PER_WORKER = "TRAINER_GPUS_PER_WORKER"  # GPUs the pod asked for (`trainer doctor` checks them)
     # The metrics endpoint's port, overriding monitoring.port: the local launcher gives each worker its own.
     METRICS_PORT = "TRAINER_METRICS_PORT"
     # Who owns the run (trainer.train.lease), set by the local launcher for its workers: a re-run of
@@ -72,6 +73,9 @@ DEFAULT_LEASE_SECONDS = 120
 WORKER_PORT = 2222
 #: Port of the Prometheus metrics endpoint on every worker.
 METRICS_PORT = 9090
+#: Where `trainer launch` workers serve metrics unless told otherwise: this machine only (the
+#: endpoint is unauthenticated; in a pod the chart's NetworkPolicy guards it instead).
+LOCAL_LISTEN_ADDRESS = "127.0.0.1"
 
 #: The console script installed by pyproject and used as the container entrypoint.
 ENTRYPOINT = "trainer"

@@ -12,7 +12,7 @@ import os
 import time
 
 from trainer import config as config_lib
-from trainer.contract import ExitCode
+from trainer.contract import LOCAL_LISTEN_ADDRESS, ExitCode
 from trainer.launch import launch_local
 from trainer.layout import RunLayout
 
@@ -49,7 +49,9 @@ def run_demo(workdir: str, workers: int = 2) -> int:
     started = time.perf_counter()
     workdir = os.path.abspath(workdir)
     images, dataset, output = (os.path.join(workdir, d) for d in ("images", "dataset", "run"))
-    settings = [*DEMO_SETTINGS, f"data.dataset={dataset}", f"output.dir={output}"]
+    # The metrics endpoints on this machine only, as `trainer launch` serves them (docs/operations.md, "Trust model").
+    local = f"monitoring.address={LOCAL_LISTEN_ADDRESS}"
+    settings = [*DEMO_SETTINGS, f"data.dataset={dataset}", f"output.dir={output}", local]
     cfg = config_lib.load_config(None, settings)
 
     _say(f"1/4 generating {DEMO_CLASSES} classes x {DEMO_IMAGES_PER_CLASS} images in {images}")

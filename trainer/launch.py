@@ -10,16 +10,17 @@ the launcher then exits 76. It never kills a worker that is finishing its step (
 unless asked a second time. If a worker fails, the others get SIGTERM, and SIGKILL once the
 grace (``runtime.stop_check_seconds`` + ``STOP_MARGIN_SECONDS``) has passed; the launcher exits
 with the failed worker's code, and says which worker failed and which it killed.
+
+The workers are trainer.supervisor children (a process group each); the launcher's handler for
+the stop signals is a trainer.signals.stop_requests handler, held while the workers run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +30,8 @@ from trainer.cluster import make_tf_config
 from trainer.config import RuntimeConfig
 from trainer.contract import ENTRYPOINT, STOP_MARGIN_SECONDS, Env, ExitCode
 from trainer.errors import ConfigError
+from trainer.signals import STOP_SIGNALS, stop_requests
+from trainer.supervisor import Child, describe_exit
 
 
 def stop_grace_seconds(runtime: RuntimeConfig) -> float:
@@ -76,13 +79,6 @@ def worker_env(
     return env
 
 
-def _pump(stream, prefix: str, sink) -> None:
-    for line in iter(stream.readline, ""):
-        sink.write(f"[{prefix}] {line}")
-        sink.flush()
-    stream.close()
-
-
 def launch_local(
     num_workers: int,
     args: Sequence[str],
@@ -105,57 +101,66 @@ def launch_local(
     workers = [f"localhost:{port}" for port in ports[:num_workers]] if num_workers > 1 else []
     metrics_ports = list(metrics_ports or ports[num_workers:])
     command = list(command or entrypoint_command()) + list(args)
-    procs, pumps = [], []
-    for index in range(num_workers):
-        env = worker_env(workers, index, metrics_port=metrics_ports[index])
-        if num_workers == 1:
-            env.pop(Env.TF_CONFIG.value, None)
-        proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        pump = threading.Thread(target=_pump, args=(proc.stdout, f"worker-{index}", sink), daemon=True)
-        pump.start()
-        procs.append(proc)
-        pumps.append(pump)
-    group = WorkerGroup(procs, grace_seconds)
-    previous = {sig: signal.signal(sig, group.on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if workers:
+        _say(grpc_exposure_warning(ports[:num_workers]))
+    children: list[Child] = []
+    sink_lock = threading.Lock()  # the workers' output threads share the sink
     try:
-        code = group.wait()
+        for index in range(num_workers):
+            env = worker_env(workers, index, metrics_port=metrics_ports[index])
+            if num_workers == 1:
+                env.pop(Env.TF_CONFIG.value, None)
+            output = _prefixed(sink, f"worker-{index}", sink_lock)
+            children.append(Child(command, env=env, on_line=output, stdin=None))
+        group = WorkerGroup(children, grace_seconds)
+        # SIGTERM and Ctrl-C go to the workers while they run (trainer.signals: the launcher's link of the chain).
+        with stop_requests(group.on_stop_signal, STOP_SIGNALS):
+            return group.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        group.kill_all()  # an exception in the wait must not leave workers behind
-        for pump in pumps:
-            pump.join(timeout=5)
-    return code
+        for child in children:  # an exception in the wait must not leave workers behind
+            child.kill()
+            child.wait()
+            child.join_output()
+
+
+def _prefixed(sink, prefix: str, lock: threading.Lock):
+    def write(line: str) -> None:
+        with lock:
+            sink.write(f"[{prefix}] {line}")
+            sink.flush()
+
+    return write
+
+
+def grpc_exposure_warning(ports: Sequence[int]) -> str:
+    """TensorFlow's gRPC server listens on every interface (0.0.0.0 and [::], whatever address its
+    task has; it has no option to bind one) and authenticates no one: say so once per launch."""
+    listed = ", ".join(str(p) for p in ports)
+    return (
+        f"the workers' TensorFlow gRPC ports ({listed}) accept connections on every interface without "
+        "authentication; on a shared or untrusted network block them (firewall) or run the workers in "
+        'private network namespaces with `trainer job run` (docs/operations.md, "Trust model")'
+    )
 
 
 def _say(message: str) -> None:
     print(f"launcher: {message}", file=sys.stderr, flush=True)
 
 
-def describe_exit(code: int) -> str:
-    """``exit code 65`` or ``killed by SIGKILL`` (Popen gives -N for a death by signal N)."""
-    if code >= 0:
-        return f"exit code {code}"
-    try:
-        return f"killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"killed by signal {-code}"
-
-
 class WorkerGroup:
-    """The local workers' supervisor: waits, stops them on a request or a failure, and names who did what."""
+    """The launcher's policy over its workers: stop them on a request or a failure, and name who did what.
 
-    def __init__(self, procs: list[subprocess.Popen], grace_seconds: float):
-        self.procs, self.grace = procs, grace_seconds
+    A user's stop request never kills a worker that is still backing up unless asked twice; a
+    failure's SIGTERM to the others is followed by SIGKILL after the grace.
+    """
+
+    def __init__(self, children: list[Child], grace_seconds: float):
+        self.children, self.grace = children, grace_seconds
         self.stop_requests = 0
-        self.failure: tuple[int, int] | None = None  # (worker index, exit code) of the first failure
-        self.killed: set[int] = set()  # indexes the launcher killed
-        self._terminated_at: float | None = None
+        self.failure: tuple[int, int] | None = None  # (worker index, returncode) of the first failure
         self._told_still_waiting = False
 
-    def on_stop_signal(self, signum, frame) -> None:
+    def on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         self.stop_requests += 1
         if self.stop_requests == 1:
@@ -163,14 +168,15 @@ class WorkerGroup:
                 f"{name}: stopping the workers; each backs up at its next stop check (runtime.stop_check_seconds, "
                 f"or the step in progress if slower) and exits {int(ExitCode.PREEMPTED)}; {name} again kills them now"
             )
-            self._terminate()
+            self._terminate(grace_seconds=None)  # asked by the user: never kill a backup in progress unasked
         else:
             _say(f"{name} again: killing the workers; the run resumes from its last backup")
-            self.kill_all(reap=False)  # in a signal handler: the wait loop reaps them
+            for child in self.children:
+                child.kill()  # in a signal handler: the wait loop reaps them
 
     def wait(self) -> int:
         while True:
-            codes = [proc.poll() for proc in self.procs]
+            codes = [child.poll() for child in self.children]
             if self.failure is None and not self.stop_requests:
                 self._check_failure(codes)
             if all(code is not None for code in codes):
@@ -185,21 +191,25 @@ class WorkerGroup:
         self.failure = failed[0]
         index, code = self.failure
         _say(f"worker-{index} failed ({describe_exit(code)}); stopping the others")
-        self._terminate()
+        self._terminate(self.grace)
 
     def _enforce_grace(self) -> None:
-        if self._terminated_at is None or time.monotonic() - self._terminated_at < self.grace:
+        now = time.monotonic()
+        for index, child in enumerate(self.children):
+            if child.kill_at is not None and now >= child.kill_at and child.running:
+                _say(f"worker-{index} did not stop within {self.grace:g} s of SIGTERM; killing it")
+                child.enforce_grace(now)
+        self._tell_still_waiting(now)
+
+    def _tell_still_waiting(self, now: float) -> None:
+        if not self.stop_requests or self._told_still_waiting:
             return
-        alive = [i for i, proc in enumerate(self.procs) if proc.poll() is None]
-        if self.stop_requests:  # asked by the user: never kill a backup in progress unasked
-            if alive and not self._told_still_waiting:
-                self._told_still_waiting = True
-                names = ", ".join(f"worker-{i}" for i in alive)
-                _say(f"{names} still finishing a step after {self.grace:g} s; waiting (ask again to kill now)")
-            return
-        for index in alive:
-            _say(f"worker-{index} did not stop within {self.grace:g} s of SIGTERM; killing it")
-            self._kill(index)
+        asked = min((c.terminated_at for c in self.children if c.terminated_at is not None), default=now)
+        alive = [i for i, child in enumerate(self.children) if child.running]
+        if alive and now - asked >= self.grace:
+            self._told_still_waiting = True
+            names = ", ".join(f"worker-{i}" for i in alive)
+            _say(f"{names} still finishing a step after {self.grace:g} s; waiting (ask again to kill now)")
 
     def _result(self, codes: list[int]) -> int:
         if self.failure is not None:
@@ -208,30 +218,14 @@ class WorkerGroup:
         if not self.stop_requests:
             return int(ExitCode.OK)  # no failure: every worker exited 0
         stopped = (0, ExitCode.PREEMPTED)
-        unexpected = [(i, c) for i, c in enumerate(codes) if c not in stopped and i not in self.killed]
+        killed = {i for i, child in enumerate(self.children) if child.killed}
+        unexpected = [(i, c) for i, c in enumerate(codes) if c not in stopped and i not in killed]
         if unexpected:
             index, code = unexpected[0]
             _say(f"worker-{index} ended with {describe_exit(code)} while stopping")
             return code if code > 0 else int(ExitCode.INTERNAL)
         return int(ExitCode.OK) if all(code == 0 for code in codes) else int(ExitCode.PREEMPTED)
 
-    def _terminate(self) -> None:
-        self._terminated_at = time.monotonic()
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-
-    def _kill(self, index: int, reap: bool = True) -> None:
-        proc = self.procs[index]
-        if proc.returncode is not None:
-            return
-        self.killed.add(index)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: children go too
-        if reap:
-            proc.wait()
-
-    def kill_all(self, reap: bool = True) -> None:
-        """SIGKILL every worker still running (``reap=False`` in a signal handler: no Popen.wait there)."""
-        for index in range(len(self.procs)):
-            self._kill(index, reap)
+    def _terminate(self, grace_seconds: float | None) -> None:
+        for child in self.children:
+            child.terminate(grace_seconds)

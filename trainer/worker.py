@@ -11,10 +11,11 @@
 6. the chief waits for its peers to leave, then releases the lease, and pushes the run's
    outcome to the Pushgateway (exit code, steps, evaluation) if one is configured.
 
-SIGTERM is turned into ``trainer.errors.Preempted`` by the handler ``trainer.cli.main`` installs;
-the phases' stop check (trainer.train.callbacks.StopRequest) makes every worker stop at the same
-step with one backup. Every exception leaves through here unchanged; ``trainer.exits`` maps it
-to the exit code, the same one pushed as the outcome.
+SIGTERM is turned into ``trainer.errors.Preempted`` by the handler ``trainer.cli.main`` installs
+(trainer.signals, which describes the whole stop chain); the phases' stop check
+(trainer.train.callbacks.StopRequest) makes every worker stop at the same step with one backup.
+Every exception leaves through here unchanged; ``trainer.exits`` maps it to the exit code, the
+same one pushed as the outcome.
 """
 
 from __future__ import annotations

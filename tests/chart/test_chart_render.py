@@ -61,6 +61,7 @@ WORKLOAD_IDENTITY = {
     "workloadIdentity": {"enabled": True, "gcpServiceAccount": "trainer@my-project.iam.gserviceaccount.com"}
 }
 KUEUE = {"kueue": {"enabled": True, "queueName": "team-a", "priorityClassName": "batch-low"}}
+EGRESS = {"networkPolicy": {"egress": {"enabled": True}}}
 PUSHGATEWAY_SECRET = {"monitoring": {"pushgateway": {"existingSecret": "pushgateway-auth", "key": "push-url"}}}
 
 #: The values matrix: name -> values on top of REQUIRED.
@@ -82,7 +83,9 @@ SCENARIOS: dict[str, dict] = {
     "key-file-secret": {"credentials": {"existingSecret": "gcs-key", "key": "sa.json"}},
     "pushgateway-secret": PUSHGATEWAY_SECRET,
     "network-policy-off": {"networkPolicy": {"enabled": False}},
+    "egress-policy": merge(WORKLOAD_IDENTITY, EGRESS, {"workers": 2, "gpusPerWorker": 1}),
     "kueue": KUEUE,
+    "kueue-topology": merge(KUEUE, {"kueue": {"topology": {"required": "cloud.google.com/gce-topology-block"}}}),
     "everything": merge(
         MONITORING_ALL,
         WORKLOAD_IDENTITY,
@@ -375,6 +378,20 @@ def test_gpus_per_worker_become_resources_and_a_toleration():
 
 
 @pytest.mark.parametrize(
+    "toleration",
+    [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"},
+    ],
+)
+def test_the_gpu_toleration_is_not_repeated_when_the_user_gives_one(toleration):
+    spot = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    spec = one(render({"tolerations": [toleration, spot]}), "Job")["spec"]["template"]["spec"]
+
+    assert spec["tolerations"] == [toleration, spot]
+
+
+@pytest.mark.parametrize(
     ("placement", "kind"), [("spread", "podAntiAffinity"), ("pack", "podAffinity"), ("none", None)]
 )
 def test_worker_placement(placement, kind):
@@ -422,6 +439,22 @@ def test_scheduling_values_reach_the_pod():
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in container(docs)["volumeMounts"]
 
 
+def test_image_registry_goes_in_front_of_the_repository():
+    docs = render({"image": {"registry": "europe-docker.pkg.dev/p/ml/", "digest": "sha256:" + "b" * 64}})
+
+    assert container(docs)["image"] == "europe-docker.pkg.dev/p/ml/vgg-trainer@sha256:" + "b" * 64
+    assert one(docs, "Pod")["spec"]["containers"][0]["image"] == container(docs)["image"]  # the helm test pod too
+
+
+def test_common_labels_reach_every_object_and_the_worker_pods():
+    docs = render(merge(MONITORING_ALL, {"commonLabels": {"team": "vision", "cost-center": "ml"}}))
+
+    for doc in docs:
+        assert doc["metadata"]["labels"]["team"] == "vision", doc["kind"]
+    assert one(docs, "Job")["spec"]["template"]["metadata"]["labels"]["cost-center"] == "ml"
+    assert "team" not in one(docs, "Service")["spec"]["selector"]  # selectors stay the chart's
+
+
 def test_image_defaults_to_the_app_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
 
@@ -432,15 +465,43 @@ def test_image_defaults_to_the_app_version():
 # --------------------------------------------------------------------------- Kueue, identity, network
 
 
-def test_kueue_queues_a_suspended_job():
+def test_kueue_queues_the_job_and_leaves_suspend_to_kueue():
+    """Kueue's webhook suspends a queued Job; Helm 4's server-side apply must not own the field."""
     job = one(render(KUEUE), "Job")
     plain = one(render(), "Job")
 
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low"
-    assert job["spec"]["suspend"] is True
+    assert "suspend" not in job["spec"]
     assert plain["spec"]["suspend"] is False
+    assert one(render({"job": {"suspend": True}}), "Job")["spec"]["suspend"] is True
     assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("level", ["required", "preferred"])
+def test_kueue_topology_aware_scheduling_annotates_the_pod_template(level):
+    block = "cloud.google.com/gce-topology-block"
+    job = one(render(merge(KUEUE, {"kueue": {"topology": {level: block}}})), "Job")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+
+    assert annotations[f"kueue.x-k8s.io/podset-{level}-topology"] == block
+    assert [k for k in annotations if k.startswith("kueue.x-k8s.io/")] == [f"kueue.x-k8s.io/podset-{level}-topology"]
+    assert not any(
+        k.startswith("kueue.x-k8s.io/")
+        for k in one(render(KUEUE), "Job")["spec"]["template"]["metadata"]["annotations"]
+    )
+
+
+def test_notes_under_kueue_rescale_without_suspending():
+    path = values_file(merge(REQUIRED, KUEUE))
+    try:
+        proc = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+    notes = proc.stdout.split("NOTES:", 1)[1]
+
+    assert "--reuse-values --set workers=N" in notes and "job.suspend" not in notes
+    assert "until Kueue admits it (queue team-a)" in notes and "get workloads" in notes
 
 
 def test_workload_identity_annotates_the_service_account():
@@ -522,17 +583,19 @@ def test_the_pushgateway_url_comes_from_the_secret_never_from_the_config_map():
     assert Env.PUSHGATEWAY_URL.value not in env_of(render())  # only with the Secret
 
 
-def test_network_policy_admits_only_peers_and_monitoring():
+def test_network_policy_admits_only_the_jobs_own_pods_and_monitoring():
     single = one(render(), "NetworkPolicy")
     multi_gpu = one(render(SCENARIOS["multi-worker-4x1gpu"]), "NetworkPolicy")
     cpu = one(render(SCENARIOS["cpu-only-2x0"]), "NetworkPolicy")
     job = one(render(), "Job")
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    own = {**pod_labels, "batch.kubernetes.io/job-name": job["metadata"]["name"]}  # the Job controller's label
 
     assert single["spec"]["policyTypes"] == ["Ingress"]
-    assert single["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    selector = single["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= own.items() and selector["batch.kubernetes.io/job-name"] == job["metadata"]["name"]
     peers, monitoring = single["spec"]["ingress"]
-    assert peers["from"] == [{"podSelector": {"matchLabels": single["spec"]["podSelector"]["matchLabels"]}}]
+    assert peers["from"] == [{"podSelector": {"matchLabels": selector}}]  # not merely the release's labels
     assert peers["ports"] == [{"port": WORKER_PORT, "protocol": "TCP"}]
     assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert monitoring["ports"] == [{"port": METRICS_PORT, "protocol": "TCP"}]
@@ -542,16 +605,86 @@ def test_network_policy_admits_only_peers_and_monitoring():
     assert "NetworkPolicy" not in kinds(render(SCENARIOS["network-policy-off"]))
 
 
+@pytest.mark.parametrize("scenario", SCENARIO_IDS)
+def test_every_port_is_open_only_to_the_jobs_own_pods_or_to_named_ports(scenario):
+    """An ingress rule without ports (every port) may only come from this Job's own pods."""
+    docs = render(SCENARIOS[scenario])
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    job_name = one(docs, "Job")["metadata"]["name"]
+    for policy in policies:
+        for rule in policy["spec"]["ingress"] + policy["spec"].get("egress", []):
+            if "ports" not in rule:
+                peers = rule.get("from", rule.get("to"))
+                assert peers, f"{scenario}: a rule admits every port from anywhere"
+                for peer in peers:
+                    assert set(peer) == {"podSelector"}, f"{scenario}: every port open to {peer}"
+                    assert peer["podSelector"]["matchLabels"]["batch.kubernetes.io/job-name"] == job_name
+
+
+def test_egress_policy_is_opt_in_and_admits_dns_https_metadata_and_peers():
+    assert "egress" not in one(render(WORKLOAD_IDENTITY), "NetworkPolicy")["spec"]
+    policy = one(render(merge(WORKLOAD_IDENTITY, EGRESS)), "NetworkPolicy")["spec"]
+    rules = policy["egress"]
+
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert rules[0] == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    https = rules[1]
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert https["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in https["to"][0]["ipBlock"]["except"]
+    metadata = [(r["to"][0]["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in rules[2:4]]
+    assert metadata == [("169.254.169.254/32", 80), ("169.254.169.252/32", 988)]  # Workload Identity's tokens
+    assert rules[4]["to"] == policy["ingress"][0]["from"] and rules[4]["ports"] == [
+        {"port": WORKER_PORT, "protocol": "TCP"}
+    ]
+    no_wi = one(render(EGRESS), "NetworkPolicy")["spec"]["egress"]
+    assert not any("169.254" in json.dumps(r) for r in no_wi)  # no Workload Identity: no metadata server
+    extra = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": 9091}],
+    }
+    with_extra = one(render(merge(EGRESS, {"networkPolicy": {"egress": {"extra": [extra]}}})), "NetworkPolicy")
+    assert with_extra["spec"]["egress"][-1] == extra
+
+
 # --------------------------------------------------------------------------- monitoring hooks
 
 
+def test_the_helm_test_pod_runs_trainer_doctor_as_the_workers_do():
+    docs = render(merge(WORKLOAD_IDENTITY, {"workers": 4}))
+    test, job = one(docs, "Pod"), one(docs, "Job")
+    spec, worker = test["spec"], job["spec"]["template"]["spec"]
+    (doctor,) = spec["containers"]
+    env = {e["name"]: e for e in doctor["env"]}
+    worker_env = {e["name"]: e for e in worker["containers"][0]["env"]}
+
+    assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert doctor["command"] == [ENTRYPOINT] and doctor["args"] == [
+        "doctor",
+        "--config",
+        f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}",
+    ]
+    assert spec["serviceAccountName"] == worker["serviceAccountName"]  # the workers' identity
+    assert spec["volumes"][0] == worker["volumes"][0]  # the run's ConfigMap
+    for name in ("TRAINER_NUM_WORKERS", "TRAINER_JOB_NAME", "TRAINER_SERVICE_NAME", "TRAINER_WORKER_PORT"):
+        assert env[name] == worker_env[name]
+    assert env["TRAINER_GPUS_PER_WORKER"]["value"] == "0" and worker_env["TRAINER_GPUS_PER_WORKER"]["value"] == "1"
+    assert "nvidia.com/gpu" not in doctor["resources"]["limits"] and "tolerations" not in spec
+    assert "batch.kubernetes.io/job-name" not in test["metadata"]["labels"]  # no peer of the workers
+    assert test["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
+    gpu_test = one(render({"helmTest": {"gpus": True}, "nodeSelector": {"pool": "l4"}}), "Pod")["spec"]
+    assert gpu_test["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_test["nodeSelector"] == {"pool": "l4"} and gpu_test["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
 def test_objects_follow_the_toggles():
-    assert kinds(render()) == ["ConfigMap", "Job", "NetworkPolicy", "Service", "ServiceAccount"]
+    assert kinds(render()) == ["ConfigMap", "Job", "NetworkPolicy", "Pod", "Service", "ServiceAccount"]
+    assert "Pod" not in kinds(render({"helmTest": {"enabled": False}}))
     assert kinds(render(MONITORING_ALL)) == [
         "ConfigMap",
         "ConfigMap",
         "Job",
         "NetworkPolicy",
+        "Pod",
         "PodMonitor",
         "PrometheusRule",
         "Service",
@@ -663,6 +796,25 @@ def test_monitoring_grafana_dashboard_for_the_sidecar():
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
+def test_operator_objects_need_the_clusters_crds_unless_forced():
+    path = values_file(merge(REQUIRED, MONITORING_ALL))
+    try:
+        plain = run([helm(), "template", "flowers", str(CHART), "-f", path, "-n", NAMESPACE])
+        forced = run(
+            [helm(), "template", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--set", "monitoring.crds=always"]
+        )
+        notes = run([helm(), "install", "flowers", str(CHART), "-f", path, "-n", NAMESPACE, "--dry-run=client"])
+    finally:
+        os.unlink(path)
+    rendered = [d["kind"] for d in yaml.safe_load_all(plain.stdout) if d]
+
+    assert not {"PodMonitor", "PrometheusRule"} & set(rendered)  # no monitoring.coreos.com/v1 served
+    assert "ConfigMap" in rendered and rendered.count("ConfigMap") == 2  # the dashboard needs no CRD
+    assert {"PodMonitor", "PrometheusRule"} <= {d["kind"] for d in yaml.safe_load_all(forced.stdout) if d}
+    assert "WARNING: the cluster serves no monitoring.coreos.com/v1" in notes.stdout
+    assert {"PodMonitor", "PrometheusRule"} <= set(kinds(render(MONITORING_ALL)))  # helm_cmd passes OPERATOR
+
+
 def test_monitoring_off_renders_no_monitoring_objects():
     assert not {"PodMonitor", "ServiceMonitor", "PrometheusRule"} & set(kinds(render(SCENARIOS["monitoring-off"])))
 
@@ -761,6 +913,7 @@ def test_notes_explain_logs_metrics_scaling_and_cleanup():
     assert "Dashboard:" in notes
     assert "--set workers=N" in notes and "job.suspend=true" in notes
     assert "helm uninstall flowers" in notes
+    assert f"trainer status flowers -n {NAMESPACE} --watch" in notes
 
 
 def test_kubernetes_validation_catches_mistakes(k8s_schemas):

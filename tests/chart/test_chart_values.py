@@ -9,7 +9,7 @@ import re
 import jsonschema
 import pytest
 import yaml
-from chart_helpers import CHART, REQUIRED, ROOT, render, render_error
+from chart_helpers import CHART, REQUIRED, ROOT, helm_cmd, merge, one, render, render_error
 
 from trainer import config as config_lib
 from trainer import config_docs, contract
@@ -54,6 +54,20 @@ SCHEMA_REJECTS = [
 
 #: (bad values, message) refused by the chart's templates (checks across values, readable messages).
 TEMPLATE_REJECTS = [
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "commonLabels: app.kubernetes.io/name is set by the chart"),
+    (
+        {"commonLabels": {"team": "a"}, "podLabels": {"team": "b"}},
+        "commonLabels and podLabels both set team",
+    ),
+    (
+        {"kueue": {"enabled": True, "queueName": "team-a"}, "job": {"suspend": True}},
+        "job.suspend with kueue.enabled: Kueue owns the Job's spec.suspend",
+    ),
+    (
+        {"kueue": {"enabled": True, "queueName": "q", "topology": {"required": "rack", "preferred": "block"}}},
+        "kueue.topology: set required or preferred, not both",
+    ),
+    ({"kueue": {"topology": {"preferred": "block"}}}, "kueue.topology needs kueue.enabled=true"),
     ({"extraEnv": [{"name": "TF_CONFIG", "value": "{}"}]}, "extraEnv[0]: TF_CONFIG is set by the chart"),
     (
         {"extraEnv": [{"name": "A", "value": "1"}, {"name": "TRAINER_NUM_WORKERS", "value": "9"}]},
@@ -203,13 +217,31 @@ def test_the_grace_period_must_cover_a_stop_check_plus_the_margin():
         render({**runtime, "job": {"terminationGracePeriodSeconds": check + margin}})
 
 
-def test_staging_budget_must_fit_the_scratch_volume():
-    default_gib = config_lib.StagingConfig().budget_gb * 1e9 / 2**30  # the trainer's default budget
+def test_staging_budget_follows_the_scratch_volume_unless_set():
     staging = {"trainer": {"data": {"staging": {"enabled": True}}}}
 
-    assert "exceeds scratch.sizeLimit" in render_error({**staging, "scratch": {"sizeLimit": f"{int(default_gib)}Gi"}})
-    render({**staging, "scratch": {"sizeLimit": f"{int(default_gib) + 1}Gi"}})
-    render({"trainer": {"data": {"staging": {"enabled": True, "dir": "/data/stage"}}}})  # not on scratch
+    assert config_lib.StagingConfig().budget_gb == 0  # the trainer's "follow the disk"
+    assert staged_config(staging)["budget_gb"] == 19.32  # 90% of the default 20Gi, in GB
+    assert staged_config({**staging, "scratch": {"sizeLimit": "100G"}})["budget_gb"] == 90.0
+    assert "budget_gb" not in staged_config({"trainer": {"data": {"staging": {"enabled": True, "dir": "/data/s"}}}})
+    set_budget = {"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 5}}}}
+    assert staged_config(set_budget)["budget_gb"] == 5
+
+
+def test_a_staging_budget_set_beyond_the_scratch_volume_is_refused():
+    staging = {"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 30}}}}
+
+    err = render_error({**staging, "scratch": {"sizeLimit": "20Gi"}})
+    assert "trainer.data.staging.budget_gb (30 GB) exceeds scratch.sizeLimit (20Gi)" in err
+    assert "leave it unset (it follows scratch.sizeLimit)" in err
+    render({**staging, "scratch": {"sizeLimit": "30Gi"}})
+    render({"trainer": {"data": {"staging": {"enabled": True, "budget_gb": 30, "dir": "/data/stage"}}}})
+
+
+def staged_config(values: dict) -> dict:
+    """trainer.data.staging of the ConfigMap's config.yaml rendered with ``values``."""
+    config_map = one(render(values), "ConfigMap")
+    return yaml.safe_load(config_map["data"]["config.yaml"])["data"]["staging"]
 
 
 @pytest.mark.parametrize(
@@ -311,3 +343,24 @@ def test_schema_is_valid_draft_07_and_accepts_the_defaults():
 
     jsonschema.Draft7Validator.check_schema(schema)  # Helm 3 and 4 both read draft 7
     assert [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)] == []
+
+
+def test_helm_lint_strict_does_not_run_the_charts_checks_but_template_does():
+    """docs/helm.md, "What validates values": lint reports a `fail` as INFO and passes."""
+    both_monitors = {"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    lint = helm_cmd("lint", merge(REQUIRED, both_monitors))
+
+    assert lint.returncode == 0 and "0 chart(s) failed" in lint.stdout
+    assert "enable podMonitor or serviceMonitor, not both" in render_error(both_monitors)
+    assert "validates values" in (ROOT / "docs" / "helm.md").read_text()
+
+
+def test_the_chart_readme_is_generated_from_values_yaml():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart-readme.py"), "--check"], capture_output=True)
+
+    assert proc.returncode == 0, proc.stderr.decode()
+    readme = (CHART / "README.md").read_text()
+    assert '| `kueue.topology.required` | `""` | Level all workers must be placed in' in readme

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from trainer import gcs as gcs_lib
-from trainer.data.staging import ShardStager, plan_staging
+from trainer.data.staging import DISK_SHARE, ShardStager, budget_bytes, plan_staging
 from trainer.errors import DataError
 
 
@@ -22,6 +23,13 @@ from trainer.errors import DataError
 )
 def test_plan_staging_fills_the_budget_in_order(sizes, budget, expected):
     assert plan_staging(sizes, budget) == expected
+
+
+def test_the_budget_follows_the_disk_unless_set(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+
+    assert budget_bytes(2.5, str(tmp_path)) == 2_500_000_000
+    assert abs(budget_bytes(0, str(tmp_path / "shards")) - free * DISK_SHARE) < 0.01 * free  # the default
 
 
 @pytest.fixture

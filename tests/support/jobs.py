@@ -1,4 +1,4 @@
-"""Running the chart's rendered Job with the local Job runner (tests/test_jobrunner.py and the
+"""Running the chart's rendered Job with the local Job runner (tests/jobrunner/test_runner.py and the
 multi-worker fault tests)."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""train.cache_frozen_features: the frozen base runs once per image, the head trains on its outputs.
+"""Feature caches: the frozen part runs once per image, the top of the model trains on its outputs.
+
+train.cache_frozen_features (the whole base frozen):
 
 - the head model is the model's own head: features -> head gives the model's predictions;
 - cached training features are the base's outputs for the unaugmented centre squares, even
@@ -6,6 +8,13 @@
 - a real `trainer train` run with the cache completes, exports, learns, and its final
   evaluation of the full model on images equals the best cached epoch's validation metrics;
 - a cache that does not fit on the scratch disk is a one-line configuration error.
+
+train.cache_frozen_blocks (only top blocks train, block5 by default):
+- the cut is below the lowest trained block, and only for a run of top blocks;
+- features -> top model (block5 + head) gives the model's predictions;
+- train.cache_views=N holds N different augmented views of each image;
+- real runs, one process and two workers, cache the fine-tuning phase, export the whole
+  network, agree on the weights, and evaluate the full model exactly as the cached epochs did.
 """
 
 from __future__ import annotations
@@ -127,7 +136,7 @@ def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp
     with caplog.at_level("INFO"):
         assert main(["train", *set_args(*settings)]) == ExitCode.OK
 
-    assert "feature cache: 36 training and 12 validation images" in caplog.text
+    assert "feature cache: 36 training records (centre crops) and 12 validation images" in caplog.text
     assert "ignores data.augment" in caplog.text  # the flips asked for are not applied: documented, and said
     summary = json.loads((output / "summary.json").read_text())
     phase = summary["phases"]["feature_extraction"]
@@ -139,3 +148,121 @@ def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp
     assert final["loss"] < _initial_validation_loss(dataset)  # the head learned
     assert (output / "export" / "saved_model" / "saved_model.pb").exists()
     assert list(scratch.iterdir()) == []  # the cache files are gone with the phase
+
+
+# --------------------------------------------------------------------------- the fine-tuning cache
+
+
+@pytest.mark.parametrize(
+    ("blocks", "cut"),
+    [
+        (["block5"], "block4_pool"),
+        (["block4", "block5"], "block3_pool"),
+        (["block3", "block5"], None),  # block4 trains nothing but sits between: not a fixed function below
+        (["block1", "block2", "block3", "block4", "block5"], None),  # everything trains
+    ],
+)
+def test_the_cut_is_below_the_lowest_trained_block_of_a_run_of_top_blocks(model, blocks, cut):
+    cfg = config_from_dict({"train": {"cache_frozen_blocks": True}})
+    model_lib.set_trainable_blocks(model, blocks)
+    try:
+        assert feature_cache.cache_cut(model, cfg, blocks) == cut
+        assert feature_cache.cache_cut(model, config_from_dict({}), blocks) is None  # off unless asked for
+    finally:
+        model_lib.set_trainable_blocks(model, [])
+
+
+def test_block4_features_through_the_top_model_are_the_models_predictions(model):
+    extractor, top = feature_cache.split_at(model, "block4_pool")
+    images = np.random.default_rng(1).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+
+    through_cache = top(extractor(images, training=False), training=False).numpy()
+
+    np.testing.assert_allclose(through_cache, model(images, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    base = model_lib.base_of(model)
+    assert {base.get_layer(f"block5_conv{i}") for i in (1, 2, 3)} <= set(top.layers)  # shared: block5 trains
+    assert extractor.output.shape[1:] == (SIZE // 16, SIZE // 16, 512)  # block4's pooled output
+
+
+def test_cached_views_are_as_many_different_augmentations_of_each_image(model, dataset, tmp_path):
+    cfg = config_from_dict(
+        {"data": {"image_size": SIZE, "augment": {"random_crop": True}}, "train": {"cache_views": 3}}
+    )
+    manifest = read_manifest(dataset)
+    shard = pipeline.shard_paths(dataset, manifest, "train")[:1]
+    extractor, _ = feature_cache.split_at(model, "block4_pool")
+
+    images = feature_cache.training_images(shard, cfg, manifest.num_classes, seed=0)
+    cache = feature_cache.write_cache(extractor, images, str(tmp_path / "train.bin"))
+
+    per_image = manifest.shards["train"][0].records
+    assert cache.records == 3 * per_image
+    features, labels = next(iter(cache.dataset(manifest.num_classes, batch=cache.records)))
+    views = features.numpy().reshape(3, per_image, -1)
+    assert not np.allclose(views[0], views[1]) and not np.allclose(views[1], views[2])  # three different crops
+    assert (labels.numpy().argmax(axis=1).reshape(3, per_image) == labels.numpy().argmax(axis=1)[:per_image]).all()
+
+
+def _fine_tuning_cache_settings(dataset: str, output) -> list[str]:
+    return [
+        "model.weights=none",
+        "model.head.dense_units=[8]",
+        f"data.image_size={SIZE}",
+        f"data.dataset={dataset}",
+        f"output.dir={output}",
+        f"runtime.seed={SEED}",
+        "runtime.verbose=0",
+        "train.batch_size_per_replica=4",
+        "train.steps_per_epoch=4",
+        "train.cache_frozen_blocks=true",
+        "phases.feature_extraction.epochs=1",
+        "phases.fine_tuning.epochs=2",
+        "phases.fine_tuning.unfreeze_blocks=[block5]",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_cached_fine_tuning_phase_exports_the_whole_network_and_evaluates_as_it_validated(dataset, tmp_path):
+    output = tmp_path / "run"
+
+    assert main(["train", *set_args(*_fine_tuning_cache_settings(dataset, output))]) == ExitCode.OK
+
+    summary = json.loads((output / "summary.json").read_text())
+    phase = summary["phases"]["fine_tuning"]
+    best = phase["history"][(phase["best_epoch"] or phase["epochs_run"]) - 1]
+    final = summary["evaluation"]["validation"]
+    if phase["best_epoch"] is not None:  # the run ends with the best cached epoch: the full model scores it
+        assert final["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+        assert final["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert phase["feature_cache"] == "block4_pool"  # block5 and the head trained on block4's features
+    assert summary["phases"]["feature_extraction"]["feature_cache"] is None  # not asked for
+    exported = tf.keras.models.load_model(output / "export" / "model.keras")
+    assert exported.input_shape == (None, SIZE, SIZE, 3)  # the whole network, images in
+    assert exported.get_layer(model_lib.BASE_NAME).get_layer("block1_conv1") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_workers_cache_their_own_shards_and_agree_on_the_weights(dataset, tmp_path):
+    import re
+    import subprocess
+
+    from trainer.launch import entrypoint_command
+
+    output = tmp_path / "run"
+    done = subprocess.run(
+        [*entrypoint_command(), "launch", "--workers", "2", *set_args(*_fine_tuning_cache_settings(dataset, output))],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+    assert done.returncode == ExitCode.OK, (done.stdout + done.stderr)[-3000:]
+    logged = dict(
+        (worker, fingerprint)
+        for fingerprint, worker in re.findall(r"weights fingerprint (\w+) \(worker (\d)\)", done.stdout + done.stderr)
+    )
+    summary = json.loads((output / "summary.json").read_text())
+    assert logged == {"0": summary["weights_fingerprint"], "1": summary["weights_fingerprint"]}
+    assert summary["distribution"]["workers"] == 2

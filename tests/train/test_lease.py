@@ -1,7 +1,7 @@
 """The run's lease on its output (trainer.train.lease), on local disk: who may take it, and when.
 
 The same rules on gs:// are in tests/train/test_run_gcs.py; two real `trainer train` processes on
-one output in tests/train/test_run.py; the `helm upgrade` overlap in tests/test_jobrunner_lease.py.
+one output in tests/train/test_run.py; the `helm upgrade` overlap in tests/jobrunner/test_runner_lease.py.
 """
 
 from __future__ import annotations

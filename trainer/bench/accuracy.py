@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from trainer.bench.realdata import write_digits
 from trainer.config import set_args
 from trainer.contract import Env
 from trainer.launch import entrypoint_command
+from trainer.supervisor import Child
 
 IMAGE_SIZE = 32  # what `trainer prepare` suggests for the 32 px digits (trainer.data.stats)
 QUICK_PER_CLASS = 8
@@ -86,11 +86,9 @@ def _run(command: list[str], root: str, name: str, timeout: float) -> float:
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     env[Env.METRICS_PORT.value] = "0"  # any free port: nothing else may hold the default
     started = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    if code != 0:
-        raise step_failed(name, f"exit {code}" if code != "timeout" else "timeout", log_path)
+    child = Child(command, env=env, log_path=log_path)
+    code = child.wait(timeout)  # killed past the timeout
+    child.join_output()
+    if child.timed_out or code != 0:
+        raise step_failed(name, "timeout" if child.timed_out else f"exit {code}", log_path)
     return time.perf_counter() - started

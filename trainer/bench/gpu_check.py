@@ -30,14 +30,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 from trainer.bench.comms import phase_compute_fraction
 from trainer.cluster import make_tf_config
 from trainer.contract import Env
 from trainer.launch import free_ports
+from trainer.supervisor import Child
 
 RUNS = ("mirrored", "multi_worker_nccl", "xla")
 CLASSES = 10  # a transfer-learning head, as in the bench
@@ -228,14 +228,13 @@ def _gpu_groups(run: str, gpus: int) -> list[str | None]:
 
 
 class Worker(NamedTuple):
-    process: subprocess.Popen
-    out: IO[str]
-    err: IO[str]
+    child: Child
+    lines: list[str]  # its output (stdout and stderr), read as it comes
 
 
 def start_run(run: str, args: argparse.Namespace, gpus: int) -> list[Worker]:
-    """The run's processes; each one's output goes to unnamed temporary files, not pipes: a
-    worker blocked on a full pipe would stall its peer in the next collective."""
+    """The run's processes (trainer.supervisor children); each one's output is read as it comes:
+    a worker blocked on a full pipe would stall its peer in the next collective."""
     groups = _gpu_groups(run, gpus)
     addresses = [f"localhost:{port}" for port in free_ports(len(groups))] if len(groups) > 1 else []
     processes = []
@@ -243,41 +242,32 @@ def start_run(run: str, args: argparse.Namespace, gpus: int) -> list[Worker]:
         extra = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}
         if addresses:
             extra[Env.TF_CONFIG.value] = make_tf_config(addresses, index)
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in _output)
-        process = subprocess.Popen(_worker_command(run, args), env=_worker_env(**extra), text=True,
-                                   stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # fmt: skip
-        processes.append(Worker(process, out, err))
+        lines: list[str] = []
+        processes.append(
+            Worker(Child(_worker_command(run, args), env=_worker_env(**extra), on_line=lines.append), lines)
+        )
     return processes
-
-
-def _output(worker: Worker) -> tuple[str, str]:
-    texts = []
-    for stream in (worker.out, worker.err):
-        stream.seek(0)
-        texts.append(stream.read())
-        stream.close()
-    return texts[0], texts[1]
 
 
 def finish_run(run: str, workers: list[Worker], timeout: float) -> dict:
     """The first process's (the chief's) result, or why the run failed."""
     deadline = time.monotonic() + timeout
-    try:
-        for worker in workers:
-            worker.process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for worker in workers:
-            worker.process.kill()
-            worker.process.wait()
-        return {"run": run, "error": f"no result within {timeout:.0f} s"}
-    outputs = [_output(worker) for worker in workers]
-    codes = [worker.process.returncode for worker in workers]
-    failed = [(code, err) for code, (_, err) in zip(codes, outputs, strict=True) if code != 0]
+    for worker in workers:
+        worker.child.wait(timeout=max(1.0, deadline - time.monotonic()))  # killed past the deadline
+        if worker.child.timed_out:
+            for other in workers:
+                other.child.kill()
+                other.child.wait()
+            return {"run": run, "error": f"no result within {timeout:.0f} s"}
+    for worker in workers:
+        worker.child.join_output()
+    failed = [(worker.child.returncode, worker.lines) for worker in workers if worker.child.returncode != 0]
     if failed:
-        code, err = failed[0]
-        return {"run": run, "error": f"exit {code}: {err.strip().splitlines()[-1] if err.strip() else 'no output'}"}
-    lines = [line for line in outputs[0][0].splitlines() if line.startswith(RESULT)]
-    return json.loads(lines[-1].removeprefix(RESULT))
+        code, lines = failed[0]
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+        return {"run": run, "error": f"exit {code}: {last}"}
+    results = [line for line in workers[0].lines if line.startswith(RESULT)]
+    return json.loads(results[-1].removeprefix(RESULT))
 
 
 def with_utilisation(result: dict, gpu_name: str | None, peak: float | None) -> dict:

@@ -17,15 +17,13 @@ import itertools
 import json
 import os
 import re
-import signal
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 
 from trainer.config import set_args
 from trainer.contract import Env
 from trainer.launch import entrypoint_command, free_ports, worker_env
+from trainer.supervisor import Child
 
 FIRST_STEP = re.compile(rb"(?:^|[\r\n\x08])\s*1/\d+ \[")
 _CACHE_LOG = re.compile(  # the feature cache's log line
@@ -35,60 +33,43 @@ _CACHE_LOG = re.compile(  # the feature cache's log line
 
 @dataclass
 class Worker:
-    proc: subprocess.Popen
-    started: float
+    child: Child
     log_path: str
-    first_step_at: list[float] = field(default_factory=list)
-    reader: threading.Thread | None = None
+    first_step_at: list[float] = field(default_factory=list)  # wall time of the first step's progress bar
+
+
+class _FirstStepWatch:
+    """Stamps the moment the output first shows ``1/N [`` (raw chunks: the bar is redrawn with \r and \b)."""
+
+    def __init__(self, stamps: list[float]):
+        self.stamps, self._tail = stamps, b""
+
+    def __call__(self, chunk: bytes) -> None:
+        if not self.stamps and FIRST_STEP.search(self._tail + chunk):
+            self.stamps.append(time.time())
+        self._tail = chunk[-64:]
 
 
 def start_worker(settings: list[str], log_path: str, env: dict[str, str]) -> Worker:
     env = {**env, "PYTHONUNBUFFERED": "1", Env.METRICS_PORT.value: "0"}  # metrics endpoint: any free port
-    started = time.time()
-    proc = subprocess.Popen(
-        [*entrypoint_command(), "train", *set_args(*settings)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    worker = Worker(proc, started, log_path)
-    worker.reader = threading.Thread(target=_watch_output, args=(worker,), daemon=True)
-    worker.reader.start()
-    return worker
-
-
-def _watch_output(worker: Worker) -> None:
-    tail = b""
-    with open(worker.log_path, "wb") as log:
-        while chunk := os.read(worker.proc.stdout.fileno(), 65536):
-            if not worker.first_step_at and FIRST_STEP.search(tail + chunk):
-                worker.first_step_at.append(time.time())
-            log.write(chunk)
-            tail = chunk[-64:]
+    stamps: list[float] = []
+    argv = [*entrypoint_command(), "train", *set_args(*settings)]
+    child = Child(argv, env=env, on_chunk=_FirstStepWatch(stamps), log_path=log_path)
+    return Worker(child, log_path, stamps)
 
 
 def finish(worker: Worker, timeout: float) -> dict:
-    """Wait for the worker; its exit code, start-up time and peak memory."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(worker.proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-            pid, status, usage = os.wait4(worker.proc.pid, 0)
-            break
-        time.sleep(0.1)
+    """Wait for the worker (killed past ``timeout``); its exit code, start-up time and peak memory."""
+    code = worker.child.wait(timeout)
     ended = time.time()
-    worker.proc.returncode = os.waitstatus_to_exitcode(status)
-    worker.reader.join(timeout=10)
+    worker.child.join_output(timeout=10)
+    started = worker.child.started_wall
     first = worker.first_step_at[0] if worker.first_step_at else None
     return {
-        "exit_code": worker.proc.returncode,
-        "seconds_to_first_step": round(first - worker.started, 2) if first else None,
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
-        "wall_seconds": round(ended - worker.started, 2),
+        "exit_code": code,
+        "seconds_to_first_step": round(first - started, 2) if first else None,
+        "peak_rss_mb": round(worker.child.rusage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
+        "wall_seconds": round(ended - started, 2),
         "log": worker.log_path,
     }
 

@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from trainer.bench.accuracy import time_to_accuracy
 from trainer.bench.images import make_image_set
 from trainer.contract import ExitCode
 from trainer.errors import ConfigError, TrainerError
+from trainer.supervisor import Child
 
 SCHEMA_VERSION = 2  # 2: samples carry their load; ratios are figures with spread and busy counts
 
@@ -293,7 +293,7 @@ def _describe_images(image_dir: str) -> dict:
 @dataclass
 class _WorkerHandle:
     name: str
-    proc: subprocess.Popen
+    child: Child
     result_path: str
     log_path: str
 
@@ -305,22 +305,13 @@ def _start_worker(name: str, cores: int | None, tasks: list, root: str) -> _Work
     with open(job_path, "w") as fh:
         json.dump({"cores": cores, "tasks": tasks}, fh)
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.bench.worker", job_path, result_path],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    return _WorkerHandle(name, proc, result_path, log_path)
+    child = Child([sys.executable, "-m", "trainer.bench.worker", job_path, result_path], env=env, log_path=log_path)
+    return _WorkerHandle(name, child, result_path, log_path)
 
 
 def _finish_worker(handle: _WorkerHandle, timeout: float) -> list[dict]:
-    try:
-        code = handle.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        handle.proc.kill()
-        code = handle.proc.wait()
+    code = handle.child.wait(timeout)  # killed past the timeout
+    handle.child.join_output()
     if code != 0:
         raise step_failed(handle.name, f"exit {code}", handle.log_path)
     with open(handle.result_path) as fh:

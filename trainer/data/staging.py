@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,21 @@ from concurrent.futures import ThreadPoolExecutor
 from trainer import storage
 
 log = logging.getLogger(__name__)
+
+
+#: Share of the free disk staging may fill when its budget follows the disk (budget_gb 0): the rest is for caches.
+DISK_SHARE = 0.9
+
+
+def budget_bytes(budget_gb: float, directory: str) -> int:
+    """Bytes staging may use: ``budget_gb``, or (0) DISK_SHARE of the free space where it stages.
+
+    The chart sets budget_gb from scratch.sizeLimit, since an emptyDir's free space is the node's.
+    """
+    if budget_gb > 0:
+        return int(budget_gb * 1e9)
+    os.makedirs(directory, exist_ok=True)
+    return int(shutil.disk_usage(directory).free * DISK_SHARE)
 
 
 def plan_staging(sizes: Sequence[int], budget_bytes: int) -> list[bool]:

@@ -3,8 +3,10 @@
 ``trainer job run MANIFESTS.yaml`` (or :class:`JobRunner`) takes `helm template` output, reads
 it into the ``kubernetes`` package's typed models (:mod:`.manifests`), finds the Job, its
 ConfigMaps/Secrets and its headless Service, and runs one OS process per pod (:mod:`.podspec`:
-command, args, env with fieldRefs, volumes; :mod:`.runner`: podFailurePolicy, backoffLimit,
-replacement, grace periods, conditions).
+command, args, env with fieldRefs, volumes). :mod:`.controller` holds the Job controller's rules as
+pure decisions (completions, parallelism, podFailurePolicy, backoffLimit, podReplacementPolicy,
+activeDeadlineSeconds, conditions), unit-tested against the Kubernetes documentation;
+:mod:`.runner` carries them out: pods as processes (trainer.supervisor), grace periods, status.
 
 Peer hostnames (:mod:`.network`). The trainer's peers are ``<job>-<i>.<service>.<ns>.svc:2222``,
 the same port for every pod. Checked here: TensorFlow's gRPC server binds ``0.0.0.0:<port>``

@@ -239,19 +239,35 @@ def _key_bytes(obj: Any, key: str, kind: str) -> bytes | None:
     return None
 
 
+def volume_file(target: str, relative: str, what: str) -> str:
+    """``relative`` under the volume directory ``target``; a path that would leave it is refused.
+
+    The API server refuses such item paths too; the runner writes files on this machine, so a
+    hand-made manifest must not make it write outside the pod's directory.
+    """
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or ".." in parts:
+        raise ConfigError(
+            f"{what}: path {relative!r} is absolute or contains '..'; give a relative path inside the volume"
+        )
+    return os.path.join(target, relative)
+
+
 def _materialise_keys(obj: Any, kind: str, source: Any, target: str) -> None:
     mode = source.default_mode if source.default_mode is not None else 0o644
+    name = f"{kind} {obj.metadata.name!r}"
     if source.items:
         for item in source.items:
+            path = volume_file(target, item.path, f"volume item {item.key!r} of {name}")
             content = _key_bytes(obj, item.key, kind)
             if content is None:
-                raise ConfigError(f"volume item {item.key!r} is not a key of {kind} {obj.metadata.name!r}")
-            _write_file(os.path.join(target, item.path), content, item.mode if item.mode is not None else mode)
+                raise ConfigError(f"volume item {item.key!r} is not a key of {name}")
+            _write_file(path, content, item.mode if item.mode is not None else mode)
         return
     keys = set(obj.data or {}) | set(getattr(obj, "binary_data", None) or {})
     keys |= set(getattr(obj, "string_data", None) or {})
     for key in sorted(keys):
-        _write_file(os.path.join(target, key), _key_bytes(obj, key, kind) or b"", mode)
+        _write_file(volume_file(target, key, f"key of {name}"), _key_bytes(obj, key, kind) or b"", mode)
 
 
 def materialise_volumes(

@@ -1,41 +1,34 @@
-"""The Job controller, locally: pods as processes, podFailurePolicy, backoffLimit, replacement.
+"""The Job runner's process side: pods as local processes, driven by the Job controller's decisions.
 
-A controller thread polls the pods every ``poll_interval`` seconds and applies the batch/v1 Job
-rules (Kubernetes 1.31+ behaviour):
+A controller thread polls the pods every ``poll_interval`` seconds, tells the controller
+(:mod:`trainer.jobrunner.controller`, pure: completions, parallelism, podFailurePolicy,
+backoffLimit, podReplacementPolicy, deadlines) what happened, and carries out what it decides.
+Each pod is one :class:`trainer.supervisor.Child`, in its own process group and (where the
+machine allows) its own network namespaces (:mod:`.network`); :mod:`.podspec` gives its command,
+environment and volumes.
 
-- Indexed Job: one pod per index 0..completions-1, at most ``parallelism`` running; the Job
-  succeeds when every index has a succeeded pod (conditions SuccessCriteriaMet, then Complete).
-- A failed pod (exit code != 0; a signal N counts as exit code 128+N) is matched against the
-  ``podFailurePolicy`` rules in order; the first match decides: ``FailJob`` fails the Job at once
-  (reason PodFailurePolicy), ``Ignore`` replaces the pod without counting it, ``Count`` (also
-  when no rule matches) adds one to ``failed``; ``failed > backoffLimit`` fails the Job (reason
-  BackoffLimitExceeded). ``onPodConditions: DisruptionTarget`` matches pods removed by
-  :meth:`JobRunner.delete_pod` (an eviction or preemption); ``onExitCodes`` matches the exit
-  code of the named container (0 never matches).
-- ``podReplacementPolicy: Failed`` (the default when a podFailurePolicy is set): a replacement
-  for an index starts only after the old pod's processes are all gone, so an index never has
-  two live pods; ``TerminatingOrFailed`` replaces a pod as soon as its deletion starts.
-- Deleting a pod: SIGTERM to its main process, SIGKILL to its process group after
-  ``terminationGracePeriodSeconds``. When the main process exits, the rest of its process group
-  is killed (a container's processes end with it).
-- When the Job succeeds or fails (also on ``activeDeadlineSeconds``, reason DeadlineExceeded),
-  the remaining pods are deleted the same way; the terminal condition (Complete / Failed) is
-  added once they are gone, after the interim one (SuccessCriteriaMet / FailureTarget).
+- Starting a pod: its hosts file, then its main process; its output is kept (``Pod.log``) and
+  printed prefixed ``[<pod name>]``.
+- Deleting a pod (an eviction by :meth:`JobRunner.delete_pod`, or the Job ending): SIGTERM to its
+  main process, SIGKILL to its process group after ``terminationGracePeriodSeconds``. An eviction
+  gives the pod the DisruptionTarget condition the podFailurePolicy can match.
+- When the main process exits, the rest of its process group is killed (a container's processes
+  end with it) before the exit is judged: a replacement never meets a leftover of the old pod.
+- The Job's status (V1JobStatus), conditions (V1JobCondition) and events are the kubernetes
+  package's models and the runner's :class:`Event` list.
 
-Pods the Job itself stops count in status.failed (as on Kubernetes) but are never matched
-against the policy. Not emulated: the exponential delay before re-creating failed pods
-(``backoff_delay_seconds``, default 0; Kubernetes uses 10 s doubling), scheduling, resources,
-probes and securityContext (the pods run as the runner's user).
+Not emulated: scheduling, resources, probes and securityContext (the pods run as the runner's
+user); the delay before re-creating failed pods is 0 unless ``backoff_delay_seconds`` is given
+(Kubernetes uses 10 s doubling).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import random
+import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,8 +39,10 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.jobrunner import podspec
+from trainer.jobrunner.controller import COMPLETE, JobController, JobPolicy, LivePod, Outcome, index_ranges
 from trainer.jobrunner.manifests import Manifests, load_manifests
 from trainer.jobrunner.network import HostNetwork, PodNetwork, hosts_file, make_network
+from trainer.supervisor import Child
 
 DISRUPTION_REASON = "EvictionByEvictionAPI"
 
@@ -71,16 +66,21 @@ class Pod:
     name: str
     index: int
     plan: podspec.PodPlan
-    proc: subprocess.Popen
-    started: float
+    child: Child
     log: list[str] = field(default_factory=list)
     deleting_since: float | None = None
-    kill_at: float | None = None
     disruption: bool = False  # DisruptionTarget condition
     by_job: bool = False  # deleted because the Job finished
     finished: float | None = None
     exit_code: int | None = None
-    pump: threading.Thread | None = None
+
+    @property
+    def proc(self) -> Any:  # subprocess.Popen of the pod's main process
+        return self.child.proc
+
+    @property
+    def started(self) -> float:
+        return self.child.started
 
     @property
     def live(self) -> bool:
@@ -91,42 +91,6 @@ class Pod:
         if self.finished is None:
             return "Running"
         return "Succeeded" if self.exit_code == 0 else "Failed"
-
-
-def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process group still has a process that is not a zombie."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            return True
-    return False
-
-
-def _index_ranges(indexes: Sequence[int]) -> str | None:
-    """Kubernetes' completedIndexes format: "0-2,4"."""
-    out, items = [], sorted(indexes)
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(out) or None
 
 
 class JobRunner:
@@ -179,14 +143,11 @@ class JobRunner:
         self.backoff_delay_seconds = backoff_delay_seconds
         self.poll_interval = poll_interval
 
-        spec = job.spec
-        self.completions = int(spec.completions)
-        self.parallelism = int(spec.parallelism if spec.parallelism is not None else 1)
-        self.backoff_limit = int(spec.backoff_limit if spec.backoff_limit is not None else 6)
-        self.active_deadline = spec.active_deadline_seconds
-        self.rules = list(spec.pod_failure_policy.rules) if spec.pod_failure_policy else []
-        default_replacement = "Failed" if spec.pod_failure_policy else "TerminatingOrFailed"
-        self.replacement_policy = spec.pod_replacement_policy or default_replacement
+        self.policy = JobPolicy.from_spec(job.spec, self.manifests.container.name, backoff_delay_seconds)
+        self.controller = JobController(self.policy)
+        self.completions = self.policy.completions
+        self.parallelism = self.policy.parallelism
+        self.backoff_limit = self.policy.backoff_limit
 
         self._lock = threading.RLock()
         self._sink_lock = threading.Lock()
@@ -201,13 +162,6 @@ class JobRunner:
         self.pods: list[Pod] = []
         self._events: list[Event] = []
         self._conditions: list[Any] = []  # V1JobCondition
-        self._succeeded: set[int] = set()
-        self._failed = 0
-        self._ignored = 0
-        self._not_before: dict[int, float] = {}
-        self._finishing: tuple[str, str, str] | None = None  # (terminal type, reason, message)
-        self._failure_exit_code: int | None = None
-        self._last_failed_code: int | None = None
         self._service_ok = self._check_service()
         self._check_plan()
 
@@ -270,13 +224,11 @@ class JobRunner:
                     if grace_seconds is not None:
                         for pod in self.pods:
                             if pod.live:
-                                pod.kill_at = min(pod.kill_at or float("inf"), time.monotonic() + grace_seconds)
+                                pod.child.terminate(grace_seconds)
             self._done.wait()
             self._thread.join(timeout=10)
         self.network.close()
         if self._own_workdir and not self.keep_workdir:
-            import shutil
-
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- actions -------------------------------------------------------------------------------
@@ -293,8 +245,7 @@ class JobRunner:
         with self._lock:
             pod = self._live_pod(index)
             self._event("PodSignalled", f"sent {signal.Signals(sig).name}", pod)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pod.proc.pid, sig)
+            pod.child.send(sig)
             return pod.name
 
     def pod_log(self, index: int, attempt: int = -1) -> str:
@@ -334,10 +285,7 @@ class JobRunner:
     @property
     def exit_code(self) -> int:
         """0 when Complete; else the exit code of the pod that failed the Job, the last failure's, or 1."""
-        if self.succeeded:
-            return 0
-        code = self._failure_exit_code if self._failure_exit_code is not None else self._last_failed_code
-        return code if code else 1
+        return 0 if self.succeeded else self.controller.failure_code
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
         """Poll ``predicate`` until truthy (returned); TimeoutError naming ``what``."""
@@ -362,7 +310,7 @@ class JobRunner:
     @property
     def ignored(self) -> int:
         """Failed pods the podFailurePolicy ignored (preempted, disrupted): not counted toward backoffLimit."""
-        return self._ignored
+        return self.controller.ignored
 
     def status(self) -> Any:
         """The Job's status as the kubernetes package's V1JobStatus."""
@@ -376,15 +324,15 @@ class JobRunner:
                 active=len(active),
                 ready=len(active),
                 terminating=len(live) - len(active),
-                succeeded=len(self._succeeded),
-                failed=self._failed,
-                completed_indexes=_index_ranges(sorted(self._succeeded)),
+                succeeded=len(self.controller.succeeded),
+                failed=self.controller.failed,
+                completed_indexes=index_ranges(self.controller.succeeded),
                 conditions=list(self._conditions) or None,
                 start_time=self._start_wall,
                 completion_time=self._completion_wall if complete else None,
             )
 
-    # --- the controller ------------------------------------------------------------------------
+    # --- the controller loop: the controller decides, the runner does it ----------------------
 
     def _loop(self) -> None:
         try:
@@ -398,51 +346,32 @@ class JobRunner:
             with self._lock:
                 for pod in self.pods:
                     if pod.live:
-                        self._signal_group(pod, signal.SIGKILL)
+                        pod.child.kill()
         finally:
             self._done.set()
 
     def _tick(self) -> bool:
         now = time.monotonic()
         for pod in self.pods:
-            if not pod.live:
-                continue
-            if pod.proc.poll() is not None:
+            if pod.live and pod.child.poll() is not None:
                 self._terminated(pod)
-            elif pod.kill_at is not None and now >= pod.kill_at:
-                self._signal_group(pod, signal.SIGKILL)
-                pod.kill_at = None
-        if self._finishing is None:
-            if self.active_deadline is not None and now - self._t0 >= self.active_deadline:
-                self._fail("DeadlineExceeded", "Job was active longer than specified deadline")
-            elif len(self._succeeded) == self.completions:
-                self._set_finishing("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
-            else:
-                self._create_pods(now)
-        if self._finishing is not None and not any(p.live for p in self.pods):
-            kind, reason, message = self._finishing
-            if kind == "Complete":
+            elif pod.live:
+                pod.child.enforce_grace(now)
+        outcome = self.controller.check(now - self._t0)
+        if outcome is not None:
+            self._finishing(outcome)
+        for index in self.controller.indexes_to_start(now, self._live_pods()):
+            self._create_pod(index)
+        finished = self.controller.outcome
+        if finished is not None and not any(p.live for p in self.pods):
+            if finished.kind == COMPLETE:
                 self._completion_wall = datetime.datetime.now(datetime.UTC)
-            self._condition(kind, reason, message)
+            self._condition(finished.kind, finished.reason, finished.message)
             return True
         return False
 
-    def _busy(self, index: int) -> bool:
-        # Failed: wait until the old pod is gone; TerminatingOrFailed: a deleted pod does not count.
-        return any(
-            p.index == index and p.live and (self.replacement_policy == "Failed" or p.deleting_since is None)
-            for p in self.pods
-        )
-
-    def _create_pods(self, now: float) -> None:
-        running = sum(1 for p in self.pods if p.live and p.deleting_since is None)
-        for index in range(self.completions):
-            if running >= self.parallelism:
-                return
-            if index in self._succeeded or self._busy(index) or now < self._not_before.get(index, 0.0):
-                continue
-            self._create_pod(index)
-            running += 1
+    def _live_pods(self) -> list[LivePod]:
+        return [LivePod(p.index, terminating=p.deleting_since is not None) for p in self.pods if p.live]
 
     def _create_pod(self, index: int) -> None:
         name = podspec.pod_name(self.name, index, self._rng)
@@ -462,20 +391,19 @@ class JobRunner:
             "hostname": plan.hostname,
             "hosts_file": hosts,
         }
-        proc = subprocess.Popen(
-            self.network.command(spec, self._seq),
-            env=plan.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the pod's processes end together
-        )
-        pod = Pod(name=name, index=index, plan=plan, proc=proc, started=time.monotonic())
-        pod.pump = threading.Thread(target=self._pump, args=(pod,), name=f"log-{name}", daemon=True)
-        pod.pump.start()
+        log: list[str] = []
+        child = Child(self.network.command(spec, self._seq), env=plan.env, on_line=self._pod_output(name, log))
+        pod = Pod(name=name, index=index, plan=plan, child=child, log=log)
         self.pods.append(pod)
         message = f"created pod {name}" + (f" (replaces {replaces})" if replaces else "")
         self._event("PodStarted", message, pod, replaces=replaces)
+
+    def _pod_output(self, name: str, log: list[str]) -> Callable[[str], None]:
+        def keep_and_print(line: str) -> None:
+            log.append(line)
+            self._write(f"[{name}] {line}")
+
+        return keep_and_print
 
     def _host_entries(self, own: int, hostname: str) -> list[tuple[str, list[str]]]:
         subdomain = self.manifests.pod_spec.subdomain
@@ -494,8 +422,6 @@ class JobRunner:
 
     def _check_plan(self) -> None:
         """Fail now, not in the first pod, on what no pod could get (a missing ConfigMap, a bad fieldRef)."""
-        import shutil
-
         check = os.path.join(self.workdir, ".check")
         meta = podspec.pod_meta(self.manifests, 0, f"{self.name}-0-check", self.namespace)
         try:
@@ -514,77 +440,24 @@ class JobRunner:
         meta = podspec.pod_meta(self.manifests, 0, f"{self.name}-0-check", self.namespace)
         return podspec.selector_matches(service.spec.selector, meta.labels)
 
-    def _pump(self, pod: Pod) -> None:
-        stream = pod.proc.stdout
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            if not line.endswith("\n"):
-                line += "\n"
-            pod.log.append(line)
-            self._write(f"[{pod.name}] {line}")
-        stream.close()
-
     def _terminated(self, pod: Pod) -> None:
-        """The pod's main process exited: end its other processes, then judge the exit."""
-        self._signal_group(pod, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while _group_alive(pod.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if pod.pump is not None:
-            pod.pump.join(timeout=2)
-        pod.exit_code = _exit_code(pod.proc.returncode)
+        """The pod's main process exited: end its other processes, then let the controller judge the exit."""
+        pod.child.end_group()
+        pod.child.join_output(timeout=2)
+        pod.exit_code = pod.child.exit_code
         pod.finished = time.monotonic()
-        pod.kill_at = None
-        self._not_before.pop(pod.index, None)
-        if pod.exit_code == 0:
-            if self._finishing is None or not pod.by_job:
-                self._succeeded.add(pod.index)
-            self._event("PodSucceeded", "exited 0", pod, exit_code=0)
-            return
-        self._last_failed_code = pod.exit_code
-        if pod.by_job or self._finishing is not None:
-            self._failed += 1
-            self._event("PodFailed", f"exit code {pod.exit_code} (stopped with the Job)", pod, pod.exit_code)
-            return
-        action, rule = self._match(pod)
-        self._event("PodFailed", f"exit code {pod.exit_code}: {action} ({rule})", pod, pod.exit_code, action)
-        if action == "Ignore":
-            self._ignored += 1
-        elif action == "FailJob":
-            self._failed += 1
-            self._failure_exit_code = pod.exit_code
-            container = self.manifests.container.name
-            self._fail(
-                "PodFailurePolicy",
-                f"Container {container} for pod {self.namespace}/{pod.name} failed with exit code "
-                f"{pod.exit_code} matching FailJob rule at index {rule.split()[-1]}",
-            )
-        else:
-            self._failed += 1
-            if self._failed > self.backoff_limit:
-                self._failure_exit_code = pod.exit_code
-                self._fail("BackoffLimitExceeded", "Job has reached the specified backoff limit")
-            elif self.backoff_delay_seconds > 0:
-                delay = min(self.backoff_delay_seconds * 2 ** (self._failed - 1), 360.0)
-                self._not_before[pod.index] = time.monotonic() + delay
-
-    def _match(self, pod: Pod) -> tuple[str, str]:
-        """(action, which rule) of the podFailurePolicy for a failed pod; Count when none matches."""
-        container = self.manifests.container.name
-        for i, rule in enumerate(self.rules):
-            if rule.on_exit_codes is not None:
-                req = rule.on_exit_codes
-                if req.container_name and req.container_name != container:
-                    continue
-                inside = pod.exit_code in set(req.values or [])
-                if pod.exit_code != 0 and (inside if req.operator == "In" else not inside):
-                    return rule.action, f"podFailurePolicy rule {i}"
-            elif rule.on_pod_conditions:
-                for pattern in rule.on_pod_conditions:
-                    status = (pattern.status or "True") == "True"
-                    if pattern.type == "DisruptionTarget" and pod.disruption == status:
-                        return rule.action, f"podFailurePolicy rule {i}"
-        return "Count", "no podFailurePolicy rule matched"
+        verdict = self.controller.pod_exited(
+            pod.index,
+            pod.exit_code,
+            now=pod.finished,
+            disruption=pod.disruption,
+            by_job=pod.by_job,
+            pod=f"{self.namespace}/{pod.name}",
+        )
+        reason = "PodSucceeded" if pod.exit_code == 0 else "PodFailed"
+        self._event(reason, verdict.describe(), pod, exit_code=pod.exit_code, action=verdict.action)
+        if verdict.outcome is not None:
+            self._finishing(verdict.outcome)
 
     def _delete(self, pod: Pod, grace_seconds: float | None, disruption: bool = False, by_job: bool = False) -> None:
         if not pod.live:
@@ -594,17 +467,9 @@ class JobRunner:
         pod.by_job = pod.by_job or by_job
         if pod.deleting_since is None:
             pod.deleting_since = time.monotonic()
-            pod.kill_at = pod.deleting_since + grace
             why = DISRUPTION_REASON + " (DisruptionTarget)" if disruption else "the Job is ending"
             self._event("PodDeleting", f"deleting: {why}; SIGTERM, SIGKILL after {grace:g} s", pod)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pod.proc.pid, signal.SIGTERM)
-        else:
-            pod.kill_at = min(pod.kill_at or float("inf"), time.monotonic() + grace)
-
-    def _signal_group(self, pod: Pod, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pod.proc.pid, sig)
+        pod.child.terminate(grace)
 
     def _live_pod(self, index: int) -> Pod:
         pod = next((p for p in self.pods if p.index == index and p.live and p.deleting_since is None), None)
@@ -612,15 +477,16 @@ class JobRunner:
             raise LookupError(f"index {index} of Job {self.name} has no running pod")
         return pod
 
-    def _set_finishing(self, kind: str, reason: str, message: str) -> None:
-        interim = "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget"
-        self._finishing = (kind, reason, message)
-        self._condition(interim, reason, message)
-
     def _fail(self, reason: str, message: str) -> None:
-        if self._finishing is not None:
+        outcome = self.controller.fail(reason, message)
+        if outcome is not None:
+            self._finishing(outcome)
+
+    def _finishing(self, outcome: Outcome) -> None:
+        """The Job has its outcome: the interim condition now; a failing Job's pods are deleted."""
+        self._condition(outcome.interim_condition, outcome.reason, outcome.message)
+        if outcome.kind == COMPLETE:
             return
-        self._set_finishing("Failed", reason, message)
         for pod in self.pods:
             if pod.live:
                 self._delete(pod, None, by_job=True)
@@ -687,24 +553,9 @@ def run_job_file(
 
     ``volumes``: volume name -> local directory, or ``NAME=DIR`` strings (the --volume option).
     """
-    volume_dirs: dict[str, str] = {}
-    if isinstance(volumes, Mapping):
-        volume_dirs.update(volumes)
-    else:
-        for item in volumes or []:
-            name, sep, directory = item.partition("=")
-            if not sep or not name or not directory:
-                raise ConfigError(f"--volume {item!r} is not NAME=DIR")
-            volume_dirs[name] = os.path.abspath(directory)
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None
-    manifests = load_manifests(text, source="standard input" if path == "-" else f"manifests file {path}")
+    text, source = read_manifests_text(path)
+    manifests = load_manifests(text, source=source)
+    volume_dirs = volume_map(volumes)
     with JobRunner(
         manifests, namespace=namespace, network=network, volume_dirs=volume_dirs, keep_workdir=keep_workdir
     ) as runner:
@@ -719,3 +570,27 @@ def run_job_file(
         if keep_workdir:
             print(f"job {runner.name}: pod files kept in {runner.workdir}", flush=True)
         return runner.exit_code
+
+
+def volume_map(volumes: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """Volume name -> local directory, from a mapping or ``NAME=DIR`` strings (the --volume option)."""
+    if isinstance(volumes, Mapping):
+        return dict(volumes)
+    volume_dirs: dict[str, str] = {}
+    for item in volumes or []:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--volume {item!r} is not NAME=DIR")
+        volume_dirs[name] = os.path.abspath(directory)
+    return volume_dirs
+
+
+def read_manifests_text(path: str) -> tuple[str, str]:
+    """(text, how errors name it) of a manifests file; "-" = standard input."""
+    if path == "-":
+        return sys.stdin.read(), "standard input"
+    try:
+        with open(path) as f:
+            return f.read(), f"manifests file {path}"
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}; pass the output of `helm template`") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import storage
+from trainer import signals, storage
 from trainer.errors import Preempted
 from trainer.strategy import sum_over_workers
 from trainer.train.backup import PhaseBackup, Position, Segment
@@ -268,7 +267,7 @@ class StopRequest:
         self._interval = 1
         self._since_check = 0
         self._last_check = time.perf_counter()
-        self._previous_handler = None
+        self._sigterm = signals.stop_requests(lambda _signum: self._signalled.set())  # SIGTERM only
 
     @property
     def interval_steps(self) -> int:
@@ -277,13 +276,11 @@ class StopRequest:
 
     def install(self) -> None:
         # Only note the signal; the step in progress finishes and the backup is written between steps.
-        self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+        self._sigterm.install()
         self._last_check, self._since_check = time.perf_counter(), 0
 
     def uninstall(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        self._sigterm.uninstall()  # idempotent; the handler below it (cli's Preempted) is back
 
     def agreed_after_step(self) -> bool:
         """``agreed()`` when the agreed interval has passed since the last check (it costs an all-reduce)."""

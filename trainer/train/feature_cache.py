@@ -1,24 +1,32 @@
-"""Frozen-base feature cache (``train.cache_frozen_features``).
+"""Feature caches: the frozen part of the model runs once per image, not once per epoch.
 
-While the whole VGG16 base is frozen, every epoch would push every image through the same
-fixed function. With the cache on, a phase whose base is frozen instead:
+Whatever does not train in a phase is a fixed function of the image. Two cuts are cached:
 
-1. runs each of this worker's training images once through preprocessing, the base and
-   the head's pooling layer (parameter-free), and the validation images likewise;
+- ``train.cache_frozen_features``: the whole base is frozen (feature extraction); the cut is
+  after the base and the head's parameter-free pooling layer; the *top model* is the head.
+- ``train.cache_frozen_blocks``: only a run of top blocks trains (fine tuning, block5 by
+  default); the cut is the pooling layer of the block below them (``block4_pool``, 91% of
+  VGG16's forward FLOPs below it at any input size); the top model is those blocks and the head.
+
+A cached phase:
+
+1. runs each of this worker's training images once through preprocessing and the frozen
+   part, and the validation images likewise;
 2. writes those features as fixed-length float32 records (features + label) to local
    scratch disk ($TRAINER_SCRATCH_DIR, else the system temp dir);
-3. fits a *head model* made of the model's own head layers (shared weights) on them,
-   read back with tf.data (shuffled each epoch, repeated), under the same strategy,
-   callbacks and step count;
+3. fits the top model, made of the model's own layers (shared weights), on them, read back
+   with tf.data (shuffled each epoch, repeated), under the same strategy, callbacks, backups
+   and step count;
 4. deletes the files when the phase ends.
 
-The full model's head then holds the trained weights: export, the next phase and the
-final evaluation use the full model on images, unchanged.
+The full model then holds the trained weights: export, the next phase and the final
+evaluation use the full model on images, unchanged.
 
-Training images are cached unaugmented (the centre square the pipeline uses without
-augmentation): a cache of one random crop per image would show the head that single view
-every epoch. So a cached phase trains without ``data.augment``; later phases that unfreeze
-blocks (which are never cached) augment as configured. Validation features come from the
+Training images are cached as each image's centre crop by default (``train.cache_views: 0``):
+a cache of one random crop per image would show the top model that single view every epoch.
+With ``cache_views: N`` and ``data.augment`` on, the cache holds N augmented views of each
+image (N times the disk and the first pass), and every epoch samples from all of them: more
+views, closer to training on fresh augmentations. Validation features come from the
 evaluation pipeline, so validation metrics equal the full model's on the images.
 
 Multi-worker: each worker caches its own training shards (the files it would read anyway)
@@ -43,7 +51,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import model as model_lib
-from trainer.config import AugmentConfig, Config
+from trainer.config import VGG16_BLOCKS, AugmentConfig, Config
 from trainer.contract import Env
 from trainer.data import pipeline
 from trainer.data.manifest import Manifest, count_mismatch
@@ -64,11 +72,32 @@ class FitInputs:
     model: keras.Model
     train_data: object
     validation: EvaluationData | None
-    cached: bool = False
+    cut: str | None = None  # where the cached part ends (None: the phase trains on images)
+
+
+#: The cut of the frozen-base cache: after the base and the head's parameter-free pooling layer.
+HEAD_CUT = "head"
+
+
+def cache_cut(model: keras.Model, cfg: Config, unfreeze_blocks: list[str]) -> str | None:
+    """Where the fixed part of the model ends for this phase, or None when the phase is not cached.
+
+    ``HEAD_CUT`` when the whole base is frozen (``train.cache_frozen_features``); the pooling
+    layer of the block below the trained ones (``block4_pool`` when only block5 trains) when the
+    phase trains a run of top blocks (``train.cache_frozen_blocks``).
+    """
+    if not unfreeze_blocks and not model_lib.base_of(model).trainable:
+        return HEAD_CUT if cfg.train.cache_frozen_features else None
+    if not cfg.train.cache_frozen_blocks:
+        return None
+    lowest = min(VGG16_BLOCKS.index(block) for block in unfreeze_blocks)
+    if lowest == 0 or set(unfreeze_blocks) != set(VGG16_BLOCKS[lowest:]):
+        return None  # every block trains, or the trained blocks leave a trainable gap below a frozen one
+    return f"{VGG16_BLOCKS[lowest - 1]}_pool"
 
 
 def applies(model: keras.Model, cfg: Config, unfreeze_blocks: list[str]) -> bool:
-    return cfg.train.cache_frozen_features and not unfreeze_blocks and not model_lib.base_of(model).trainable
+    return cache_cut(model, cfg, unfreeze_blocks) is not None
 
 
 @contextlib.contextmanager
@@ -84,13 +113,16 @@ def fit_inputs(
     validation: EvaluationData | None,
 ) -> Iterator[FitInputs]:
     """The phase's fit inputs: cached features when the option is on and the base is frozen."""
-    if not applies(model, cfg, unfreeze_blocks):
+    cut = cache_cut(model, cfg, unfreeze_blocks)
+    if cut is None:
         yield FitInputs(model, train_data, validation)
         return
     directory = os.path.join(_scratch_root(), f"feature-cache-{uuid.uuid4().hex[:8]}")
     os.makedirs(directory)
     try:
-        yield _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validation is not None)
+        yield _cached_inputs(
+            model, cut, cfg, dist, manifest, train_files, global_batch, directory, validation is not None
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -100,6 +132,30 @@ def _scratch_root() -> str:
 
 
 # --------------------------------------------------------------------------- models
+
+
+def split_at(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
+    """(extractor, top): images -> the output of the fixed part, and that output -> probabilities.
+
+    For a block cut (``block4_pool``) the extractor runs preprocessing and the base up to the
+    cut, and the top model the base's layers above it, then the head. Both call the model's
+    own layers, so training the top model trains the model.
+    """
+    if cut == HEAD_CUT:
+        return split_at_head(model)
+    base = model_lib.base_of(model)
+    lower = keras.Model(base.input, base.get_layer(cut).output, name="frozen_blocks")
+    preprocessed = model.get_layer(model_lib.PREPROCESS_NAME).output
+    extractor = keras.Model(model.input, lower(preprocessed), name="feature_extractor")
+    features = keras.Input(lower.output.shape[1:], name="features")
+    x = features
+    base_names = [layer.name for layer in base.layers]
+    for layer in base.layers[base_names.index(cut) + 1 :]:
+        x = layer(x)
+    names = [layer.name for layer in model.layers]
+    for layer in model.layers[names.index(model_lib.BASE_NAME) + 1 :]:
+        x = layer(x)
+    return extractor, model_lib.Classifier(features, x, name="top")
 
 
 def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
@@ -185,13 +241,33 @@ def check_disk_space(directory: str, images: int, feature_shape: tuple[int, ...]
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise ConfigError(
-            f"train.cache_frozen_features: the cache needs {needed / 1e9:.1f} GB in {directory} but only "
-            f"{free / 1e9:.1f} GB are free; set $TRAINER_SCRATCH_DIR to a larger disk, use "
-            "model.head.pooling=avg (much smaller features) or turn the cache off"
+            f"train.cache_frozen_features/cache_frozen_blocks: the feature cache needs {needed / 1e9:.1f} GB "
+            f"({images} records of {'x'.join(map(str, feature_shape))} floats) in {directory} but only "
+            f"{free / 1e9:.1f} GB are free; set $TRAINER_SCRATCH_DIR to a larger disk, lower train.cache_views, "
+            "use model.head.pooling=avg (smaller frozen-base features) or turn the cache off"
         )
 
 
 # --------------------------------------------------------------------------- the cached phase
+
+
+def training_images(files: list[str], cfg: Config, num_classes: int, seed: int) -> tf.data.Dataset:
+    """What a cache holds of this worker's training images: each image's centre crop once
+    (``train.cache_views: 0``), or ``cache_views`` augmented views of each (as ``data.augment``
+    sets them: random crop, flips), every pass over the files drawing new random views."""
+    views = cfg.train.cache_views
+    if views == 0 or not _augments(cfg.data.augment):
+        return unaugmented_training_images(files, cfg, num_classes)
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 16)).repeat(views)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+
+    def decode(serialized: tf.Tensor, seed_pair: tf.Tensor):
+        encoded, label, shape, is_jpeg = pipeline.parse_with_shape(serialized)
+        image = pipeline.decode_for_training(encoded, seed_pair, cfg.data.image_size, cfg.data.augment, shape, is_jpeg)
+        return image, tf.one_hot(label, num_classes)
+
+    ds = tf.data.Dataset.zip((ds, seeds)).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(EXTRACT_BATCH).prefetch(tf.data.AUTOTUNE)
 
 
 def unaugmented_training_images(files: list[str], cfg: Config, num_classes: int) -> tf.data.Dataset:
@@ -208,19 +284,20 @@ def unaugmented_training_images(files: list[str], cfg: Config, num_classes: int)
     return ds.batch(EXTRACT_BATCH).prefetch(tf.data.AUTOTUNE)
 
 
-def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, directory, validates) -> FitInputs:
+def _cached_inputs(model, cut, cfg, dist, manifest, train_files, global_batch, directory, validates) -> FitInputs:
     started = time.perf_counter()
     cluster = dist.cluster
     own = pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
     own_images = _own_image_count(manifest, train_files, own)
+    views = _views(cfg)
     with dist.strategy.scope():
-        extractor, head = split_at_head(model)
-    check_disk_space(directory, own_images + manifest.split_size("validation"), tuple(extractor.output.shape[1:]))
+        extractor, head = split_at(model, cut)
+    feature_shape = tuple(extractor.output.shape[1:])
+    check_disk_space(directory, own_images * max(views, 1) + manifest.split_size("validation"), feature_shape)
     num_classes = manifest.num_classes
-    train_cache = write_cache(
-        extractor, unaugmented_training_images(own, cfg, num_classes), os.path.join(directory, "train.bin")
-    )
-    if train_cache.records != own_images:  # the count is free here; a short shard trains on fewer images
+    images = training_images(own, cfg, num_classes, seed=cfg.runtime.seed + cluster.worker_index)
+    train_cache = write_cache(extractor, images, os.path.join(directory, "train.bin"))
+    if train_cache.records != own_images * max(views, 1):  # free here; a short shard trains on fewer images
         raise count_mismatch(f"worker {cluster.worker_index}'s training shards", train_cache.records, own_images, own)
     validation = None
     if validates:
@@ -235,18 +312,29 @@ def _cached_inputs(model, cfg, dist, manifest, train_files, global_batch, direct
     compile_head(head, model, cfg, dist.strategy)
     train = _distributed_cache(dist.strategy, train_cache, num_classes, global_batch, cfg)
     log.info(
-        "feature cache: %d training and %d validation images through the frozen base in %.1f s "
-        "(features %s, %.1f MB in %s); the head trains on them",
+        "feature cache: %d training records (%s) and %d validation images through the frozen %s in %.1f s "
+        "(features %s, %.1f MB in %s); %s trains on them",
         train_cache.records,
+        f"{views} augmented views per image" if views else "centre crops",
         0 if validation is None else validation_cache.records,
+        "base" if cut == HEAD_CUT else f"blocks up to {cut}",
         time.perf_counter() - started,
         "x".join(map(str, train_cache.feature_shape)),
         _size_mb(directory),
         directory,
+        "the head" if cut == HEAD_CUT else "the blocks above and the head",
     )
-    if _augments(cfg.data.augment):
-        log.warning("feature cache: training images are cached unaugmented, so this phase ignores data.augment")
-    return FitInputs(head, train, validation, cached=True)
+    if _augments(cfg.data.augment) and not views:
+        log.warning(
+            "feature cache: training images are cached unaugmented, so this phase ignores data.augment "
+            "(train.cache_views=N caches N augmented views per image)"
+        )
+    return FitInputs(head, train, validation, cut)
+
+
+def _views(cfg: Config) -> int:
+    """Augmented views per image the cache holds; 0: each image's centre crop, once."""
+    return cfg.train.cache_views if _augments(cfg.data.augment) else 0
 
 
 def validation_images(cfg: Config, manifest: Manifest) -> tf.data.Dataset:

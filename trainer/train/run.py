@@ -206,6 +206,7 @@ def train(cfg: Config, dist: Distribution, checked: Preflight) -> dict[str, Any]
                 fit.model, plan, cfg, layout, fit.train_data, fit.validation, is_chief, manifest.class_names,
                 baseline, telemetry, run_plan,
             )  # fmt: skip
+        result.feature_cache = fit.cut
         first_step += result.epochs_run * steps
         state.phases[name] = result
         # The chief removes the phase's backup only once every worker is past the phase (a worker
@@ -369,14 +370,13 @@ def _stager(cfg: Config, manifest: Manifest, files: list[str], own: list[str]):
     staging = cfg.data.staging
     if not staging.enabled or not all(storage.is_remote(f) for f in own):
         return None
-    from trainer.data.staging import ShardStager
+    from trainer.data.staging import ShardStager, budget_bytes
 
     sizes = dict(zip(files, (s.bytes for s in manifest.shards["train"]), strict=True))
     directory = staging.dir or os.path.join(os.environ.get(Env.SCRATCH_DIR.value) or tempfile.gettempdir(), "shards")
     log.info("staging %d shard(s) to %s in the background", len(own), directory)
-    return ShardStager(
-        own, [sizes[f] for f in own], directory, int(staging.budget_gb * 1e9), staging.parallel_downloads
-    )
+    budget = budget_bytes(staging.budget_gb, directory)
+    return ShardStager(own, [sizes[f] for f in own], directory, budget, staging.parallel_downloads)
 
 
 def _final_evaluation(

@@ -24,6 +24,7 @@ class PhaseResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: list[float] | None = None  # callbacks.score() of the best epoch: the next phase's baseline
+    feature_cache: str | None = None  # the cut a feature cache trained above (trainer.train.feature_cache), if any
 
 
 @dataclass

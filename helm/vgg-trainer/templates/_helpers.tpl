@@ -47,6 +47,12 @@ the monitors name the port ("metrics"), so they follow too. validate.yaml refuse
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/* Labels of this Job's pods only: the release's and the one the Job controller sets (NetworkPolicy peers). */}}
+{{- define "vgg-trainer.peerLabels" -}}
+{{ include "vgg-trainer.selectorLabels" . }}
+batch.kubernetes.io/job-name: {{ include "vgg-trainer.jobName" . }}
+{{- end }}
+
 {{- define "vgg-trainer.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
 {{- end }}
@@ -87,6 +93,9 @@ helm.sh/chart: {{ include "vgg-trainer.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: vgg-trainer
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "vgg-trainer.serviceName" -}}
@@ -102,10 +111,12 @@ app.kubernetes.io/part-of: vgg-trainer
 {{- end }}
 
 {{- define "vgg-trainer.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end }}
 
@@ -139,7 +150,38 @@ The trainer validates it again at start (exit 64).
 {{- $_ = set $out "lease_wait_seconds" (add (int .Values.job.terminationGracePeriodSeconds) (int $lease)) -}}
 {{- end -}}
 {{- $_ = set $cfg "output" $out -}}
+{{- $staging := deepCopy (default dict $data.staging) -}}
+{{- if and $staging.enabled (not $staging.dir) (not $staging.budget_gb) -}}
+{{- /* Staging on the scratch emptyDir: the budget follows its size limit (the rest is for caches). */ -}}
+{{- $budget := divf (floor (mulf (include "vgg-trainer.scratchBytes" .) 0.9e-7)) 100 -}}
+{{- $_ = set $staging "budget_gb" $budget -}}
+{{- $_ = set $data "staging" $staging -}}
+{{- end -}}
 {{- toYaml $cfg -}}
+{{- end }}
+
+{{/* The worker pods' tolerations: the user's, and the GPU toleration unless the user already
+tolerates that taint key (GKE's docs tell users to add it). */}}
+{{- define "vgg-trainer.tolerations" -}}
+{{- $v := .Values -}}
+{{- $tolerations := $v.tolerations | default list -}}
+{{- $userTolerates := false -}}
+{{- range $tolerations -}}
+{{- if eq (toString .key) $v.gpuResourceName }}{{ $userTolerates = true }}{{ end -}}
+{{- end -}}
+{{- if and (gt (int $v.gpusPerWorker) 0) $v.gpuToleration (not $userTolerates) -}}
+{{- $tolerations = append $tolerations (dict "key" $v.gpuResourceName "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- toYaml $tolerations -}}
+{{- end }}
+
+{{/* scratch.sizeLimit in bytes (a Kubernetes quantity: plain, k/M/G/T or Ki/Mi/Gi/Ti). */}}
+{{- define "vgg-trainer.scratchBytes" -}}
+{{- $limit := .Values.scratch.sizeLimit | toString -}}
+{{- $number := regexFind "^[0-9.]+" $limit | float64 -}}
+{{- $unit := trimPrefix (regexFind "^[0-9.]+" $limit) $limit -}}
+{{- $scale := get (dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0) $unit -}}
+{{- printf "%.0f" (mulf $number $scale) -}}
 {{- end }}
 
 {{/*
@@ -183,8 +225,10 @@ name: leaves out `suspend`).
 completionMode: Indexed
 completions: {{ int $v.workers }}
 parallelism: {{ int $v.workers }}
-{{- if not .hashing }}
-suspend: {{ or $v.job.suspend $v.kueue.enabled }}
+{{- /* Under Kueue no suspend at all: its webhook suspends the queued Job and Kueue flips the
+field on admission; a rendered value would make Helm 4 (server-side apply) own it. */ -}}
+{{- if not (or .hashing $v.kueue.enabled) }}
+suspend: {{ $v.job.suspend }}
 {{- end }}
 backoffLimit: {{ include "vgg-trainer.backoffLimit" $root }}
 {{- with $v.job.activeDeadlineSeconds }}
@@ -219,11 +263,22 @@ template:
   metadata:
     labels:
       {{- include "vgg-trainer.podLabels" $root | nindent 6 }}
+      {{- with $v.commonLabels }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
       {{- with $v.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
     annotations:
       checksum/config: {{ include "vgg-trainer.configChecksum" $root }}
+      {{- if $v.kueue.enabled }}
+      {{- with $v.kueue.topology.required }}
+      kueue.x-k8s.io/podset-required-topology: {{ . }}
+      {{- end }}
+      {{- with $v.kueue.topology.preferred }}
+      kueue.x-k8s.io/podset-preferred-topology: {{ . }}
+      {{- end }}
+      {{- end }}
       {{- with $v.podAnnotations }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -249,11 +304,7 @@ template:
     nodeSelector:
       {{- toYaml . | nindent 6 }}
     {{- end }}
-    {{- $tolerations := $v.tolerations | default list }}
-    {{- if and (gt $gpus 0) $v.gpuToleration }}
-    {{- $tolerations = append $tolerations (dict "key" $v.gpuResourceName "operator" "Exists" "effect" "NoSchedule") }}
-    {{- end }}
-    {{- with $tolerations }}
+    {{- with (include "vgg-trainer.tolerations" $root | fromYamlArray) }}
     tolerations:
       {{- toYaml . | nindent 6 }}
     {{- end }}
@@ -309,6 +360,9 @@ template:
             value: {{ $c.workerPort | quote }}
           - name: TRAINER_SCRATCH_DIR
             value: {{ $c.scratchDir }}
+          # `trainer doctor` (kubectl exec) checks that TensorFlow sees them.
+          - name: TRAINER_GPUS_PER_WORKER
+            value: {{ $gpus | quote }}
           # Reported in the trainer_build_info metric.
           - name: TRAINER_IMAGE
             value: {{ include "vgg-trainer.image" $root | quote }}
@@ -429,4 +483,14 @@ template:
       {{- with $v.extraVolumes }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
+{{- end }}
+
+{{/*
+"true" when the Prometheus Operator's objects (PodMonitor, ServiceMonitor, PrometheusRule) are to
+be rendered: the cluster serves monitoring.coreos.com/v1 (.Capabilities, which `helm install`
+reads from the cluster and `helm template` takes from --api-versions), or monitoring.crds=always.
+Without the CRDs the install would fail on "no matches for kind PodMonitor".
+*/}}
+{{- define "vgg-trainer.operatorCRDs" -}}
+{{- or (eq .Values.monitoring.crds "always") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") -}}
 {{- end }}

@@ -1,7 +1,7 @@
 """`prepare_dataset`: image folder in, TFRecord shards + manifest + report out.
 
-The split and shard helpers are pure functions and are tested directly; the rest runs
-on small real image files in a temporary folder and reads the shards back with tf.data.
+Runs on small real image files in a temporary folder and reads the shards back with tf.data;
+the pure split and shard helpers are tested in test_splits.py and test_shards.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import re
 import stat
 import subprocess
@@ -32,11 +31,7 @@ from trainer.data.prepare import (
     TOO_MANY_PIXELS,
     TOO_SMALL,
     UNREADABLE,
-    assign_to_shards,
     prepare_dataset,
-    shard_count,
-    split_sizes,
-    stratified_split,
 )
 from trainer.errors import ConfigError, DataError
 
@@ -92,80 +87,6 @@ def count_records(path: Path) -> int:
 @pytest.fixture
 def messages() -> list[str]:
     return []
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-@pytest.mark.parametrize(
-    ("count", "validation_fraction", "test_fraction", "expected"),
-    [
-        (1, 0.2, 0.0, (0, 0)),  # a single image stays in train
-        (2, 0.2, 0.0, (1, 0)),  # >= 2 images: validation gets at least one
-        (2, 0.2, 0.2, (1, 0)),  # test needs >= 3
-        (3, 0.2, 0.2, (1, 1)),
-        (10, 0.2, 0.1, (2, 1)),
-        (10, 0.0, 0.0, (0, 0)),
-        (4, 0.9, 0.0, (3, 0)),  # at least one image always stays in train
-        (3, 0.0, 0.5, (0, 2)),
-    ],
-)
-def test_split_sizes(count, validation_fraction, test_fraction, expected):
-    assert split_sizes(count, validation_fraction, test_fraction) == expected
-
-
-def test_stratified_split_is_deterministic_and_ignores_listing_order():
-    items = {"cat": [f"cat/{i}.jpg" for i in range(30)], "dog": [f"dog/{i}.jpg" for i in range(12)]}
-    shuffled = {name: random.Random(1).sample(paths, len(paths)) for name, paths in items.items()}
-
-    first = stratified_split(items, 0.2, 0.1, seed=5)
-    assert stratified_split(shuffled, 0.2, 0.1, seed=5) == first
-    assert stratified_split(items, 0.2, 0.1, seed=6) != first
-
-
-def test_stratified_split_keeps_class_proportions_and_loses_nothing():
-    items = {"cat": [f"cat/{i}" for i in range(50)], "dog": [f"dog/{i}" for i in range(10)]}
-
-    split = stratified_split(items, 0.2, 0.1, seed=0)
-
-    assert {name: len(paths) for name, paths in split["validation"].items()} == {"cat": 10, "dog": 2}
-    assert {name: len(paths) for name, paths in split["test"].items()} == {"cat": 5, "dog": 1}
-    for name, paths in items.items():
-        regrouped = [p for s in ("train", "validation", "test") for p in split[s][name]]
-        assert sorted(regrouped) == sorted(paths)
-
-
-def test_adding_a_class_does_not_change_the_split_of_the_others():
-    cats = {"cat": [f"cat/{i}" for i in range(20)]}
-    alone = stratified_split(cats, 0.25, 0.0, seed=3)
-    with_dogs = stratified_split({**cats, "dog": [f"dog/{i}" for i in range(20)]}, 0.25, 0.0, seed=3)
-    assert with_dogs["validation"]["cat"] == alone["validation"]["cat"]
-
-
-@pytest.mark.parametrize(
-    ("total_bytes", "images", "shard_size_mb", "min_shards", "expected"),
-    [
-        (0, 0, 128.0, 16, 0),  # an empty split has no shards
-        (10_000, 5, 128.0, 16, 5),  # min_shards is capped by the image count
-        (10_000, 100, 128.0, 16, 16),  # small split: min_shards
-        (1_000_000_000, 10_000, 128.0, 2, 8),  # large split: ceil(1000 MB / 128 MB)
-        (1_000_000_000, 3, 128.0, 1, 3),  # never more shards than images
-        (10, 1, 128.0, 1, 1),
-    ],
-)
-def test_shard_count(total_bytes, images, shard_size_mb, min_shards, expected):
-    assert shard_count(total_bytes, images, shard_size_mb, min_shards) == expected
-
-
-def test_assign_to_shards_is_a_balanced_seeded_permutation():
-    shards = assign_to_shards(103, 10, seed="s")
-
-    assert sorted(i for shard in shards for i in shard) == list(range(103))
-    assert {len(shard) for shard in shards} == {10, 11}
-    assert assign_to_shards(103, 10, seed="s") == shards
-    assert assign_to_shards(103, 10, seed="t") != shards
-    # Shuffled, not cut in listing order, so shards mix the (path-sorted) classes.
-    assert shards[0] != list(range(11))
 
 
 # --------------------------------------------------------------------------- datasets on disk

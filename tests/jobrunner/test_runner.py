@@ -28,10 +28,12 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.jobs import (
     ISOLATED,
     NAMESPACE,
+    ROOT,
     TINY_TRAINER,
     Capture,
     assert_one_live_pod_per_index,
@@ -473,3 +475,95 @@ def test_real_trainer_on_a_corrupt_manifest_fails_the_job_once_without_retries(t
     assert runner.exit_code == ExitCode.DATA_ERROR
     assert not [e for e in runner.events if e.reason == "PodStarted" and e.replaces]  # no retry
     assert any("manifest is not valid JSON" in log for log in logs), logs
+
+
+@pytest.mark.slow
+@needs_namespaces
+@pytest.mark.timeout(600)
+def test_the_gke_example_values_run_to_complete_with_trainer_job_run(tmp_path):
+    """Issue 18's acceptance: docs/examples/gke-l4.yaml (Kueue, monitoring, Workload Identity,
+    staging on) rendered by the chart, with 2 CPU workers and local paths, completes."""
+    from tests.support.training import make_tiny_dataset
+
+    gke = yaml.safe_load((ROOT / "docs" / "examples" / "gke-l4.yaml").read_text())
+    trainer = {**TINY_TRAINER, "data": {**TINY_TRAINER["data"], **gke["trainer"]["data"]}}
+    output = tmp_path / "run"
+    values = {**gke, "workers": 2, "gpusPerWorker": 0, "trainer": trainer}
+    values |= {"dataset": make_tiny_dataset(tmp_path), "output": str(output)}
+    manifests = tmp_path / "manifests.yaml"
+    manifests.write_text(render(tmp_path, values))
+
+    cmd = [sys.executable, "-m", "trainer", "job", "run", str(manifests), "-n", NAMESPACE, "--timeout", "500"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
+
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert re.search(r"^job \S+: Complete \(CompletionsReached\)", proc.stdout, re.M), proc.stdout[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["distribution"]["workers"] == 2
+
+
+@pytest.mark.parametrize("path", ["../../escaped.yaml", "/tmp/escaped.yaml", "a/../../escaped.yaml"])
+def test_job_run_refuses_volume_items_outside_the_volume(harness, path):
+    docs = [d for d in yaml.safe_load_all(harness.manifests({"*": ["ok"]})) if d]
+    job = next(d for d in docs if d["kind"] == "Job")
+    config = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    config["configMap"]["items"] = [{"key": "config.yaml", "path": path}]
+    manifests = harness.dir / "manifests.yaml"
+    manifests.write_text(yaml.safe_dump_all(docs))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "job", "run", str(manifests), "-n", NAMESPACE, "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"path {path!r} is absolute or contains '..'; give a relative path inside the volume" in line
+    assert "volume item 'config.yaml' of ConfigMap" in line
+    assert not list(harness.dir.parent.glob("**/escaped.yaml")) and not os.path.exists("/tmp/escaped.yaml")
+
+
+# --- helm test: trainer doctor in the chart's test pod -------------------------------------------
+
+
+def _job_test(tmp_path, values: dict) -> subprocess.CompletedProcess:
+    manifests = tmp_path / "manifests.yaml"
+    manifests.write_text(render(tmp_path, values))
+    cmd = [sys.executable, "-m", "trainer", "job", "test", str(manifests), "-n", NAMESPACE, "--timeout", "120"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@needs_namespaces
+def test_the_helm_test_pod_runs_trainer_doctor_against_a_good_configuration(tmp_path):
+    from tests.support.training import make_tiny_dataset
+
+    output = tmp_path / "run"
+    values = {"workers": 2, "dataset": make_tiny_dataset(tmp_path), "output": str(output), "trainer": TINY_TRAINER}
+
+    proc = _job_test(tmp_path, values)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\] ok   manifest .*manifest.json readable: 3 classes", proc.stdout), proc.stdout[-3000:]
+    assert re.search(rf"\] ok   output   {re.escape(str(output))}: a probe object was written", proc.stdout)
+    assert re.search(r"\] ok   dns      2 worker name\(s\) resolve: flowers-vgg-trainer-\w+-0\.", proc.stdout)
+    assert re.search(r"\] skip gpus     no GPU asked for", proc.stdout)
+    assert re.search(r"\] skip weights  model.weights=none", proc.stdout)
+    assert re.search(r"^test pod flowers-vgg-trainer-doctor: passed$", proc.stdout, re.M)
+    assert not list(output.glob(".doctor-probe-*"))  # the probe was deleted
+
+
+@needs_namespaces
+def test_the_helm_test_pod_fails_a_broken_configuration_with_the_trainers_exit_code(tmp_path):
+    (tmp_path / "empty").mkdir()
+    weights = {**TINY_TRAINER, "model": {**TINY_TRAINER["model"], "weights": str(tmp_path / "missing.h5")}}
+    values = {"workers": 2, "dataset": str(tmp_path / "empty"), "output": str(tmp_path / "run"), "trainer": weights}
+
+    proc = _job_test(tmp_path, values)
+
+    assert proc.returncode == ExitCode.DATA_ERROR, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\] FAIL manifest no manifest.json in .*; run `trainer prepare SOURCE", proc.stdout)
+    assert re.search(r"\] FAIL weights  model.weights .*missing.h5 does not exist; fix the path", proc.stdout)
+    assert re.search(r"\] ok   output ", proc.stdout)  # the other checks still ran
+    assert re.search(r"^test pod flowers-vgg-trainer-doctor: failed", proc.stdout, re.M)

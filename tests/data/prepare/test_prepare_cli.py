@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.data.test_prepare import write_classes
+from tests.data.prepare.test_prepare import write_classes
 from tests.support import processes
 from trainer.contract import MANIFEST_FILE, PREPARE_PROGRESS_FILE, PREPARE_REPORT_FILE, ExitCode
 from trainer.data import records
