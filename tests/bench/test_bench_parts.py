@@ -40,3 +40,19 @@ def test_efficiency_bounds():
 )
 def test_first_step_marker_is_the_first_progress_bar_update(output, found):
     assert bool(runs.FIRST_STEP.search(output)) is found
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "feature cache: 256 training records (centre crops) and 64 validation images through the frozen base in 3.6 s "
+        "(features 1x1x512, 0.6 MB in /x); the head trains on them",
+        "feature cache: 256 training records (2 augmented views per image) and 64 validation images through the "
+        "frozen blocks up to block4 in 3.6 s (features 2x2x512, 2.6 MB in /x); the blocks above and the head train",
+    ],
+)
+def test_extraction_seconds_are_read_from_the_feature_cache_log_line(tmp_path, line):
+    log = tmp_path / "run.log"
+    log.write_text(f"12:00:00 INFO trainer: {line}\n")
+
+    assert runs.extraction_seconds(str(log)) == 3.6
