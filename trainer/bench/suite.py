@@ -10,6 +10,11 @@ Order: generate the JPEG set and prepare it with the product's `prepare`, then
    notebook recipe it replaces (trainer.bench.accuracy).
 Quick mode (for the tests) runs the same code on tiny sizes, all processes at once, and
 skips the two-worker run: its figures mean nothing, only its shape does.
+
+Figures that reproduce (trainer.bench.rounds): the machine is probed before anything starts;
+every measurement carries the load it ran under, ratios are medians of unmarked alternating
+rounds with their spread, and a busy run never overwrites existing result files unless
+``allow_busy`` (it writes ``*.busy.*`` beside them and exits with ExitCode.TRANSIENT).
 """
 
 from __future__ import annotations
