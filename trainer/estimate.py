@@ -45,7 +45,8 @@ Compute per step comes from one of two sources, and the output says which:
   peak dense fp16 tensor TFLOPS (the same rule puts the V100 at 477 against its published 456).
 
 Not modelled: start-up (imports, cluster forming: ~10-15 s), the final evaluation and export,
-the feature cache (train.cache_frozen_features makes a frozen phase's later epochs ~14x faster),
+the feature caches (train.cache_frozen_features makes a frozen phase's later epochs ~14x faster;
+train.cache_frozen_blocks skips the frozen blocks of a fine-tuning phase; the output notes either),
 stragglers, and a GPU underused by small inputs (cited figures scale down with pixels).
 """
 
@@ -501,6 +502,11 @@ def unmodelled(cfg: Config, gpu: str) -> list[str]:
         notes.append(
             "train.cache_frozen_features is on: a frozen-base phase's epochs after the first cost the head only "
             "(~14x faster here, docs/benchmarks.md section 3), shown at full cost"
+        )
+    if cfg.train.cache_frozen_blocks and any(p.epochs and p.unfreeze_blocks for p in cfg.phases.values()):
+        notes.append(
+            "train.cache_frozen_blocks is on: a phase training only top blocks skips the frozen blocks below "
+            "them after its first epoch (see docs/performance.md), shown at full cost"
         )
     if gpu != "cpu" and cfg.data.image_size < 224:
         notes.append(
