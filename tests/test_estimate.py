@@ -83,6 +83,9 @@ def test_prices_come_from_the_table_a_file_or_the_command_line(tmp_path):
         (["--price", "b200=5"], "--price 'b200=5': expected GPU=USD_PER_HOUR"),
         (["--gpu", "a100", "--probe"], "--probe measures this machine, which has no a100"),
         (["--gpu", "a100", "--local"], "--local models workers sharing this machine's CPU"),
+        (["--gpu", "cpu", "--probe", "--probe-steps", "1"], "--probe-steps 1: a probe needs at least 2"),
+        (["--gpu", "cpu"], "--gpu cpu has no published throughput; add --probe"),
+        (["--prices", "/nonexistent/prices.yaml"], "--prices /nonexistent/prices.yaml: no such file"),
     ],
 )
 def test_bad_plan_options_are_one_line_and_exit_64(tmp_path, capsys, argv, says):

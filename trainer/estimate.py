@@ -301,15 +301,16 @@ def gradient_and_gmac(cfg: Config, manifest: Manifest) -> tuple[dict[str, int], 
     return volumes, conv_block_gmac(base_of(model)), 4 * int(model.count_params())
 
 
+def backup_bytes(weights: int, trainable: int, optimizer: str) -> int:
+    """A backup's size: every weight, plus the optimizer's slots per trainable weight (Adam 2, else 1)."""
+    return weights + (2 if optimizer == "adam" else 1) * trainable
+
+
 def cited_phases(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> list[PhaseCost]:
-    if accelerator.images_per_second is None:
-        raise ConfigError(
-            f"--gpu cpu has no published throughput; add --probe to measure this machine ({accelerator.name})"
-        )
+    assert accelerator.images_per_second is not None  # estimate() refuses --gpu cpu without --probe
     rate = accelerator.images_per_second * (FP32_FACTOR if cfg.runtime.mixed_precision == "off" else 1.0)
     volumes, block_gmac, total_bytes = gradient_and_gmac(cfg, manifest)
     batch = cfg.train.batch_size_per_replica
-    slots = 2 if cfg.phases and any(p.optimizer.name == "adam" for p in cfg.phases.values()) else 1
     forward_per_image = sum(block_gmac.values()) / (3 * FULL_FORWARD_GMAC_224) / rate
     return [
         PhaseCost(
@@ -320,7 +321,7 @@ def cited_phases(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> l
             batch * cited_seconds_per_image(block_gmac, phase.unfreeze_blocks, rate),
             batch * forward_per_image,
             0.0,
-            (total_bytes + slots * volumes[name]) / (BACKUP_WRITE_MB_S * 1e6),
+            backup_bytes(total_bytes, volumes[name], phase.optimizer.name) / (BACKUP_WRITE_MB_S * 1e6),
         )
         for name, phase in cfg.phases.items()
     ]
@@ -334,36 +335,53 @@ def probe_phases(cfg: Config, manifest: Manifest, steps: int) -> tuple[list[Phas
     steps, on this machine with the real pipeline and model; also the pipeline's CPU ms per image."""
     import tensorflow as tf
 
+    from trainer.bench.comms import gradient_bytes
     from trainer.config import ModelConfig
     from trainer.data import pipeline
     from trainer.data.stats import ImageStats
-    from trainer.model import build_model
+    from trainer.model import build_model, set_trainable_blocks
     from trainer.train import plan as plan_lib
     from trainer.train.phases import compile_for_phase, plan_phase
 
+    _use_run_precision(cfg)
     batch = cfg.train.batch_size_per_replica
     resolved, _ = plan_lib.make_plan(cfg, ImageStats.from_manifest_extra(manifest.extra), batch, steps)
     files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     data = pipeline.training_dataset(files, resolved.data, manifest.num_classes, batch, cfg.runtime.seed, False)
     ms_per_image = _pipeline_cpu_ms(data, batches=max(steps, 4), batch=batch)
-    volumes, _, _ = gradient_and_gmac(cfg, manifest)
     # Random weights: the speed is the same, and nothing is downloaded.
     model_cfg = ModelConfig(weights="none", head=resolved.model.head)
     model = build_model(manifest.num_classes, cfg.data.image_size, model_cfg, seed=cfg.runtime.seed)
-    strategy = tf.distribute.get_strategy()
     costs = []
     for name, phase in resolved.phases.items():
+        volume = gradient_bytes(model, phase.unfreeze_blocks, set_trainable_blocks)
         if not phase.epochs:
-            costs.append(PhaseCost(name, 0, list(phase.unfreeze_blocks), volumes[name], 0.0, 0.0, 0.0, 0.0))
+            costs.append(PhaseCost(name, 0, list(phase.unfreeze_blocks), volume, 0.0, 0.0, 0.0, 0.0))
             continue
-        compile_for_phase(model, plan_phase(name, resolved, steps + 1, batch, 0), resolved, strategy)
-        first, step = _time_fit(model, data, steps)
-        eval_step = _time_evaluate(model, data, max(2, steps // 2))
-        blocks = list(phase.unfreeze_blocks)
-        costs.append(
-            PhaseCost(name, phase.epochs, blocks, volumes[name], step, eval_step, first - step, _time_backup(model))
+        compile_for_phase(
+            model, plan_phase(name, resolved, steps + 1, batch, 0), resolved, tf.distribute.get_strategy()
         )
+        costs.append(_probe_phase(model, name, phase, data, steps, volume))
     return costs, ms_per_image
+
+
+def _probe_phase(model, name: str, phase, data, steps: int, volume: int) -> PhaseCost:
+    """One compiled phase: its steps, evaluation steps and a backup, timed."""
+    first, step = _time_fit(model, data, steps)
+    eval_step = _time_evaluate(model, data, max(2, steps // 2))
+    blocks = list(phase.unfreeze_blocks)
+    return PhaseCost(name, phase.epochs, blocks, volume, step, eval_step, first - step, _time_backup(model))
+
+
+def _use_run_precision(cfg: Config) -> None:
+    """The mixed-precision policy the run would have on this (GPU-less) machine."""
+    import tf_keras
+
+    from trainer.strategy import precision_policy
+
+    policy = precision_policy(cfg.runtime.mixed_precision, num_gpus=0)
+    if policy is not None:
+        tf_keras.mixed_precision.set_global_policy(policy)
 
 
 def _time_fit(model, data, steps: int) -> tuple[float, float]:
@@ -451,7 +469,11 @@ def estimate(cfg: Config, args) -> tuple[Inputs, list[dict[str, Any]]]:
         raise ConfigError("--local models workers sharing this machine's CPU; use it with --gpu cpu")
     if args.probe and args.gpu != "cpu":
         raise ConfigError(f"--probe measures this machine, which has no {args.gpu}; use --gpu cpu, or drop --probe")
+    if args.probe and args.probe_steps < 2:
+        raise ConfigError(f"--probe-steps {args.probe_steps}: a probe needs at least 2 timed steps per phase")
     accelerator = ACCELERATORS[args.gpu]
+    if not args.probe and accelerator.images_per_second is None:
+        raise ConfigError(f"--gpu {args.gpu} has no published throughput; add --probe to measure this machine")
     workers = parse_workers(args.workers)
     price, price_source = price_for(args.gpu, args.price, args.prices)
     manifest = read_manifest(cfg.data.dataset)
