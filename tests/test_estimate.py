@@ -85,6 +85,7 @@ def test_prices_come_from_the_table_a_file_or_the_command_line(tmp_path):
         (["--gpu", "a100", "--local"], "--local models workers sharing this machine's CPU"),
         (["--gpu", "cpu", "--probe", "--probe-steps", "1"], "--probe-steps 1: a probe needs at least 2"),
         (["--gpu", "cpu"], "--gpu cpu has no published throughput; add --probe"),
+        (["--bandwidth-gbps", "-1"], "--bandwidth-gbps -1: expected a link speed > 0"),
         (["--prices", "/nonexistent/prices.yaml"], "--prices /nonexistent/prices.yaml: no such file"),
     ],
 )

@@ -475,6 +475,8 @@ def estimate(cfg: Config, args) -> tuple[Inputs, list[dict[str, Any]]]:
     if not args.probe and accelerator.images_per_second is None:
         raise ConfigError(f"--gpu {args.gpu} has no published throughput; add --probe to measure this machine")
     workers = parse_workers(args.workers)
+    if args.bandwidth_gbps < 0:
+        raise ConfigError(f"--bandwidth-gbps {args.bandwidth_gbps:g}: expected a link speed > 0 (0 = the default)")
     price, price_source = price_for(args.gpu, args.price, args.prices)
     manifest = read_manifest(cfg.data.dataset)
     bandwidth = args.bandwidth_gbps or (LOOPBACK_GBPS if args.local else accelerator.bandwidth_gbps)
@@ -496,8 +498,12 @@ def estimate(cfg: Config, args) -> tuple[Inputs, list[dict[str, Any]]]:
 def add_plan_arguments(parser) -> None:
     """`trainer plan`'s options (trainer.cli adds --config and --set)."""
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts, comma-separated (default 1,2,4,8)")
-    parser.add_argument("--gpu", default="a100", choices=list(ACCELERATORS), help="accelerator per worker")
-    parser.add_argument("--price", action="append", default=[], metavar="GPU=USD", help="USD per GPU-hour")
+    parser.add_argument(
+        "--gpu", default="a100", choices=list(ACCELERATORS), help="accelerator per worker (default a100)"
+    )
+    parser.add_argument(
+        "--price", action="append", default=[], metavar="GPU=USD", help="USD per GPU-hour, over the table (repeatable)"
+    )
     parser.add_argument("--prices", default=None, metavar="FILE", help="YAML file of `gpu: usd_per_hour`")
     parser.add_argument("--bandwidth-gbps", type=float, default=0.0, help="link per worker (default 25; --local 8)")
     parser.add_argument("--probe", action="store_true", help="measure a few real steps here (--gpu cpu)")
