@@ -15,6 +15,7 @@ Per phase, with per-replica batch ``b`` and ``n`` workers:
     efficiency      = compute / step seconds         (per-worker throughput vs one worker)
     epoch seconds   = steps x step seconds + backups x backup seconds  (metrics.jsonl's train_seconds)
     backups         = (steps - 1) // train.backup_every_steps  (the epoch-end backup is not in train_seconds)
+    validation pass = ceil(validation images / (b x n)) evaluation steps
     phase seconds   = epochs x (epoch + validation pass) + first-step overhead (tracing)
 
 Gradient bytes are the phase's trainable float32 variables, counted from the model built by
@@ -26,9 +27,12 @@ Compute per step comes from one of two sources, and the output says which:
 
 - **probe** (``--probe``): a few real training steps of every phase on this machine, with the
   real input pipeline and model (as the run's FirstStepsEstimate callback times them), plus a
-  few evaluation steps, one backup, and the pipeline's CPU milliseconds per image. On ``--gpu cpu`` with
+  few evaluation steps, one backup, and the pipeline's CPU milliseconds per image. With
   ``--local`` the n workers share this machine, as `trainer launch` runs them: each worker's
-  compute takes n times the probe's (the probe had every core), the all-reduce crosses loopback.
+  compute, evaluation and backups take n times the probe's (the probe had every core), the
+  all-reduce crosses loopback. Not modelled there: on oversubscribed cores (load above ~3 per
+  core) the workers' meeting at every all-reduce waits for the scheduler, and a 2-worker run
+  took up to 2-4x the prediction here (docs/operations.md, "Before launching").
 - **cited**: published VGG16 training throughput for the whole network at 224x224
   (tf_cnn_benchmarks as run by Lambda Labs: V100 249 img/s fp32, 456 fp16; A100 1190 fp16),
   scaled by the phase's share of a full training step's multiply-accumulates:
