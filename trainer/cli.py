@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, doctor, status, predict, evaluate, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, plan, doctor, status, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="overwrite --out/--table even when the machine is busy (the files then say so at the top)",
     )
 
+    p = sub.add_parser("plan", help="expected time, GPU-hours and cost of a run per worker count")
+    from trainer.estimate import add_plan_arguments
+
+    add_plan_arguments(p)
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
     p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
@@ -230,6 +236,11 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.doctor import doctor_command
 
         return doctor_command(cfg, args.gpus)
+    if args.command == "plan":
+        from trainer.estimate import plan_command
+
+        config_lib.require(cfg, "data.dataset")
+        return plan_command(cfg, args)
     config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds
