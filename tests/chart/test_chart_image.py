@@ -266,6 +266,43 @@ def test_the_lock_installs_with_require_hashes(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_the_project_builds_with_the_locks_backend(tmp_path):
+    """The image builds the project without isolation, with the lock's setuptools: a newer backend
+    that drops what pyproject.toml uses fails here when the lock moves, not in a docker build."""
+    lock = _lock()
+    backend = tmp_path / "backend.lock"
+    names = [canonicalize_name(Requirement(r).name) for r in PYPROJECT["build-system"]["requires"]]
+    backend.write_text("".join(f"{n}=={lock[n][0]} {' '.join('--hash=' + h for h in lock[n][1])}\n" for n in names))
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "trainer", source / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", PYPROJECT["project"]["readme"]):
+        shutil.copy(ROOT / name, source)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps", "--no-index"]
+    installed = subprocess.run(
+        [*pip, "--find-links", str(WHEELHOUSE), "--target", str(tmp_path / "backend"), "-r", str(backend)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    build = "import setuptools, setuptools.build_meta as b; print(setuptools.__version__, b.build_wheel(%r))"
+    built = subprocess.run(
+        [sys.executable, "-c", build % str(tmp_path / "dist")],
+        capture_output=True,
+        text=True,
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "backend")},
+        timeout=60,
+    )
+
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert built.stdout.split()[-2:] == [
+        lock["setuptools"][0],
+        f"vgg_trainer-{PYPROJECT['project']['version']}-py3-none-any.whl",
+    ]
+
+
+@pytest.mark.timeout(120)
 def test_the_builds_own_checks_pass_on_the_pinned_versions(dockerfile):
     """The build runs Python checks (Python version, tf-keras matches TF) and `trainer config`;
     they run here on the same pins, so a change that breaks them fails before anyone builds."""
