@@ -24,6 +24,10 @@ UV_VERSION=0.13.8
 IMAGE_PLATFORM=(--python-version 3.11 --implementation cp --only-binary=:all: --platform manylinux2014_x86_64)
 for glibc in $(seq 17 28); do IMAGE_PLATFORM+=(--platform "manylinux_2_${glibc}_x86_64"); done
 
+case "${1:-}" in
+  "" | --image | --fetch) ;;
+  *) echo "usage: scripts/lock.sh [--image | --fetch DIR]" >&2; exit 64 ;;
+esac
 if [ "${1:-}" = --fetch ]; then
   exec "$PYTHON" -m pip download --quiet --disable-pip-version-check --require-hashes --no-deps \
     "${IMAGE_PLATFORM[@]}" -r docker/requirements.lock -d "${2:?usage: scripts/lock.sh --fetch DIR}"
