@@ -23,8 +23,8 @@ PRIVATE_APIS = {
     "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2.CoordinatedJob": ("the job list that call takes"),
     "tensorflow.python.eager.context.Context.get_task_states": (
         "the coordination service's view of each worker's health (tf.distribute's ClusterCoordinator "
-        "polls it the same way): the only signal a worker blocked outside any collective gets that its "
-        "group failed; trainer.group_watch"
+        "polls it the same way): how worker 0, when it is blocked outside any collective, learns that "
+        "its group failed; trainer.group_watch"
     ),
     "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended"
     "._initialize_local_devices": (
@@ -63,7 +63,10 @@ def configure_coordination_service(num_workers: int, heartbeat_timeout_ms: int, 
 
 
 def coordination_task_states(num_workers: int) -> list:
-    """Each worker's state in the coordination service: None if healthy; raises when the service is gone."""
+    """Each worker's state in the coordination service: None if healthy.
+
+    Holds Python's GIL while it waits for the service: call it only where the service runs (worker 0).
+    """
     from tensorflow.python.eager import context
 
     return list(context.context().get_task_states([("worker", num_workers)]))
