@@ -113,8 +113,9 @@ def _train_checked(cfg, cluster, checked) -> dict | None:
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
     signals.reclaim()  # TensorFlow's coordination service took SIGTERM over (trainer.signals.reclaim)
     from trainer.data.pipeline import naming_damaged_shards
+    from trainer.group_watch import watching_the_group
 
-    with naming_damaged_shards(cfg.data.dataset, checked.manifest):
+    with watching_the_group(cluster), naming_damaged_shards(cfg.data.dataset, checked.manifest):
         summary = train(cfg, dist, checked)
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave
