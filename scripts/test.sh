@@ -13,6 +13,11 @@ export PATH="$PWD/.tools/bin:$PATH"
 scripts/checkov.sh
 # Real Prometheus, promtool and Pushgateway for the observability tests (tests/observability).
 scripts/prometheus.sh
+# The image lock's wheels (docker/requirements.lock), downloaded from the index with every hash
+# checked, into the git-ignored .tools/image-wheels: the sandboxed tests install them offline
+# (tests/chart/test_chart_image.py). Once more on failure: an index can fail a request.
+PYTHON=.venv/bin/python scripts/lock.sh --fetch .tools/image-wheels ||
+  PYTHON=.venv/bin/python scripts/lock.sh --fetch .tools/image-wheels
 .venv/bin/ruff check trainer tests
 # The tests run in a private network namespace where the GCS host names resolve to the
 # emulator on loopback (TensorFlow's gs:// has fixed endpoints); see scripts/sandbox.sh.

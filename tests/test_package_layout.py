@@ -8,8 +8,10 @@ from pathlib import Path
 import trainer
 
 PACKAGE = Path(trainer.__file__).parent
-#: Never run in a pod: `trainer launch`, `trainer job run`, `trainer bench`, `trainer demo` and their supervisor.
-LOCAL_TOOLS = ("trainer.launch", "trainer.supervisor", "trainer.jobrunner", "trainer.bench", "trainer.demo")
+#: Never run in a pod: `trainer launch`, `job run`, `bench`, `demo`, their supervisor, and `trainer plan`.
+LOCAL_TOOLS = (
+    "trainer.launch", "trainer.supervisor", "trainer.jobrunner", "trainer.bench", "trainer.demo", "trainer.estimate",
+)  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -85,3 +85,19 @@ def test_a_pool_worker_ends_on_sigterm_whatever_its_parent_installed():
     worker.join(10)
 
     assert worker.exitcode == -signal.SIGTERM
+
+
+def test_a_handler_installed_behind_the_dispatchers_back_is_taken_back():
+    # TensorFlow's coordination service installs its own SIGTERM handler when
+    # MultiWorkerMirroredStrategy starts (preemption_notifier.cc); a stop check installed after
+    # it must still get the signal, and reclaim() takes it back for the handlers already there.
+    got = []
+    with signals.stop_requests(lambda signum: got.append(("bottom", signum))):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what native code does with sigaction
+        signals.reclaim()
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with signals.stop_requests(lambda signum: got.append(("top", signum))):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert got == [("bottom", signal.SIGTERM), ("top", signal.SIGTERM)]

@@ -1,4 +1,4 @@
-"""The `trainer` command: config, prepare, train, launch, doctor, status, predict, evaluate, job, demo, bench.
+"""The `trainer` command: config, prepare, train, launch, plan, doctor, status, predict, evaluate, job, demo, bench.
 
 Every command ends with a documented exit code (trainer.contract.ExitCode): user errors
 print one line naming the problem and the fix and are not worth retrying; transient
@@ -138,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default="benchmarks.md", help="markdown table file (default benchmarks.md)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds not minutes (for tests)")
     p.add_argument("--workdir", default=None, help="keep generated data, logs and runs here (default: a temp dir)")
+    p.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="overwrite --out/--table even when the machine is busy (the files then say so at the top)",
+    )
+
+    p = sub.add_parser("plan", help="expected time, GPU-hours and cost of a run per worker count")
+    from trainer.estimate import add_plan_arguments
+
+    add_plan_arguments(p)
+    _add_config_args(p)
 
     p = sub.add_parser("demo", help="end-to-end demo on a generated dataset with 2 local workers")
     p.add_argument("--workdir", default="demo-run", help="where the demo writes everything (default ./demo-run)")
@@ -165,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(err, KeyboardInterrupt):
                 print(f"error: {explained}", file=sys.stderr, flush=True)
             return int(explained.exit_code)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int | None:
@@ -199,7 +214,7 @@ def _run(args: argparse.Namespace) -> int | None:
     if args.command == "bench":
         from trainer.bench.suite import run_bench
 
-        run_bench(args.out, args.table, args.quick, args.workdir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        run_bench(args.out, args.table, args.quick, args.workdir, say=_to_stderr, allow_busy=args.allow_busy)
         return None
 
     from trainer import config as config_lib
@@ -221,6 +236,11 @@ def _run(args: argparse.Namespace) -> int | None:
         from trainer.doctor import doctor_command
 
         return doctor_command(cfg, args.gpus)
+    if args.command == "plan":
+        from trainer.estimate import plan_command
+
+        config_lib.require(cfg, "data.dataset")
+        return plan_command(cfg, args)
     config_lib.require(cfg, "data.dataset", "output.dir")  # train and launch; before TensorFlow loads
     if args.command == "launch":
         from trainer.launch import launch_local, stop_grace_seconds

@@ -58,6 +58,9 @@ class Env(enum.StrEnum):
     # The Pushgateway URL, overriding monitoring.pushgateway_url; may carry credentials (the chart
     # sets it from a Secret, so they never reach the ConfigMap).
     PUSHGATEWAY_URL = "TRAINER_PUSHGATEWAY_URL"
+    # Test hook, never set in production: this process's training input blocks forever after this many
+    # batches (trainer.data.pipeline.stall_after), so it stays alive but never enters the next collective.
+    TEST_STALL_INPUT_AFTER = "TRAINER_TEST_STALL_INPUT_AFTER"
 
 
 #: What a stop may take beyond ``runtime.stop_check_seconds``: the step in progress and one backup.

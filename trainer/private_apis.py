@@ -21,6 +21,11 @@ PRIVATE_APIS = {
         "before MultiWorkerMirroredStrategy starts it (tf.distribute uses the same call)"
     ),
     "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2.CoordinatedJob": ("the job list that call takes"),
+    "tensorflow.python.eager.context.Context.get_task_states": (
+        "the coordination service's view of each worker's health (tf.distribute's ClusterCoordinator "
+        "polls it the same way): how worker 0, when it is blocked outside any collective, learns that "
+        "its group failed; trainer.group_watch"
+    ),
     "tensorflow.python.distribute.collective_all_reduce_strategy.CollectiveAllReduceExtended"
     "._initialize_local_devices": (
         "MultiWorkerMirroredStrategy gives a worker without GPUs one CPU device; runtime.cpu_devices "
@@ -55,6 +60,16 @@ def configure_coordination_service(num_workers: int, heartbeat_timeout_ms: int, 
         heartbeat_timeout_in_ms=heartbeat_timeout_ms,
         cluster_register_timeout_in_ms=register_timeout_ms,
     )
+
+
+def coordination_task_states(num_workers: int) -> list:
+    """Each worker's state in the coordination service: None if healthy.
+
+    Holds Python's GIL while it waits for the service: call it only where the service runs (worker 0).
+    """
+    from tensorflow.python.eager import context
+
+    return list(context.context().get_task_states([("worker", num_workers)]))
 
 
 @contextlib.contextmanager

@@ -13,13 +13,13 @@ The chain, from whoever asks to whoever stops:
    SIGTERM raises ``trainer.errors.Preempted`` wherever the main thread is, and
    ``trainer.exits`` turns it into exit 76 (PREEMPTED: restart, no retry budget spent). Ctrl-C
    raises KeyboardInterrupt, mapped to the same code.
-3. **Training.** While a phase trains, its stop check (trainer.train.callbacks.StopRequest,
-   installed and uninstalled around ``model.fit``) replaces that handler with one that only
+3. **Training.** While a phase trains, its stop check (trainer.train.callbacks.StopRequest, a
+   :func:`stop_requests` handler installed around the phase's fits) stands above that one and only
    notes the signal: the step in progress finishes, the workers agree at a step that someone was
    asked to stop (an all-reduce), write one backup together and raise Preempted, so the run exits
-   76 and resumes from that backup. (StopRequest still swaps the handler with ``signal.signal``
-   and restores the one it found, which is this module's dispatcher; it is to hold a
-   :func:`stop_requests` handler instead.)
+   76 and resumes from that backup. TensorFlow's coordination service replaces the process's
+   SIGTERM handler with its own when MultiWorkerMirroredStrategy starts (see :func:`reclaim`):
+   the worker takes it back right after building the strategy, and every install does too.
 4. **Prepare.** `trainer prepare` checks and encodes images in a pool of worker processes:
    :func:`reset_in_worker` gives each the default SIGTERM (the pool stops its workers with
    SIGTERM; the CLI's handler must not run there). The parent writes a shard and its progress
@@ -71,8 +71,9 @@ class StopHandler:
             return self
         for signum in self.signals:
             stack = _stacks.setdefault(signum, [])
+            previous = signal.signal(signum, _dispatch)  # every time: see reclaim()
             if not stack:
-                _before[signum] = signal.signal(signum, _dispatch)
+                _before[signum] = previous
             stack.append(self)
         self.installed = True
         return self
@@ -93,6 +94,21 @@ class StopHandler:
 
     def __exit__(self, *exc_info) -> None:
         self.uninstall()
+
+
+def reclaim() -> None:
+    """Take the stop signals back from native code that replaced the dispatcher.
+
+    When MultiWorkerMirroredStrategy starts, TensorFlow's coordination service installs its own
+    C++ SIGTERM handler (``preemption_notifier.cc``: "SIGTERM caught", and nothing else for a
+    trainer that does not use PreemptionCheckpointHandler), which silently replaces Python's.
+    Every install() takes the signal back; the worker also calls this once the strategy is built.
+    """
+    if not _in_main_thread():
+        return
+    for signum, stack in _stacks.items():
+        if stack:
+            signal.signal(signum, _dispatch)
 
 
 def stop_requests(on_stop: OnStop, signals: Sequence[int] = (signal.SIGTERM,)) -> StopHandler:

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 
+from trainer import signals
 from trainer.contract import Env, ExitCode
 from trainer.exits import exit_code_of
 
@@ -110,9 +111,11 @@ def _train_checked(cfg, cluster, checked) -> dict | None:
             os.environ[Env.TF_CONFIG.value] = cluster_lib.make_tf_config(list(cluster.workers), cluster.task_index)
         wait_for_peers(cluster.workers, cluster.worker_index, cfg.runtime.peer_wait_seconds)
     dist = build_distribution(cluster, cfg.runtime)  # first TF op of the process: strategies must come first
+    signals.reclaim()  # TensorFlow's coordination service took SIGTERM over (trainer.signals.reclaim)
     from trainer.data.pipeline import naming_damaged_shards
+    from trainer.group_watch import watching_the_group
 
-    with naming_damaged_shards(cfg.data.dataset, checked.manifest):
+    with watching_the_group(cluster), naming_damaged_shards(cfg.data.dataset, checked.manifest):
         summary = train(cfg, dist, checked)
     if cluster.is_multi_worker and cluster.is_chief:
         from trainer.rendezvous import wait_for_peers_to_leave

@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from trainer.bench.inputs import METHODS
+from trainer.bench import report
+from trainer.bench.inputs import LIMIT_CANDIDATES, METHODS
 from trainer.cli import main
 from trainer.contract import ExitCode
 
@@ -45,14 +46,20 @@ def test_input_pipelines_were_measured_at_one_and_two_cores(quick):
         assert set(part["methods"]) == set(METHODS)
         for figures in part["methods"].values():
             assert all(positive(figures[key]) for key in ("images_per_second", "cpu_ms_per_image", "cores_used"))
-        assert positive(part["product_vs_baseline"]) and positive(part["product_vs_limit"])
+        assert part["limit_method"] in LIMIT_CANDIDATES
+        for name in ("product_vs_limit", "product_vs_image_dataset", "product_vs_generator"):
+            ratio = part[name]
+            assert ratio["rounds"] == 1 and len(ratio["per_round"]) == 1 and positive(ratio["per_round"][0]["ratio"])
+        for samples in part["samples"].values():  # every measurement carries the load it ran under
+            assert all(s["load"]["cpus"] == int(cores) and s["load"]["wall_seconds"] > 0 for s in samples)
     assert 60 <= result["image_set"]["kb"]["mean"] <= 110
 
 
 def test_training_steps_cache_runs_and_start_up_were_measured(quick):
     result, _ = quick
     training = result["training_step"]
-    assert positive(training["synthetic_images_per_second"]) and positive(training["pipeline_images_per_second"])
+    assert training["pipeline_vs_synthetic"]["rounds"] == 1
+    assert all(positive(s["images_per_second"]) for feed in training["samples"].values() for s in feed)
     cache = result["feature_cache"]
     assert cache["uncached_epoch_seconds_after_first"] and cache["cached_epoch_seconds_after_first"]
     assert all(map(positive, cache["uncached_epoch_seconds_after_first"] + cache["cached_epoch_seconds_after_first"]))
@@ -92,10 +99,20 @@ def test_communication_volumes_are_counted_from_the_real_models(quick):
 
 def test_goals_and_markdown_table(quick):
     result, table = quick
-    assert len(result["goals"]) == 6
+    assert len(result["goals"]) == 7
+    statuses = {"met", "missed", report.NOT_MEASURED_BUSY}
     # The time-to-accuracy goal counts 0 when the product is less accurate (likely after quick mode's 1 epoch).
-    assert all(isinstance(goal["met"], bool) and goal["measured"] >= 0 for goal in result["goals"])
+    assert all(g["status"] in statuses and (g["measured"] is None or g["measured"] >= 0) for g in result["goals"])
     for heading in ("## Goals", "## 1. Input pipeline", "## 2. Training step", "## 3. Feature-extraction phase",
                     "## 4. Start-up and memory", "## 5. Communication volume"):  # fmt: skip
         assert heading in table
-    assert "Quick mode" in table
+    assert "Quick mode" in table and "How figures are taken" in table and "cores per A100" in table
+    assert [row["method"] for row in result["cores_per_gpu"]] == list(METHODS)
+
+
+def test_a_busy_run_says_so_at_the_top(quick):
+    result, table = quick
+    marked, total = result["measurements_busy"]
+    assert total == 2 * len(METHODS) + 2 and 0 <= marked <= total  # one round at 1 and 2 cores; 2 training feeds
+    # Quick mode runs everything at once, so its rounds usually see each other as load.
+    assert bool(result["busy_reasons"]) == table.split("\n")[2].startswith("**Taken on a busy machine")

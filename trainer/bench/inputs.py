@@ -1,17 +1,23 @@
-"""Input pipeline throughput (images/s) of four ways to feed 224x224 training images.
+"""Input pipeline throughput (images/s) and CPU cost of the ways to feed 224x224 training images.
 
 (a) ``flow_from_directory``: the notebook recipe this product replaces; Keras'
     ImageDataGenerator (horizontal flips, VGG16 ``preprocess_input``) read by one Python
     thread, which is how ``model.fit`` consumes it by default.
-(b) ``image_dataset_from_directory``: Keras' tf.data loader (decode, squash-resize, batch).
+(b) ``image_dataset_from_directory``: Keras' tf.data loader (read files, decode, squash-resize, batch).
 (c) the product: :func:`trainer.data.pipeline.training_dataset` over the prepared TFRecord
     shards (shuffle, parallel reads, random crop decoded from the crop window, flip, resize).
-(d) the limit: (c)'s own decode + crop + resize step alone, over JPEG bytes already in
-    memory: no files, parsing, shuffling, flips or labels.
+(d) the limit: the fastest way this machine turns the stored bytes into the training tensor,
+    whatever the decode path. The candidates are (b) itself and four decoders over JPEG bytes
+    already in memory (no files, parsing, shuffling, flips or labels): full decode + resize,
+    full decode with libjpeg's fast integer DCT + resize, DCT-scaled decode (1/2, 1/4, 1/8 when
+    the image is at least twice the output) + resize, and (c)'s own crop-window decode + resize.
+    The limit is the candidate with the highest median (trainer.bench.suite).
 
 Each measurement makes a fresh iterator, discards ``warmup`` batches (start-up, autotuning,
-buffers filling), then times ``batches`` batches. Methods alternate within every round, in
-a rotated order, so load from other processes on the machine falls on all of them alike.
+buffers filling), then times ``batches`` batches, and records the load it ran under
+(trainer.bench.rounds). Every round measures every method once, in a rotated order, so drift
+of the machine falls on all of them alike; rounds go on until ``min_rounds`` had no busy
+measurement, or ``max_rounds`` ran.
 """
 
 from __future__ import annotations
@@ -20,26 +26,31 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from trainer.bench import rounds
+
 BATCH = 32
 
-METHODS = ("flow_from_directory", "image_dataset_from_directory", "tfrecord_pipeline", "decode_crop_resize_limit")
+#: Limit candidates over bytes in memory; (b) is a limit candidate too.
+IN_MEMORY_DECODERS = ("decode_resize", "decode_fast_dct_resize", "decode_scaled_resize", "decode_crop_resize")
+LIMIT_CANDIDATES = ("image_dataset_from_directory", *IN_MEMORY_DECODERS)
+METHODS = ("flow_from_directory", "image_dataset_from_directory", "tfrecord_pipeline", *IN_MEMORY_DECODERS)
 
 
 def measure(args: dict) -> dict:
     """Runs in a worker process pinned to ``args["cores"]`` cores."""
     makers = _iterator_makers(args)
-    samples: dict[str, list[dict]] = {name: [] for name in METHODS}
-    for round_index in range(args["rounds"]):
-        shift = round_index % len(METHODS)
-        for name in METHODS[shift:] + METHODS[:shift]:
-            samples[name].append(time_batches(makers[name], args["warmup"], args["batches"]))
+
+    def one(name: str) -> dict:
+        return rounds.measured(lambda: time_batches(makers[name], args["warmup"], args["batches"]), args["cores"])
+
+    samples = rounds.run_rounds(one, METHODS, args["min_rounds"], args["max_rounds"])
     return {
         "cores": args["cores"],
         "cpus": args.get("cpus"),
         "image_size": args["image_size"],
         "batch": BATCH,
         "images_per_measurement": args["batches"] * BATCH,
-        "rounds": args["rounds"],
+        "rounds": len(samples[METHODS[0]]),
         "samples": samples,
     }
 
@@ -63,12 +74,14 @@ def _iterator_makers(args: dict) -> dict[str, Callable[[], Iterator]]:
     image_dir, dataset_dir = args["image_dir"], args["dataset_dir"]
     size, cores = args["image_size"], args["cores"]
     jpegs = _read_jpegs(image_dir)
-    return {
+    makers = {
         "flow_from_directory": lambda: flow_from_directory(image_dir, size),
         "image_dataset_from_directory": lambda: iter(image_dataset_from_directory(image_dir, size, cores)),
         "tfrecord_pipeline": lambda: iter(tfrecord_pipeline(dataset_dir, size, cores)),
-        "decode_crop_resize_limit": lambda: iter(decode_crop_resize_limit(jpegs, size, cores)),
     }
+    for name in IN_MEMORY_DECODERS:
+        makers[name] = lambda name=name: iter(in_memory_decoder(name, jpegs, size, cores))
+    return makers
 
 
 def flow_from_directory(image_dir: str, size: int) -> Iterator:
@@ -104,26 +117,46 @@ def tfrecord_pipeline(dataset_dir: str, size: int, cores: int):
     return _on_cores(ds, cores)
 
 
-def decode_crop_resize_limit(jpegs: list[tuple[bytes, tuple[int, int]]], size: int, cores: int):
-    """The product's decode + random crop + resize, and nothing else, over bytes in memory."""
+def in_memory_decoder(name: str, jpegs: list[tuple[bytes, tuple[int, int]]], size: int, cores: int):
+    """Batches of ``size`` x ``size`` float32 images from JPEG bytes in memory, decoded the ``name`` way."""
+    import tensorflow as tf
+
+    encoded = tf.data.Dataset.from_tensor_slices(([j for j, _ in jpegs], [s for _, s in jpegs])).repeat()
+    seeds = tf.data.Dataset.random(seed=0).batch(2, drop_remainder=True)
+    decode = _decoders(size)[name]
+    ds = tf.data.Dataset.zip((encoded, seeds)).map(
+        lambda inputs, seed: decode(inputs[0], inputs[1], seed),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
+    return _on_cores(ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE), cores)
+
+
+def _decoders(size: int) -> dict[str, Callable]:
+    """name -> (jpeg bytes, [height, width], seed) -> the training tensor of one image."""
     import tensorflow as tf
 
     from trainer.config import AugmentConfig
     from trainer.data import pipeline
 
     crop_area_min = AugmentConfig().crop_area_min
-    encoded = tf.data.Dataset.from_tensor_slices(([j for j, _ in jpegs], [s for _, s in jpegs])).repeat()
-    seeds = tf.data.Dataset.random(seed=0).batch(2, drop_remainder=True)
+    yes = tf.constant(True)
 
-    def decode_crop_resize(inputs, seed):
-        data, shape = inputs
-        window = pipeline.random_window(shape, seed, crop_area_min)
-        return pipeline.resize(pipeline.decode_window(data, tf.constant(True), window, size), size)
+    def whole(shape):
+        return tf.stack([0, 0, shape[0], shape[1]])
 
-    ds = tf.data.Dataset.zip((encoded, seeds)).map(
-        decode_crop_resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
-    )
-    return _on_cores(ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE), cores)
+    return {
+        "decode_resize": lambda data, shape, seed: pipeline.resize(tf.io.decode_jpeg(data, channels=3), size),
+        "decode_fast_dct_resize": lambda data, shape, seed: pipeline.resize(
+            tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_FAST"), size
+        ),
+        "decode_scaled_resize": lambda data, shape, seed: pipeline.resize(
+            pipeline.decode_window(data, yes, whole(shape), size), size
+        ),
+        "decode_crop_resize": lambda data, shape, seed: pipeline.resize(
+            pipeline.decode_window(data, yes, pipeline.random_window(shape, seed, crop_area_min), size), size
+        ),
+    }
 
 
 def _read_jpegs(image_dir: str) -> list[tuple[bytes, tuple[int, int]]]:

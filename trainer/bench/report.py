@@ -5,75 +5,89 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from trainer.bench import comms, gpu_check, rounds
+
 METHOD_LABELS = {
     "flow_from_directory": "(a) Keras `ImageDataGenerator.flow_from_directory` (baseline)",
-    "image_dataset_from_directory": "(b) Keras `image_dataset_from_directory`",
+    "image_dataset_from_directory": "(b) Keras `image_dataset_from_directory` (limit candidate)",
     "tfrecord_pipeline": "(c) this product: TFRecord shards, `training_dataset`",
-    "decode_crop_resize_limit": "(d) limit: (c)'s decode + crop + resize alone, bytes in memory",
+    "decode_resize": "(d1) limit candidate: `decode_jpeg` + resize, bytes in memory",
+    "decode_fast_dct_resize": "(d2) limit candidate: `decode_jpeg(dct_method='INTEGER_FAST')` + resize",
+    "decode_scaled_resize": "(d3) limit candidate: DCT-scaled `decode_jpeg` (ratio 1/2/4/8) + resize",
+    "decode_crop_resize": "(d4) limit candidate: (c)'s crop-window `decode_and_crop_jpeg` + resize",
 }
+
+#: How the text refers to each method: "(c) `tfrecord_pipeline`".
+METHOD_TAGS = {name: f"{label.split(' ', 1)[0]} `{name}`" for name, label in METHOD_LABELS.items()}
+
+#: Published VGG16 training throughput of an A100 (fp16, tf_cnn_benchmarks as run by Lambda Labs).
+A100_IMAGES_PER_SECOND = comms.GPU_IMAGES_PER_SECOND["A100 fp16"]
+#: No published VGG16 training figure for the H100 was found: this is an ESTIMATE, the A100 figure
+#: scaled by the ratio of the two GPUs' dense fp16 peaks (NVIDIA data sheets). CNN training gains
+#: less than the peak ratio, so it overstates the H100's rate, and the cores it needs: an upper bound.
+H100_IMAGES_PER_SECOND_ESTIMATE = round(
+    A100_IMAGES_PER_SECOND * gpu_check.peak_tflops("H100 SXM") / gpu_check.peak_tflops("A100")
+)
 
 
 @dataclass(frozen=True)
 class Goal:
     name: str
     target: float
-    unit: str
-    measured: Callable[[dict], float]
+    measured: Callable[[dict], dict]  # a figure: rounds.ratio / rounds.single shape
     why_they_differ: str
 
 
+def _inputs_ratio(cores: str, which: str) -> Callable[[dict], dict]:
+    return lambda r: r["input_pipeline"][cores][which]
+
+
+_LIMIT_GAP = (
+    "(c) also reads, shuffles and parses TFRecords, flips, and carries labels; the limit only turns bytes "
+    "into the training tensor, by the fastest path measured."
+)
+
 GOALS = [
+    Goal("input pipeline (c) / the limit (d), 1 core", 0.95, _inputs_ratio("1", "product_vs_limit"), _LIMIT_GAP),
+    Goal("input pipeline (c) / the limit (d), 2 cores", 0.95, _inputs_ratio("2", "product_vs_limit"), _LIMIT_GAP),
     Goal(
-        "input pipeline (c) vs the baseline (a), 2 cores",
-        2.0,
-        "x",
-        lambda r: r["input_pipeline"]["2"]["product_vs_baseline"],
+        "input pipeline (c) / Keras `image_dataset_from_directory` (b), 2 cores",
+        1.2,
+        _inputs_ratio("2", "product_vs_image_dataset"),
+        "(b) decodes whole JPEGs from files and squash-resizes; (c) reads TFRecords and decodes a random crop.",
+    ),
+    Goal(
+        "input pipeline (c) / Keras ImageDataGenerator (a), 2 cores",
+        3.0,
+        _inputs_ratio("2", "product_vs_generator"),
         "(a) decodes every full JPEG with PIL and preprocesses in numpy on one Python thread; (c) decodes "
         "only the crop window, on every core, with no Python per image.",
     ),
     Goal(
-        "input pipeline (c) vs the limit (d), 2 cores",
-        0.9,
-        "x",
-        lambda r: r["input_pipeline"]["2"]["product_vs_limit"],
-        "(c) also reads, shuffles and parses TFRecords, flips, and carries labels; (d) only decodes, crops "
-        "and resizes bytes already in memory.",
-    ),
-    Goal(
-        "input pipeline (c) vs the limit (d), 1 core",
-        0.9,
-        "x",
-        lambda r: r["input_pipeline"]["1"]["product_vs_limit"],
-        "as above, with the Python thread that consumes batches sharing the single core.",
-    ),
-    Goal(
-        "training step fed by the pipeline vs by in-memory tensors",
+        "training step fed by the pipeline / by in-memory tensors, 32x32, 2 cores",
         0.95,
-        "x",
         lambda r: r["training_step"]["pipeline_vs_synthetic"],
         "the pipeline decodes on the same cores the step computes on.",
     ),
     Goal(
-        "feature-extraction epoch time, cache off / cache on (epochs after the first)",
+        "feature-extraction epoch time, cache off / cache on (epochs after the first; one run each)",
         10.0,
-        "x",
-        lambda r: r["feature_cache"]["speedup_after_first_epoch"],
+        lambda r: rounds.single(r["feature_cache"]["speedup_after_first_epoch"], r["stage_load"]["trainer_runs"]),
         "without the cache every epoch runs the frozen base on every training and validation image.",
     ),
 ]
 
 
-def _time_to_notebook_accuracy(r: dict) -> float:
+def _time_to_notebook_accuracy(r: dict) -> dict:
     """The notebook's seconds over the product's, counted only when the product is at least as accurate."""
     t = r["time_to_accuracy"]
-    return t["time_ratio"] if t["accuracy_difference"] >= 0 else 0.0
+    return rounds.single(t["time_ratio"] if t["accuracy_difference"] >= 0 else 0.0, r["stage_load"]["time_to_accuracy"])
 
 
 GOALS.append(
     Goal(
-        "time to the notebook's test accuracy on real images: notebook seconds / product seconds",
+        "time to the notebook's test accuracy on real images: notebook seconds / product seconds (one run each)",
         10.0,
-        "x",
         _time_to_notebook_accuracy,
         "both train VGG16 from random weights at the same input on the same cores; the notebook trains block5 "
         "and a Flatten head (fewer FLOPs per step) with Python-thread ImageDataGenerator augmentation for up to "
@@ -81,26 +95,71 @@ GOALS.append(
     )
 )
 
+NOT_MEASURED = "not measured"
+NOT_MEASURED_BUSY = "not measured (machine busy)"
+
 
 def evaluate_goals(result: dict) -> list[dict]:
-    verdicts = []
-    for goal in GOALS:
-        try:
-            measured = goal.measured(result)
-        except KeyError:  # e.g. no second core to measure on
-            measured = None
-        met = measured is not None and measured >= goal.target
-        verdicts.append(
-            {
-                "goal": goal.name,
-                "target": f">= {goal.target}{goal.unit}",
-                "measured": measured,
-                "met": met,
-                "short_by": None if measured is None else 0.0 if met else round(goal.target - measured, 3),
-                "why_they_differ": goal.why_they_differ,
-            }
+    return [_verdict(goal, result) for goal in GOALS]
+
+
+def _verdict(goal: Goal, result: dict) -> dict:
+    try:
+        figure = goal.measured(result)
+    except KeyError:  # e.g. no second core to measure on
+        figure = None
+    measured = figure["median"] if figure else None
+    if measured is None:
+        status = NOT_MEASURED_BUSY if figure and figure["rounds_busy"] else NOT_MEASURED
+    else:
+        status = "met" if measured >= goal.target else "missed"
+    spread = None if figure is None or figure["min"] is None else [figure["min"], figure["max"]]
+    kind = figure["kind"] if figure else None
+    return {
+        "goal": goal.name,
+        "target": f">= {goal.target}x",
+        "measured": measured,
+        "kind": kind,
+        "spread_min_max": spread,
+        "rounds": figure["rounds"] if figure else 0,
+        "rounds_busy": figure["rounds_busy"] if figure else 0,
+        "status": status,
+        "met": status == "met",
+        "short_by": round(goal.target - measured, 3) if status == "missed" else None,
+        "why_they_differ": goal.why_they_differ,
+    }
+
+
+def busy_reasons(result: dict) -> list[str]:
+    """Why this run's figures must not replace the committed ones (empty: they may)."""
+    reasons = []
+    probe = result["machine"]["start_probe"]
+    if probe["busy"]:
+        reasons.append(
+            f"at start, other processes used {probe['other_cores']:.3f} cores (busy above {rounds.BUSY_OTHER_CORES})"
         )
-    return verdicts
+    marked, total = result["measurements_busy"]
+    if total and marked / total > rounds.MAX_BUSY_SHARE:
+        reasons.append(f"{marked} of {total} measurements were marked busy (more than {rounds.MAX_BUSY_SHARE:.0%})")
+    unmeasured = sum(g["status"] == NOT_MEASURED_BUSY for g in result["goals"])
+    if unmeasured:
+        reasons.append(f"{unmeasured} of {len(result['goals'])} goals not measured (machine busy)")
+    return reasons
+
+
+def cores_per_gpu(result: dict) -> list[dict]:
+    """CPU cores (of this machine) each method needs to feed one GPU at 224x224, from its CPU ms per image
+    on 1 core (the cost of one image when nothing else shares the core)."""
+    methods = result["input_pipeline"]["1"]["methods"]
+    return [
+        {
+            "method": name,
+            "cpu_ms_per_image": m["cpu_ms_per_image"],
+            "cores_per_a100": round(A100_IMAGES_PER_SECOND * m["cpu_ms_per_image"] / 1000, 1),
+            "cores_per_h100_estimate": round(H100_IMAGES_PER_SECOND_ESTIMATE * m["cpu_ms_per_image"] / 1000, 1),
+        }
+        for name, m in methods.items()
+    ]
 
 
 # --------------------------------------------------------------------------- markdown
@@ -120,22 +179,45 @@ def markdown(result: dict) -> str:
     return "\n".join(line for section in sections for line in section) + "\n"
 
 
+HOW_FIGURES_ARE_TAKEN = (
+    "How figures are taken: every ratio is the median of at least {min_rounds} alternating rounds (each round "
+    "measures every side once, in a rotated order, so drift of the machine hits both sides of a ratio), shown "
+    "with its spread: the min-max of the per-round ratios. Around every measurement the bench reads the kernel's "
+    "CPU accounting (/proc/stat) of the CPUs the measuring process was given (`os.sched_getaffinity`) and the "
+    "process's own CPU time; a measurement is **marked busy** when other processes used more than "
+    f"{rounds.BUSY_OTHER_CORES} cores on average during it (non-idle CPU time, steal included, minus the "
+    "process's own, over wall time), or when the process got fewer cores than it asked for. A round's ratio "
+    "counts only when neither side is marked; rounds go on (up to {max_rounds}) until {min_rounds} are unmarked; "
+    'a goal is met or missed only from unmarked rounds, else it reads "not measured (machine busy)". '
+    "One-run figures (feature cache, time to accuracy) have no spread and count only when their whole run was "
+    "unmarked. `trainer bench` probes the machine for "
+    f"{rounds.PROBE_SECONDS:.0f} s before it starts, and refuses to overwrite existing result files when the "
+    f"machine is busy at start, when more than {rounds.MAX_BUSY_SHARE:.0%} of the measurements were marked, or "
+    "when a goal could not be measured for load (it writes `*.busy.md`/`*.busy.json` beside them instead), "
+    "unless `--allow-busy` is given."
+)
+
+
 def _header(r: dict) -> list[str]:
     machine, images, load = r["machine"], r["image_set"], r["machine"]["load_average_start"]
     quick = " **Quick mode: tiny sizes, figures meaningless.**" if r["mode"] == "quick" else ""
+    settings = r["settings"]
+    marked, total = r["measurements_busy"]
     return [
         "# Benchmarks",
         "",
+        *_busy_banner(r),
         "Generated by `trainer bench --out docs/benchmarks.json --table docs/benchmarks.md` "
         f"({r['mode']} mode, {r['created']}, {r['seconds']:.0f} s); do not edit by hand.{quick} "
         "How each figure is taken, what the product does to reach it, and what to expect on GPUs: "
-        "[performance.md](performance.md). Raw samples: [benchmarks.json](benchmarks.json).",
+        "[performance.md](performance.md). Raw samples, each with its load: [benchmarks.json](benchmarks.json).",
+        "",
+        HOW_FIGURES_ARE_TAKEN.format(min_rounds=settings["min_rounds"], max_rounds=settings["max_rounds"]),
         "",
         f"Machine: {machine['cpus_usable']} usable CPU cores ({machine['cpu_model'] or 'unknown model'}), no GPU; "
-        f"TensorFlow {r['versions'].get('tensorflow')}. Load average at start {load[0]:.1f}, at end "
-        f"{machine['load_average_end'][0]:.1f}: other processes shared these cores, so absolute figures are "
-        "noisy. Comparisons are interleaved (alternating rounds, fresh processes/iterators) and ratios are "
-        "medians of per-round pairs, which the noise affects much less.",
+        f"TensorFlow {r['versions'].get('tensorflow')}. Other processes' load at start (probe): "
+        f"{machine['start_probe']['other_cores']:.2f} cores; load average at start {load[0]:.1f}, at end "
+        f"{machine['load_average_end'][0]:.1f}. Measurements marked busy: {marked} of {total}.",
         "",
         f"Image set: {images['images']} generated JPEGs, mean size {images['mean_size'][0]}x{images['mean_size'][1]}, "
         f"{images['kb']['min']:.0f}-{images['kb']['max']:.0f} KB (mean {images['kb']['mean']:.0f} KB), "
@@ -144,21 +226,54 @@ def _header(r: dict) -> list[str]:
     ]
 
 
+def _busy_banner(r: dict) -> list[str]:
+    reasons = r.get("busy_reasons") or []
+    if not reasons:
+        return []
+    forced = " (written anyway: `--allow-busy`)" if r.get("forced") else ""
+    return [
+        f"**Taken on a busy machine{forced}: these figures do not reproduce and must not replace the committed "
+        "ones.** Why: " + "; ".join(reasons) + ".",
+        "",
+    ]
+
+
 def _goals(r: dict) -> list[str]:
-    lines = ["## Goals", "", "| goal | target | measured | met |", "|---|---|---|---|"]
+    lines = [
+        "## Goals",
+        "",
+        "| goal | target | measured (median) | spread (min-max of per-round ratios) | rounds used / busy | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for g in r["goals"]:
-        if g["measured"] is None:
-            lines.append(f"| {g['goal']} | {g['target']} | not measured | - |")
-            continue
-        verdict = "yes" if g["met"] else f"**no**, short by {g['short_by']}"
-        lines.append(f"| {g['goal']} | {g['target']} | {g['measured']:.2f}x | {verdict} |")
+        lines.append(
+            f"| {g['goal']} | {g['target']} | {_x(g['measured'])} | {_spread(g)} | "
+            f"{g['rounds'] - g['rounds_busy']} / {g['rounds_busy']} | {_status(g)} |"
+        )
     lines.append("")
-    misses = [g for g in r["goals"] if not g["met"] and g["measured"] is not None]
+    misses = [g for g in r["goals"] if g["status"] == "missed"]
     for g in misses:
         lines.append(f"- Missed: {g['goal']} ({g['measured']:.2f}x). What separates the two: {g['why_they_differ']}")
     if misses:
         lines.append("")
     return lines
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _spread(g: dict) -> str:
+    if g["kind"] == "one run":
+        return "- (one run)"
+    spread = g["spread_min_max"]
+    return "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}x"
+
+
+def _status(g: dict) -> str:
+    if g["status"] == "missed":
+        return f"**missed**, short by {g['short_by']}"
+    return g["status"]
 
 
 def _inputs(r: dict) -> list[str]:
@@ -170,28 +285,61 @@ def _inputs(r: dict) -> list[str]:
         f"## 1. Input pipeline (measured), {any_run['image_size']}x{any_run['image_size']} outputs, batch "
         f"{any_run['batch']}",
         "",
-        f"Median of {any_run['rounds']} rounds of {any_run['images_per_measurement']} images per method; "
-        "CPU ms/image counts every thread of the measuring process; cores used = CPU time / wall time (below the "
-        "core count: the measurement did not get all its cores, because of other processes or a serial stage).",
+        f"Medians over unmarked rounds ({_round_counts(per_cores, counts)}) "
+        f"of {any_run['images_per_measurement']} images per method; CPU ms/image counts every thread of the "
+        "measuring process; cores used = CPU time / wall time. A figure in *italics* comes from busy rounds only. "
+        "The limit (d) is the limit candidate with the highest median.",
         "",
         head,
         "|---|" + "---|---|---|" * len(counts),
     ]
     for method, label in METHOD_LABELS.items():
-        cells = []
-        for c in counts:
-            m = per_cores[c]["methods"][method]
-            cells.append(f"{m['images_per_second']:.0f} | {m['cpu_ms_per_image']:.2f} | {m['cores_used']:.2f}")
+        cells = [_method_cells(per_cores[c]["methods"][method]) for c in counts]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for c in counts:
         p = per_cores[c]
         lines.append(
-            f"- {c} core(s): (c)/(a) = {p['product_vs_baseline']:.2f}x, (c)/(d) = {p['product_vs_limit']:.2f}x "
-            "(medians of per-round ratios)"
+            f"- {c} core(s): limit (d) = {METHOD_TAGS[p['limit_method']]}; "
+            f"(c)/(d) {_ratio(p['product_vs_limit'])}, (c)/(b) {_ratio(p['product_vs_image_dataset'])}, "
+            f"(c)/(a) {_ratio(p['product_vs_generator'])}"
         )
-    lines.append("")
+    lines += ["", *_cores_per_gpu(r)]
     return lines
+
+
+def _round_counts(per_cores: dict, counts: list[str]) -> str:
+    return ", ".join(f"{c} core(s): {per_cores[c]['rounds']} rounds" for c in counts)
+
+
+def _method_cells(m: dict) -> str:
+    cells = f"{m['images_per_second']:.0f} | {m['cpu_ms_per_image']:.2f} | {m['cores_used']:.2f}"
+    return " | ".join(f"*{c}*" for c in cells.split(" | ")) if m["from_busy_only"] else cells
+
+
+def _ratio(figure: dict) -> str:
+    spread = f"min-max {figure['min']:.2f}-{figure['max']:.2f}" if figure["min"] is not None else "no unmarked round"
+    median = f"**{figure['median']:.2f}x**" if figure["median"] is not None else "not measured (machine busy)"
+    return f"{median} ({spread}; {figure['rounds'] - figure['rounds_busy']} of {figure['rounds']} rounds unmarked)"
+
+
+def _cores_per_gpu(r: dict) -> list[str]:
+    lines = [
+        "CPU cores of this machine needed to feed one GPU at 224x224 (CPU ms/image on 1 core x the GPU's "
+        f"VGG16 training rate): A100 at {A100_IMAGES_PER_SECOND:.0f} img/s (fp16, tf_cnn_benchmarks as run by "
+        f"Lambda Labs); H100 SXM at {H100_IMAGES_PER_SECOND_ESTIMATE} img/s, an **estimate**, not a published "
+        "VGG16 figure: the A100's rate x the ratio of their dense fp16 peaks (989/312 TFLOPS, NVIDIA data "
+        "sheets), an upper bound since CNN training gains less than the peak ratio.",
+        "",
+        "| method | CPU ms/image (1 core) | cores per A100 | cores per H100 (estimate) |",
+        "|---|---|---|---|",
+    ]
+    for row in r["cores_per_gpu"]:
+        lines.append(
+            f"| {METHOD_TAGS[row['method']]} | {row['cpu_ms_per_image']:.2f} | "
+            f"{row['cores_per_a100']:.1f} | {row['cores_per_h100_estimate']:.1f} |"
+        )
+    return [*lines, ""]
 
 
 def _training(r: dict) -> list[str]:
@@ -199,16 +347,20 @@ def _training(r: dict) -> list[str]:
     return [
         f"## 2. Training step (measured), {t['image_size']}x{t['image_size']} inputs, batch {t['batch']}, {t['phase']}",
         "",
-        "| feed | images/s |",
+        "| feed | images/s (median of unmarked rounds) |",
         "|---|---|",
-        f"| in-memory tensors (compute limit) | {t['synthetic_images_per_second']:.1f} |",
+        f"| in-memory tensors (compute limit) | {_rate(t['synthetic_images_per_second'])} |",
         "| the product's pipeline (~500x375 JPEGs decoded on the same cores) | "
-        f"{t['pipeline_images_per_second']:.1f} |",
+        f"{_rate(t['pipeline_images_per_second'])} |",
         "",
-        f"Pipeline-fed / tensor-fed: **{t['pipeline_vs_synthetic']:.3f}** (median of {t['rounds']} alternating "
-        f"rounds of {t['steps_per_measurement']} steps).",
+        f"Pipeline-fed / tensor-fed: {_ratio(t['pipeline_vs_synthetic'])}, alternating rounds of "
+        f"{t['steps_per_measurement']} steps.",
         "",
     ]
+
+
+def _rate(value: float | None) -> str:
+    return "not measured (machine busy)" if value is None else f"{value:.1f}"
 
 
 def _feature_cache(r: dict) -> list[str]:
@@ -225,9 +377,15 @@ def _feature_cache(r: dict) -> list[str]:
         f"(+ {c['cached_extraction_seconds'] or 0:.1f} s one-off extraction before epoch 1) |",
         "",
         f"Speed-up per epoch after the first: **{c['speedup_after_first_epoch']:.0f}x**. Epoch times include "
-        "validation and callbacks (differences of metrics.jsonl epoch-end timestamps).",
+        "validation and callbacks (differences of metrics.jsonl epoch-end timestamps). One run each, not "
+        f"rounds: {_stage_load(r['stage_load']['trainer_runs'])}.",
         "",
     ]
+
+
+def _stage_load(load: dict) -> str:
+    verdict = "**marked busy**, does not count toward its goal" if load["busy"] else "unmarked"
+    return f"other processes used {load['other_cores']:.2f} cores on average during these runs ({verdict})"
 
 
 def _startup(r: dict) -> list[str]:
@@ -345,6 +503,7 @@ def _time_to_accuracy(r: dict) -> list[str]:
             "notebook's whole run)."
             if product.get("seconds_to_notebook_accuracy")
             else "The product's validation accuracy never reached the notebook's test accuracy."
-        ),
+        )
+        + f" One run each, not rounds: {_stage_load(r['stage_load']['time_to_accuracy'])}.",
         "",
     ]

@@ -26,8 +26,9 @@ from trainer.launch import entrypoint_command, free_ports, worker_env
 from trainer.supervisor import Child
 
 FIRST_STEP = re.compile(rb"(?:^|[\r\n\x08])\s*1/\d+ \[")
-_CACHE_LOG = re.compile(  # the feature cache's log line
-    r"feature cache: (\d+) training and \d+ validation images through the frozen base in ([\d.]+) s"
+_CACHE_LOG = re.compile(  # the feature cache's log line (trainer.train.feature_cache)
+    r"feature cache: (\d+) training (?:records \([^)]*\) )?and \d+ validation images through the frozen "
+    r"[\w ]+? in ([\d.]+) s"
 )
 
 

@@ -10,6 +10,11 @@ Order: generate the JPEG set and prepare it with the product's `prepare`, then
    notebook recipe it replaces (trainer.bench.accuracy).
 Quick mode (for the tests) runs the same code on tiny sizes, all processes at once, and
 skips the two-worker run: its figures mean nothing, only its shape does.
+
+Figures that reproduce (trainer.bench.rounds): the machine is probed before anything starts;
+every measurement carries the load it ran under, ratios are medians of unmarked alternating
+rounds with their spread, and a busy run never overwrites existing result files unless
+``allow_busy`` (it writes ``*.busy.*`` beside them and exits with ExitCode.TRANSIENT).
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from trainer.bench import runs
+from trainer.bench import inputs, rounds, runs
 from trainer.bench.accuracy import time_to_accuracy
 from trainer.bench.images import make_image_set
+from trainer.contract import ExitCode
 from trainer.errors import ConfigError, TrainerError
 from trainer.supervisor import Child
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: samples carry their load; ratios are figures with spread and busy counts
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,12 @@ class Settings:
     classes: int
     per_class: int
     input_image_size: int
-    input_rounds: int
+    min_rounds: int  # unmarked rounds a ratio needs to count toward a goal (rounds.MIN_ROUNDS in full mode)
+    max_rounds: int  # rounds stop here even when too many were busy
     input_batches: int
     input_warmup: int
     model_image_size: int
     train_batch: int
-    train_rounds: int
     train_steps: int
     train_warmup: int
     run_epochs: int
@@ -60,14 +66,14 @@ class Settings:
 
 
 FULL = Settings(
-    classes=4, per_class=80, input_image_size=224, input_rounds=6, input_batches=12, input_warmup=3,
-    model_image_size=32, train_batch=32, train_rounds=5, train_steps=4, train_warmup=1,
+    classes=4, per_class=80, input_image_size=224, min_rounds=rounds.MIN_ROUNDS, max_rounds=10, input_batches=12,
+    input_warmup=3, model_image_size=32, train_batch=32, train_steps=4, train_warmup=1,
     run_epochs=4, run_batch=32, two_worker_run=True, concurrent_runs=False, timeout_seconds=600,
     accuracy_timeout_seconds=5400,
 )  # fmt: skip
 QUICK = Settings(
-    classes=2, per_class=8, input_image_size=224, input_rounds=1, input_batches=1, input_warmup=1,
-    model_image_size=32, train_batch=4, train_rounds=1, train_steps=1, train_warmup=1,
+    classes=2, per_class=8, input_image_size=224, min_rounds=1, max_rounds=1, input_batches=1, input_warmup=1,
+    model_image_size=32, train_batch=4, train_steps=1, train_warmup=1,
     run_epochs=2, run_batch=4, two_worker_run=False, concurrent_runs=True, timeout_seconds=300,
     accuracy_timeout_seconds=300,
 )  # fmt: skip
@@ -85,12 +91,26 @@ def step_failed(name: str, outcome: str, log_path: str) -> BenchError:
     return BenchError(f"benchmark step {name!r} failed ({outcome}); see {log_path}:\n{tail}")
 
 
-def run_bench(out_json: str, out_table: str, quick: bool, workdir: str | None, say: Callable[[str], None]) -> dict:
+class BenchBusy(BenchError):
+    """The machine was busy: figures were not written over the existing ones. Worth retrying later."""
+
+    exit_code = ExitCode.TRANSIENT
+
+
+def run_bench(
+    out_json: str,
+    out_table: str,
+    quick: bool,
+    workdir: str | None,
+    say: Callable[[str], None],
+    allow_busy: bool = False,
+) -> dict:
     if importlib.util.find_spec("scipy") is None:
         raise ConfigError(
             "trainer bench needs SciPy for its baseline (Keras' ImageDataGenerator imports it); "
             "install it with: pip install 'vgg-trainer[bench]'"
         )
+    start_probe = _check_quiet_at_start(out_json, out_table, allow_busy, say)
     settings = QUICK if quick else FULL
     started = time.time()
     root = workdir or tempfile.mkdtemp(prefix="trainer-bench-")
@@ -102,13 +122,76 @@ def run_bench(out_json: str, out_table: str, quick: bool, workdir: str | None, s
             shutil.rmtree(root, ignore_errors=True)
     result["seconds"] = round(time.time() - started, 1)
     result["machine"]["load_average_end"] = list(os.getloadavg())
-    from trainer.bench.report import evaluate_goals, markdown
-
-    result["goals"] = evaluate_goals(result)
-    _write(out_json, json.dumps(result, indent=2) + "\n")
-    _write(out_table, markdown(result))
-    say(f"bench: done in {result['seconds']:.0f} s; wrote {out_json} and {out_table}")
+    result["machine"]["start_probe"] = start_probe
+    _conclude(result)
+    _write_results(result, out_json, out_table, allow_busy, say)
     return result
+
+
+def _check_quiet_at_start(
+    out_json: str, out_table: str, allow_busy: bool, say: Callable[[str], None], probe=rounds.probe_machine
+) -> dict:
+    """Watch the machine before measuring; a busy machine may not overwrite existing figures."""
+    load = probe()
+    if not load["busy"]:
+        return load
+    say(
+        f"bench: WARNING: the machine is busy (other processes use {load['other_cores']:.3f} cores, threshold "
+        f"{rounds.BUSY_OTHER_CORES}); its figures will be marked and will not reproduce"
+    )
+    existing = [path for path in (out_json, out_table) if os.path.exists(path)]
+    if existing and not allow_busy:
+        raise BenchBusy(
+            f"the machine is busy, so trainer bench will not overwrite {' and '.join(existing)}: run it on a quiet "
+            "machine, write elsewhere (--out/--table), or pass --allow-busy (the files then say so at the top)"
+        )
+    return load
+
+
+def _conclude(result: dict) -> None:
+    from trainer.bench.report import busy_reasons, cores_per_gpu, evaluate_goals
+
+    result["measurements_busy"] = _measurements_busy(result)
+    result["goals"] = evaluate_goals(result)
+    result["cores_per_gpu"] = cores_per_gpu(result) if "1" in result["input_pipeline"] else []
+    result["busy_reasons"] = busy_reasons(result)
+
+
+def _measurements_busy(result: dict) -> list[int]:
+    parts = [*(p["samples"] for p in result["input_pipeline"].values()), result["training_step"]["samples"]]
+    counts = [rounds.busy_share(samples) for samples in parts]
+    return [sum(marked for marked, _ in counts), sum(total for _, total in counts)]
+
+
+def _write_results(result: dict, out_json: str, out_table: str, allow_busy: bool, say: Callable[[str], None]) -> None:
+    """Write the figures; a busy run writes beside existing files, not over them, unless allowed."""
+    from trainer.bench.report import markdown
+
+    busy = bool(result["busy_reasons"])
+    result["forced"] = busy and allow_busy
+    targets, refused = output_paths([out_json, out_table], busy, allow_busy)
+    _write(targets[0], json.dumps(result, indent=2) + "\n")
+    _write(targets[1], markdown(result))
+    say(f"bench: done in {result['seconds']:.0f} s; wrote {targets[0]} and {targets[1]}")
+    if busy:
+        say("bench: WARNING: busy machine: " + "; ".join(result["busy_reasons"]))
+    if refused:
+        raise BenchBusy(
+            f"the machine was busy, so trainer bench did not overwrite {out_json} or {out_table}; the figures are in "
+            f"{targets[0]} and {targets[1]} (--allow-busy writes over them anyway, saying so at the top)"
+        )
+
+
+def output_paths(paths: list[str], busy: bool, allow_busy: bool) -> tuple[list[str], bool]:
+    """Where a run's figures go, and whether it refused the paths asked for: a busy run never
+    replaces existing files (the committed figures) unless allowed; it writes beside them."""
+    refused = busy and not allow_busy and any(os.path.exists(path) for path in paths)
+    return ([_beside(path) for path in paths] if refused else list(paths)), refused
+
+
+def _beside(path: str) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.busy{ext}"
 
 
 def _write(path: str, text: str) -> None:
@@ -135,6 +218,7 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
     accuracy = functools.partial(time_to_accuracy, root, quick, settings.accuracy_timeout_seconds, say)
     if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
         say("bench: all measurements at once (quick mode)")
+        before = rounds.cpu_snapshot_with_children()
         with ThreadPoolExecutor(max_workers=1) as background:
             real_data = background.submit(accuracy)
             started_runs = {name: start() for name, start in trainer_runs.items()}
@@ -142,19 +226,25 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
             results = {name: _finish_worker(h, settings.timeout_seconds) for name, h in started_jobs.items()}
             outcomes = {name: _finish_run(name, workers, settings) for name, workers in started_runs.items()}
             result["time_to_accuracy"] = real_data.result()
+        load = rounds.load_between(before, rounds.cpu_snapshot_with_children())
+        result["stage_load"] = {"trainer_runs": load, "time_to_accuracy": load}
     else:  # one measurement at a time, each with the machine to itself
         results, outcomes = {}, {}
         for name, job in jobs.items():
             say(f"bench: {name} ({', '.join(task for task, _ in job[1])})")
             results[name] = _finish_worker(_start_worker(name, *job, root), settings.timeout_seconds)
+        before = rounds.cpu_snapshot_with_children()
         for name, start in trainer_runs.items():
             say(f"bench: trainer {name}")
             outcomes[name] = _finish_run(name, start(), settings)
+        result["stage_load"] = {"trainer_runs": rounds.load_between(before, rounds.cpu_snapshot_with_children())}
         say("bench: time to accuracy on real images")
+        before = rounds.cpu_snapshot_with_children()
         result["time_to_accuracy"] = accuracy()
+        result["stage_load"]["time_to_accuracy"] = rounds.load_between(before, rounds.cpu_snapshot_with_children())
     last = f"cores-{cores[-1]}"
-    result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0]) for c in cores}
-    result["training_step"] = _summarize_training(results[last][1])
+    result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0], settings.min_rounds) for c in cores}
+    result["training_step"] = _summarize_training(results[last][1], settings.min_rounds)
     result["communication"] = results[last][2]
     result.update(_summarize_runs(outcomes, settings, root))
     return result
@@ -239,7 +329,8 @@ def _input_args(settings: Settings, image_dir: str, dataset_dir: str, cores: int
         "image_dir": image_dir,
         "dataset_dir": dataset_dir,
         "image_size": settings.input_image_size,
-        "rounds": settings.input_rounds,
+        "min_rounds": settings.min_rounds,
+        "max_rounds": settings.max_rounds,
         "batches": settings.input_batches,
         "warmup": settings.input_warmup,
     }
@@ -250,45 +341,58 @@ def _training_args(settings: Settings, dataset_dir: str) -> dict:
         "dataset_dir": dataset_dir,
         "image_size": settings.model_image_size,
         "batch": settings.train_batch,
-        "rounds": settings.train_rounds,
+        "min_rounds": settings.min_rounds,
+        "max_rounds": settings.max_rounds,
         "steps": settings.train_steps,
         "warmup": settings.train_warmup,
     }
 
 
-def _summarize_inputs(raw: dict) -> dict:
+def _summarize_inputs(raw: dict, min_rounds: int) -> dict:
     samples = raw["samples"]
-    methods = {
-        name: {
-            "images_per_second": round(statistics.median(s["images_per_second"] for s in runs_), 1),
-            "cpu_ms_per_image": round(statistics.median(s["cpu_ms_per_image"] for s in runs_), 3),
-            "cores_used": round(statistics.median(s["cores_used"] for s in runs_), 2),
-        }
-        for name, runs_ in samples.items()
-    }
+    methods = {name: _method_figures(runs_) for name, runs_ in samples.items()}
+    # The limit is the fastest candidate by its median over unmarked rounds (all rounds when none is
+    # unmarked: the ratios then say "machine busy" anyway). Choosing by median, not by the best of each
+    # round, keeps one lucky measurement from raising the limit.
+    limit = max(inputs.LIMIT_CANDIDATES, key=lambda name: methods[name]["images_per_second"])
+    product = samples["tfrecord_pipeline"]
+
+    def vs(other: str) -> dict:
+        return rounds.ratio(product, samples[other], "images_per_second", min_rounds)
+
     return {
         **{k: v for k, v in raw.items() if k != "samples"},
         "methods": methods,
-        "product_vs_baseline": _paired_ratio(samples["tfrecord_pipeline"], samples["flow_from_directory"]),
-        "product_vs_limit": _paired_ratio(samples["tfrecord_pipeline"], samples["decode_crop_resize_limit"]),
+        "limit_method": limit,
+        "product_vs_limit": vs(limit),
+        "product_vs_image_dataset": vs("image_dataset_from_directory"),
+        "product_vs_generator": vs("flow_from_directory"),
+        "rounds_busy": rounds.busy_share(samples)[0],
         "samples": samples,
     }
 
 
-def _paired_ratio(numerator: list[dict], denominator: list[dict]) -> float:
-    """Median over rounds of the per-round throughput ratio (both measured close together in time)."""
-    ratios = [a["images_per_second"] / b["images_per_second"] for a, b in zip(numerator, denominator, strict=True)]
-    return round(statistics.median(ratios), 3)
+def _method_figures(samples: list[dict]) -> dict:
+    """Medians over unmarked measurements; over all of them, flagged, when every one was busy."""
+    clean = [s for s in samples if not s["load"]["busy"]]
+    chosen = clean or samples
+    figures = {
+        key: round(statistics.median(s[key] for s in chosen), digits)
+        for key, digits in (("images_per_second", 1), ("cpu_ms_per_image", 3), ("cores_used", 2))
+    }
+    return {**figures, "measurements": len(samples), "busy": len(samples) - len(clean), "from_busy_only": not clean}
 
 
-def _summarize_training(raw: dict) -> dict:
+def _summarize_training(raw: dict, min_rounds: int) -> dict:
     samples = raw["samples"]
-    ratios = [p / s for p, s in zip(samples["pipeline"], samples["synthetic"], strict=True)]
     return {
         **raw,
-        "synthetic_images_per_second": round(statistics.median(samples["synthetic"]), 2),
-        "pipeline_images_per_second": round(statistics.median(samples["pipeline"]), 2),
-        "pipeline_vs_synthetic": round(statistics.median(ratios), 3),
+        "synthetic_images_per_second": rounds.median_of(samples["synthetic"], "images_per_second"),
+        "pipeline_images_per_second": rounds.median_of(samples["pipeline"], "images_per_second"),
+        "pipeline_vs_synthetic": rounds.ratio(
+            samples["pipeline"], samples["synthetic"], "images_per_second", min_rounds
+        ),
+        "rounds_busy": rounds.busy_share(samples)[0],
     }
 
 

@@ -8,13 +8,16 @@ compute limit. The real feed decodes the benchmark's ~500x375 JPEGs from TFRecor
 on the same cores the step uses, which is what a worker does.
 
 Fresh iterators per measurement and warm-up steps keep the comparison fair: while one feed
-is timed, the other has no background threads.
+is timed, the other has no background threads. Feeds alternate in rounds, each measurement
+with the load it ran under (trainer.bench.rounds).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+
+from trainer.bench import rounds
 
 FEEDS = ("synthetic", "pipeline")
 
@@ -45,22 +48,22 @@ def measure(args: dict) -> dict:
 
     in_memory = next(real())
     feeds = {"pipeline": real, "synthetic": lambda: iter(tf.data.Dataset.from_tensors(in_memory).repeat())}
-    samples: dict[str, list[float]] = {name: [] for name in FEEDS}
-    for round_index in range(args["rounds"]):
-        order = FEEDS if round_index % 2 == 0 else FEEDS[::-1]
-        for name in order:
-            samples[name].append(images_per_second(step, feeds[name], args["warmup"], args["steps"], batch))
+
+    def one(name: str) -> dict:
+        return rounds.measured(lambda: images_per_second(step, feeds[name], args["warmup"], args["steps"], batch))
+
+    samples = rounds.run_rounds(one, FEEDS, args["min_rounds"], args["max_rounds"])
     return {
         "image_size": size,
         "batch": batch,
         "phase": "fine_tuning (block5 + head trainable)",
         "steps_per_measurement": args["steps"],
-        "rounds": args["rounds"],
+        "rounds": len(samples[FEEDS[0]]),
         "samples": samples,
     }
 
 
-def images_per_second(step, make_iterator: Callable[[], Iterator], warmup: int, steps: int, batch: int) -> float:
+def images_per_second(step, make_iterator: Callable[[], Iterator], warmup: int, steps: int, batch: int) -> dict:
     iterator = make_iterator()
     for _ in range(warmup):
         step(iterator)
@@ -70,4 +73,4 @@ def images_per_second(step, make_iterator: Callable[[], Iterator], warmup: int, 
     float(logs["loss"])  # the step's result is ready: the time covers the whole computation
     seconds = time.perf_counter() - started
     del iterator
-    return steps * batch / seconds
+    return {"images_per_second": steps * batch / seconds}

@@ -294,6 +294,27 @@ def training_dataset(
     return ds.with_options(dataset_options(deterministic, tf.data.experimental.AutoShardPolicy.OFF))
 
 
+def stall_after(ds: tf.data.Dataset, batches: int) -> tf.data.Dataset:
+    """Test hook (``$TRAINER_TEST_STALL_INPUT_AFTER``): pass ``batches`` batches, then block forever.
+
+    The process stays alive and keeps heartbeating; it just never reaches the next collective.
+    """
+    import logging
+    import time
+
+    def _block(index):
+        logging.getLogger(__name__).warning("test hook: training input stalled after %d batches", batches)
+        while True:
+            time.sleep(3600)
+
+    def _gate(index, batch):
+        waited = tf.cond(index < batches, lambda: index, lambda: tf.py_function(_block, [index], tf.int64))
+        with tf.control_dependencies([waited]):
+            return tf.nest.map_structure(tf.identity, batch)
+
+    return ds.enumerate().map(_gate)
+
+
 # --------------------------------------------------------------------------- exact evaluation
 #
 # An evaluation pass must count every image exactly once, and no replica may ever compute on

@@ -93,8 +93,8 @@ class Plan:
             "phase_seconds": round(epoch * epochs, 1),
         }
         return (
-            f"phase {phase}: about {_duration(epoch)} per epoch of training ({seconds_per_step:.3f} s per step "
-            f"over the first steps), {_duration(epoch * epochs)} for its {epochs} epochs, validation not counted"
+            f"phase {phase}: about {duration(epoch)} per epoch of training ({seconds_per_step:.3f} s per step "
+            f"over the first steps), {duration(epoch * epochs)} for its {epochs} epochs, validation not counted"
         )
 
 
@@ -233,7 +233,10 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds for people: tenths below 10 s, then seconds, minutes, hours."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

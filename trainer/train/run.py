@@ -324,7 +324,7 @@ def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manife
         own = pipeline.shards_for_worker(files, context.num_input_pipelines, context.input_pipeline_id)
         stager = _stager(cfg, manifest, files, own)
         stagers.append(stager)
-        return pipeline.training_dataset(
+        ds = pipeline.training_dataset(
             own,
             cfg.data,
             manifest.num_classes,
@@ -334,6 +334,8 @@ def _distributed_training_data(cfg: Config, dist: Distribution, manifest: Manife
             stager=stager,
             probe=probe,
         )
+        stall = os.environ.get(Env.TEST_STALL_INPUT_AFTER.value)  # test hook: a worker that never arrives
+        return pipeline.stall_after(ds, int(stall)) if stall else ds
 
     return OneIterator(dist.strategy.distribute_datasets_from_function(dataset_fn))
 
