@@ -287,7 +287,8 @@ def test_dashboard_values_describe_the_run(scraped_run):
         (sample,) = scraped_run.series(_substitute(expr), at)
         return float(sample["value"][1])
 
-    assert 8 / 12 <= one('max(trainer_progress_ratio{namespace="$namespace", job_name=~"$job"})') < 1
+    # At least the middle's 8 of 12 steps; on a fast CPU the last 4 steps may end within the 2 s after it.
+    assert 8 / 12 <= one('max(trainer_progress_ratio{namespace="$namespace", job_name=~"$job"})') <= 1
     assert one('sum(rate(trainer_images_processed_total{namespace="$namespace", job_name=~"$job"}[20s]))') > 0
     phases = scraped_run.series('max by (phase) (trainer_phase{namespace="obs"}) == 1', at)
     assert [s["metric"]["phase"] for s in phases] == ["fine_tuning"]
