@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, needs_namespaces]
 
 def _job(tmp_path, name: str, workers: int, dataset: str, output: str) -> str:
     trainer = copy.deepcopy(TINY_TRAINER)
-    trainer["train"]["steps_per_epoch"] = 30  # long enough to be caught mid-phase
+    # Long enough to be caught mid-phase: at 30 steps the old Job finished first on a fast CPU (Zen 5, CI).
+    trainer["train"]["steps_per_epoch"] = 100
     trainer["phases"]["fine_tuning"]["epochs"] = 1
     directory = tmp_path / name
     directory.mkdir()

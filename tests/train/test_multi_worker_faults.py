@@ -250,6 +250,8 @@ def test_a_frozen_worker_becomes_an_error_on_the_others_within_the_heartbeat_bou
 #: failures, not three: under CI's two lanes a replacement pod took longer than 3 x 3 s to serve /healthz
 #: after it started (TensorFlow's import), and the probe killed it too (seen in CI on a 2-core AMD EPYC).
 FAST_PROBE = {"periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 6, "terminationGracePeriodSeconds": 2}
+#: The seconds over which the failures that led to a kill were recorded.
+_PROBE_SPAN = FAST_PROBE["periodSeconds"] * (FAST_PROBE["failureThreshold"] + 1) + FAST_PROBE["timeoutSeconds"]
 
 
 @pytest.mark.timeout(240)
@@ -275,7 +277,8 @@ def test_a_frozen_worker_is_killed_by_its_liveness_probe_and_the_group_restarts_
 
     assert condition_types(status)[-1] == ("Complete", "CompletionsReached"), tails
     assert [e.pod for e in killing] == [frozen]  # the probe killed the frozen pod, and only it
-    unhealthy = [e for e in events if e.reason == "Unhealthy" and e.pod == frozen and e.time > killing[0].time - 10]
+    since = killing[0].time - _PROBE_SPAN
+    unhealthy = [e for e in events if e.reason == "Unhealthy" and e.pod == frozen and e.time > since]
     assert len(unhealthy) >= FAST_PROBE["failureThreshold"], events
     assert all("Liveness probe failed" in e.message for e in unhealthy)
     # The kill: SIGKILL after the probe's 2 s grace (a stopped process never acts on SIGTERM): 137,
