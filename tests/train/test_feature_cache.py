@@ -111,12 +111,9 @@ def _initial_validation_loss(dataset: str) -> float:
     return float(model.evaluate(images, verbose=0))
 
 
-def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp_path, monkeypatch, caplog):
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv(Env.SCRATCH_DIR.value, str(scratch))
-    output = tmp_path / "run"
-    settings = [
+def _run_settings(dataset: str, output) -> list[str]:
+    """The tests' model (random base, a small head) at 32x32 on ``dataset``, writing to ``output``."""
+    return [
         "model.weights=none",
         "model.head.dense_units=[8]",
         f"data.image_size={SIZE}",
@@ -124,6 +121,16 @@ def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp
         f"output.dir={output}",
         f"runtime.seed={SEED}",
         "runtime.verbose=0",
+    ]
+
+
+def test_a_training_run_with_the_cache_learns_exports_and_cleans_up(dataset, tmp_path, monkeypatch, caplog):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv(Env.SCRATCH_DIR.value, str(scratch))
+    output = tmp_path / "run"
+    settings = [
+        *_run_settings(dataset, output),
         "train.batch_size_per_replica=8",
         "train.steps_per_epoch=8",
         "train.cache_frozen_features=true",
@@ -205,13 +212,7 @@ def test_cached_views_are_as_many_different_augmentations_of_each_image(model, d
 
 def _fine_tuning_cache_settings(dataset: str, output) -> list[str]:
     return [
-        "model.weights=none",
-        "model.head.dense_units=[8]",
-        f"data.image_size={SIZE}",
-        f"data.dataset={dataset}",
-        f"output.dir={output}",
-        f"runtime.seed={SEED}",
-        "runtime.verbose=0",
+        *_run_settings(dataset, output),
         "train.batch_size_per_replica=4",
         "train.steps_per_epoch=4",
         "train.cache_frozen_blocks=true",

@@ -96,10 +96,6 @@ def cache_cut(model: keras.Model, cfg: Config, unfreeze_blocks: list[str]) -> st
     return f"{VGG16_BLOCKS[lowest - 1]}_pool"
 
 
-def applies(model: keras.Model, cfg: Config, unfreeze_blocks: list[str]) -> bool:
-    return cache_cut(model, cfg, unfreeze_blocks) is not None
-
-
 @contextlib.contextmanager
 def fit_inputs(
     model: keras.Model,
@@ -255,32 +251,32 @@ def training_images(files: list[str], cfg: Config, num_classes: int, seed: int) 
     """What a cache holds of this worker's training images: each image's centre crop once
     (``train.cache_views: 0``), or ``cache_views`` augmented views of each (as ``data.augment``
     sets them: random crop, flips), every pass over the files drawing new random views."""
-    views = cfg.train.cache_views
-    if views == 0 or not _augments(cfg.data.augment):
+    views = _views(cfg)
+    if views == 0:
         return unaugmented_training_images(files, cfg, num_classes)
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 16)).repeat(views)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-
-    def decode(serialized: tf.Tensor, seed_pair: tf.Tensor):
-        encoded, label, shape, is_jpeg = pipeline.parse_with_shape(serialized)
-        image = pipeline.decode_for_training(encoded, seed_pair, cfg.data.image_size, cfg.data.augment, shape, is_jpeg)
-        return image, tf.one_hot(label, num_classes)
-
-    ds = tf.data.Dataset.zip((ds, seeds)).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(EXTRACT_BATCH).prefetch(tf.data.AUTOTUNE)
+    return _decoded(files, cfg.data.image_size, cfg.data.augment, num_classes, passes=views, seed=seed)
 
 
 def unaugmented_training_images(files: list[str], cfg: Config, num_classes: int) -> tf.data.Dataset:
     """This worker's training images once, in order, as the pipeline decodes them without augmentation."""
     plain = AugmentConfig(random_crop=False, horizontal_flip=False, vertical_flip=False)
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 16))
+    return _decoded(files, cfg.data.image_size, plain, num_classes, passes=1, seed=0)
 
-    def decode(serialized: tf.Tensor):
+
+def _decoded(
+    files: list[str], image_size: int, augment: AugmentConfig, num_classes: int, passes: int, seed: int
+) -> tf.data.Dataset:
+    """``passes`` reads of ``files`` in order, decoded as training decodes them under ``augment``, in
+    (image, one-hot label) batches; each record draws its own seed pair (unused without augmentation)."""
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 16)).repeat(passes)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+
+    def decode(serialized: tf.Tensor, seed_pair: tf.Tensor):
         encoded, label, shape, is_jpeg = pipeline.parse_with_shape(serialized)
-        image = pipeline.decode_for_training(encoded, tf.constant([0, 0]), cfg.data.image_size, plain, shape, is_jpeg)
+        image = pipeline.decode_for_training(encoded, seed_pair, image_size, augment, shape, is_jpeg)
         return image, tf.one_hot(label, num_classes)
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(EXTRACT_BATCH).prefetch(tf.data.AUTOTUNE)
 
 
