@@ -308,7 +308,7 @@ class Backups(keras.callbacks.Callback):
     A backup taken after an epoch's last step would resume at the next epoch, skipping
     whatever that epoch's end still had to do (validation, best-model tracking, the metrics
     log); so the last step is backed up at the epoch's end instead, by this callback placed
-    after the others. ``segment`` says which part of the phase this fit runs (a resumed epoch
+    after the others. ``begin_segment`` says which part of the phase a fit runs (a resumed epoch
     runs only the steps its backup had not done), so positions count from the epoch's start.
     """
 
