@@ -243,6 +243,16 @@ def test_cross_field_problems_are_reported_together():
     assert "phases: both phases have 0 epochs" in message
 
 
+def test_xla_over_logical_cpu_devices_of_one_process_is_refused_with_the_fix():
+    message = config_error(overrides=["runtime.jit_compile=true", "runtime.cpu_devices=2"])
+
+    assert "\n" not in message
+    assert message.startswith("1 configuration problem: runtime.jit_compile: XLA across logical CPU devices")
+    assert "set runtime.cpu_devices=1 or runtime.jit_compile=false" in message
+    assert load_config(overrides=["runtime.jit_compile=true"]).runtime.cpu_devices == 1  # alone, each is fine
+    assert load_config(overrides=["runtime.cpu_devices=2"]).runtime.jit_compile is False
+
+
 def test_one_phase_with_zero_epochs_is_fine():
     cfg = load_config(overrides=["phases.fine_tuning.epochs=0"])
 
