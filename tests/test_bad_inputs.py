@@ -174,6 +174,17 @@ CASES = [
         "records",
     ),
     Case(
+        "train: model input above the size prepare scaled the images for",
+        lambda w: w.train(
+            "data.image_size=48",
+            dataset=_dataset_with(
+                w, "m4", _manifest_edit(lambda m: m["extra"].update(prepared_for_image_size=32, downscaled_images=5))
+            ),
+        ),
+        CONFIG,
+        "prepare.image_size=48",
+    ),
+    Case(
         "train: shard cut at a record boundary",
         lambda w: w.train(dataset=_truncated_shard(w)),
         DATA,

@@ -178,6 +178,15 @@ class PrepareConfig(Section):
         "record and into a worker's memory, and even a 60 MP camera JPEG at top quality is about 30 MB.",
         gt=0,
     )
+    image_size: Int = _f(
+        224,
+        "Store images for training at this model input (data.image_size): each is scaled down so its shorter "
+        "side is 8/7 of it (256 px for 224), the ImageNet resize-256-crop-224 convention, and re-encoded as JPEG; "
+        "smaller images are stored as they are. Decoding then reads no more pixels than training uses. A run "
+        "with a larger data.image_size is refused. 0 = store every file's bytes unchanged (JPEGs) or as RGB PNG.",
+        ge=0,
+    )
+    jpeg_quality: Int = _f(90, "JPEG quality of the images prepare.image_size scales down.", ge=50, le=100)
     max_image_megapixels: Float = _f(
         90.0,
         "Images with more pixels (width x height, read from the file header) are skipped and listed without being "

@@ -7,8 +7,10 @@
 (c) the product: :func:`trainer.data.pipeline.training_dataset` over the prepared TFRecord
     shards (shuffle, parallel reads, random crop decoded from the crop window, flip, resize).
 (d) the limit: the fastest way this machine turns the stored bytes into the training tensor,
-    whatever the decode path. The candidates are (b) itself and four decoders over JPEG bytes
-    already in memory (no files, parsing, shuffling, flips or labels): full decode + resize,
+    whatever the decode path. The stored bytes are the images (c) reads: what `trainer prepare`
+    wrote into the training shards (by default scaled down to a 256 px shorter side,
+    trainer.data.scale). The candidates are (b) itself over the source folder, and four decoders
+    over those stored bytes already in memory (no files, parsing, shuffling, flips or labels): full decode + resize,
     full decode with libjpeg's fast integer DCT + resize, DCT-scaled decode (1/2, 1/4, 1/8 when
     the image is at least twice the output) + resize, and (c)'s own crop-window decode + resize.
     The limit is the candidate with the highest median (trainer.bench.suite).
@@ -22,7 +24,6 @@ measurement, or ``max_rounds`` ran.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -73,7 +74,7 @@ def time_batches(make_iterator: Callable[[], Iterator], warmup: int, batches: in
 def _iterator_makers(args: dict) -> dict[str, Callable[[], Iterator]]:
     image_dir, dataset_dir = args["image_dir"], args["dataset_dir"]
     size, cores = args["image_size"], args["cores"]
-    jpegs = _read_jpegs(image_dir)
+    jpegs = stored_images(dataset_dir)
     makers = {
         "flow_from_directory": lambda: flow_from_directory(image_dir, size),
         "image_dataset_from_directory": lambda: iter(image_dataset_from_directory(image_dir, size, cores)),
@@ -159,18 +160,19 @@ def _decoders(size: int) -> dict[str, Callable]:
     }
 
 
-def _read_jpegs(image_dir: str) -> list[tuple[bytes, tuple[int, int]]]:
-    from PIL import Image
+def stored_images(dataset_dir: str) -> list[tuple[bytes, tuple[int, int]]]:
+    """(encoded bytes, (height, width)) of every training record, as `trainer prepare` stored them."""
+    import tensorflow as tf
 
-    jpegs = []
-    for root, _, names in sorted(os.walk(image_dir)):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            with Image.open(path) as image:
-                width, height = image.size
-            with open(path, "rb") as fh:
-                jpegs.append((fh.read(), (height, width)))
-    return jpegs
+    from trainer.data import pipeline
+    from trainer.data.manifest import read_manifest
+
+    found = []
+    for path in pipeline.shard_paths(dataset_dir, read_manifest(dataset_dir), "train"):
+        for serialized in tf.data.TFRecordDataset(path):
+            encoded, _, shape, _ = pipeline.parse_with_shape(serialized)
+            found.append((encoded.numpy(), (int(shape[0]), int(shape[1]))))
+    return found
 
 
 def _on_cores(ds, cores: int):

@@ -210,11 +210,13 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
         "settings": asdict(settings),
     }
     say(f"bench: generating {settings.classes * settings.per_class} JPEGs and preparing them in {root}")
-    image_dir, dataset_dir = _prepare_images(settings, root)
+    image_dir, dataset_dir = _prepare_images(settings, root, "dataset", settings.input_image_size)
+    # The runs at the small model input read a dataset prepared for it, as `trainer prepare` is meant to be used.
+    _, model_dataset_dir = _prepare_images(settings, root, "dataset-model", settings.model_image_size)
     result["image_set"] = _describe_images(image_dir)
     cores = [c for c in CORE_COUNTS if c <= len(os.sched_getaffinity(0))]
-    jobs = _worker_jobs(settings, image_dir, dataset_dir, cores)
-    trainer_runs = _trainer_run_starters(settings, dataset_dir, root)
+    jobs = _worker_jobs(settings, image_dir, dataset_dir, model_dataset_dir, cores)
+    trainer_runs = _trainer_run_starters(settings, model_dataset_dir, root)
     accuracy = functools.partial(time_to_accuracy, root, quick, settings.accuracy_timeout_seconds, say)
     if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
         say("bench: all measurements at once (quick mode)")
@@ -250,26 +252,30 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
     return result
 
 
-def _worker_jobs(settings: Settings, image_dir: str, dataset_dir: str, cores: list[int]) -> dict:
+def _worker_jobs(
+    settings: Settings, image_dir: str, dataset_dir: str, model_dataset_dir: str, cores: list[int]
+) -> dict:
     """name -> (cores to pin, tasks): one process per core count; the training step and the model
     counts run in the last one (all cores), after its input measurements."""
     jobs = {
         f"cores-{count}": (count, [("inputs", _input_args(settings, image_dir, dataset_dir, count))]) for count in cores
     }
-    jobs[f"cores-{cores[-1]}"][1].extend([("training", _training_args(settings, dataset_dir)), ("comms", {})])
+    jobs[f"cores-{cores[-1]}"][1].extend([("training", _training_args(settings, model_dataset_dir)), ("comms", {})])
     return jobs
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _prepare_images(settings: Settings, root: str) -> tuple[str, str]:
+def _prepare_images(settings: Settings, root: str, name: str, image_size: int) -> tuple[str, str]:
+    """The generated JPEG set (made once) and a dataset `trainer prepare` wrote from it for ``image_size``."""
     from trainer.config import PrepareConfig
     from trainer.data.prepare import prepare_dataset
 
-    image_dir, dataset_dir = os.path.join(root, "images"), os.path.join(root, "dataset")
-    make_image_set(image_dir, settings.classes, settings.per_class, seed=0)
-    cfg = PrepareConfig(validation_fraction=0.2, min_shards=8, processes=0)
+    image_dir, dataset_dir = os.path.join(root, "images"), os.path.join(root, name)
+    if not os.path.isdir(image_dir):
+        make_image_set(image_dir, settings.classes, settings.per_class, seed=0)
+    cfg = PrepareConfig(validation_fraction=0.2, min_shards=8, processes=0, image_size=image_size)
     prepare_dataset(image_dir, dataset_dir, cfg, progress=lambda _: None, overwrite=True)
     return image_dir, dataset_dir
 

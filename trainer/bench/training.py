@@ -4,8 +4,9 @@ The model and step are the product's own (build_model, then the fine-tuning phas
 compile: block5 and the head trainable, SGD with momentum), at the benchmark's small model
 input so a step takes a fraction of a second on CPU cores. The synthetic feed repeats one
 real batch held in memory: the same pixels and shapes, zero input cost, so it measures the
-compute limit. The real feed decodes the benchmark's ~500x375 JPEGs from TFRecord shards
-on the same cores the step uses, which is what a worker does.
+compute limit. The real feed decodes the benchmark's JPEGs from TFRecord shards that
+`trainer prepare` wrote for the model input (shorter side 8/7 of it, trainer.data.scale), on
+the same cores the step uses, which is what a worker does.
 
 Fresh iterators per measurement and warm-up steps keep the comparison fair: while one feed
 is timed, the other has no background threads. Feeds alternate in rounds, each measurement

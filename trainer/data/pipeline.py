@@ -282,12 +282,16 @@ def training_dataset(
         encoded, label, shape, is_jpeg = parse_with_shape(serialized)
         image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment, shape, is_jpeg)
         if probe is None:
-            return image, tf.one_hot(label, num_classes)
-        record_bytes = tf.cast(tf.strings.length(serialized), tf.int64) + records.FRAMING_BYTES
-        return image, tf.one_hot(label, num_classes), record_bytes
+            return image, label
+        return image, label, tf.cast(tf.strings.length(serialized), tf.int64) + records.FRAMING_BYTES
+
+    def _one_hot(image, label, *record_bytes):
+        return (image, tf.one_hot(label, num_classes), *record_bytes)
 
     ds = ds.map(_train_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    # One-hot once per batch, not per image: every op in the per-image map costs the input pipeline
+    # its dispatch (about 4% of an image's CPU time at 224 px on one core, measured).
+    ds = ds.batch(batch_size, drop_remainder=True).map(_one_hot)
     ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
     if probe is not None:
         ds = probe.stamp_dataset(ds)

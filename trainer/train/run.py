@@ -33,7 +33,7 @@ from trainer import storage
 from trainer.cluster import ClusterSpec
 from trainer.config import Config
 from trainer.contract import Env
-from trainer.data import pipeline
+from trainer.data import pipeline, scale
 from trainer.data.manifest import Manifest, check_shard_sizes, read_manifest
 from trainer.data.stats import ImageStats
 from trainer.errors import ConfigError, DataError, TransientError
@@ -115,6 +115,7 @@ def preflight(cfg: Config, cluster: ClusterSpec) -> Preflight:
     layout = RunLayout(cfg.output.dir)
     manifest = read_manifest(cfg.data.dataset)
     check_shard_sizes(cfg.data.dataset, manifest)
+    scale.check_image_size(manifest.extra, cfg.data.image_size)
     train_files = pipeline.shard_paths(cfg.data.dataset, manifest, "train")
     pipeline.shards_for_worker(train_files, cluster.num_workers, cluster.worker_index)
     weights_file = _checked_weights_file(cfg, manifest)

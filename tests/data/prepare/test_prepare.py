@@ -178,6 +178,54 @@ def test_jpeg_bytes_are_kept_and_other_formats_become_rgb_png(tmp_path):
         assert tf.io.decode_image(stored[path][records.ENCODED]).shape == (SIDE, SIDE, 3)
 
 
+def _smooth(size: tuple[int, int]) -> Image.Image:
+    """A gradient image: what survives scaling is then checkable pixel by pixel, unlike noise."""
+    x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None, None]
+    return Image.fromarray(np.broadcast_to((x + y) / 2, (size[1], size[0], 3)).astype(np.uint8))
+
+
+def test_images_larger_than_training_reads_are_stored_scaled_down_as_jpeg(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 2, "b": 2})  # 40x40: below 256, stored byte for byte
+    (source / "a").mkdir(exist_ok=True)
+    _smooth((600, 400)).save(source / "a" / "wide.jpg", "JPEG", quality=95)
+    _smooth((300, 900)).save(source / "b" / "tall.png", "PNG")
+
+    report = prepare_dataset(str(source), str(output), config(validation_fraction=0.0), progress=lambda _: None)
+
+    stored = {e[records.SOURCE].decode(): e for e in read_split(output, report.manifest, "train")}
+    wide, tall = stored["a/wide.jpg"], stored["b/tall.png"]
+    # The shorter side becomes 256 (8/7 of the default 224 input), the aspect ratio stays, the format is JPEG.
+    assert (int(wide[records.WIDTH]), int(wide[records.HEIGHT])) == (384, 256)
+    assert (int(tall[records.WIDTH]), int(tall[records.HEIGHT])) == (256, 768)
+    for record in (wide, tall):
+        decoded = tf.io.decode_jpeg(record[records.ENCODED]).numpy()
+        assert record[records.FORMAT] == b"jpeg"
+        assert decoded.shape == (int(record[records.HEIGHT]), int(record[records.WIDTH]), 3)
+    expected = np.asarray(_smooth((600, 400)).resize((384, 256), Image.Resampling.LANCZOS), dtype=np.float32)
+    assert np.abs(tf.io.decode_jpeg(wide[records.ENCODED]).numpy() - expected).mean() < 2.0
+    assert stored["a/img000.jpg"][records.ENCODED] == (source / "a" / "img000.jpg").read_bytes()
+    # The manifest says what was stored at which scale.
+    extra = report.manifest.extra
+    assert extra["prepared_for_image_size"] == 224 and extra["stored_shorter_side"] == 256
+    assert extra["downscaled_images"] == 2
+
+
+def test_image_size_zero_stores_every_jpeg_byte_for_byte(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "prepared"
+    write_classes(source, {"a": 2, "b": 2})
+    _smooth((600, 400)).save(source / "a" / "wide.jpg", "JPEG", quality=95)
+
+    report = prepare_dataset(
+        str(source), str(output), config(validation_fraction=0.0, image_size=0), progress=lambda _: None
+    )
+
+    stored = {e[records.SOURCE].decode(): e for e in read_split(output, report.manifest, "train")}
+    assert stored["a/wide.jpg"][records.ENCODED] == (source / "a" / "wide.jpg").read_bytes()
+    assert report.manifest.extra["downscaled_images"] == 0
+
+
 def test_existing_split_folders_are_used_as_they_are(tmp_path):
     source, output = tmp_path / "photos", tmp_path / "prepared"
     write_classes(source / "train", {"a": 6, "b": 4}, seed=1)

@@ -3,9 +3,11 @@
 Every file is fully decoded once with PIL (in a worker process), so damaged or unusable files
 are found here and listed with a reason, never reaching a training job. Memory stays bounded:
 a file above ``prepare.max_file_mb`` is skipped from its size alone, one above
-``prepare.max_image_megapixels`` from its header, before any pixel is decoded. JPEGs are stored
-as their original bytes (training decodes only the crop window); everything else becomes an RGB
-PNG. Only regular files are opened: a FIFO would block, a device never end.
+``prepare.max_image_megapixels`` from its header, before any pixel is decoded. An image larger
+than training reads (``prepare.image_size``, trainer.data.scale) is scaled down and stored as
+JPEG; otherwise JPEGs are stored as their original bytes (training decodes only the crop window)
+and everything else becomes an RGB PNG. Only regular files are opened: a FIFO would block, a
+device never end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from trainer.config import PrepareConfig
-from trainer.data import stats
+from trainer.data import scale, stats
 from trainer.data.prepare.source import SourceFile
 from trainer.data.prepare.workers import Meter, Progress, Workers
 from trainer.errors import DataError, TrainerError
@@ -71,13 +73,15 @@ class ImageCheck:
     reencode: bool = False
     height: int = 0
     width: int = 0
-    nbytes: int = 0  # size of the bytes that go into the record
+    nbytes: int = 0  # size of the bytes that go into the record (estimated for a downscaled image)
+    source_width: int = 0  # the file's own size when it is stored scaled down (width/height: as stored)
+    source_height: int = 0
     thumbnail: bytes = b""  # trainer.data.stats.thumbnail: for the image stats the training plan uses
     file_size: int = 0  # the source file as checked: a re-run keeps a shard only if its files are unchanged
     mtime_ns: int = 0
 
 
-def inspect_image(path: str, min_side: int, *, max_bytes: int, max_pixels: int) -> ImageCheck:
+def inspect_image(path: str, min_side: int, *, max_bytes: int, max_pixels: int, store_side: int = 0) -> ImageCheck:
     """Check one file and decide how it will be stored (runs in a worker process).
 
     Memory stays bounded whatever the file holds: its size is checked before a byte is
@@ -89,12 +93,12 @@ def inspect_image(path: str, min_side: int, *, max_bytes: int, max_pixels: int) 
     except OSError as err:
         return ImageCheck(path, UNREADABLE, err.strerror or str(err))
     with fh:
-        check = _inspect_open_file(path, fh, st.st_size, min_side, max_bytes, max_pixels)
+        check = _inspect_open_file(path, fh, st.st_size, min_side, max_bytes, max_pixels, store_side)
     return replace(check, file_size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def _inspect_open_file(
-    path: str, fh: BinaryIO, size: int, min_side: int, max_bytes: int, max_pixels: int
+    path: str, fh: BinaryIO, size: int, min_side: int, max_bytes: int, max_pixels: int, store_side: int
 ) -> ImageCheck:
     from PIL import Image, UnidentifiedImageError
 
@@ -123,6 +127,18 @@ def _inspect_open_file(
         return ImageCheck(path, CORRUPT, f"{type(err).__name__}: {err}")
     if min(width, height) < min_side:
         return ImageCheck(path, TOO_SMALL, f"{width}x{height}, shorter side below {min_side}")
+    target = scale.stored_size(width, height, store_side)
+    if target is not None:
+        try:
+            thumb = stats.thumbnail(to_rgb(image))
+        except (ValueError, OSError) as err:
+            return ImageCheck(path, UNSUPPORTED, f"mode {image.mode}: {err}")
+        # Planning shards needs only an estimate: the bytes scale about with the pixels.
+        estimate = max(1, size * target[0] * target[1] // (width * height))
+        return ImageCheck(
+            path, None, fmt="jpeg", reencode=True, width=target[0], height=target[1], nbytes=estimate,
+            thumbnail=thumb, source_width=width, source_height=height,
+        )  # fmt: skip
     if image.format in _JPEG_FORMATS and image.mode in _PASSTHROUGH_JPEG_MODES:
         thumb = stats.thumbnail(image)
         return ImageCheck(path, None, fmt="jpeg", height=height, width=width, nbytes=size, thumbnail=thumb)
@@ -208,6 +224,7 @@ def check_images(pool: Workers, files: list[SourceFile], cfg: PrepareConfig, say
         min_side=cfg.min_image_side,
         max_bytes=int(cfg.max_file_mb * 1e6),
         max_pixels=int(cfg.max_image_megapixels * 1e6),
+        store_side=scale.stored_side(cfg.image_size),
     )
     meter = Meter("checked", len(files), say)
     results: dict[str, ImageCheck] = {}
@@ -217,11 +234,46 @@ def check_images(pool: Workers, files: list[SourceFile], cfg: PrepareConfig, say
     return results
 
 
-def record_payload(job: tuple[str, bool, int]) -> bytes:
+def downscale(image: Any, size: tuple[int, int], quality: int) -> bytes:
+    """An undecoded PIL image scaled down to ``size`` (width, height), as RGB JPEG bytes.
+
+    JPEGs decode at the largest DCT scale still above ``size`` (``draft``), then Lanczos filters
+    the rest of the way: the quality of a full decode at a fraction of its cost.
+    """
+    if image.format in _JPEG_FORMATS:
+        image.draft("RGB", size)
+    buffer = io.BytesIO()
+    to_rgb(image).resize(size, _lanczos()).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _lanczos() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.LANCZOS
+
+
+@dataclass(frozen=True)
+class PayloadJob:
+    """What a worker process needs to produce one record's bytes."""
+
+    path: str
+    reencode: bool
+    checked_size: int
+    stored_size: tuple[int, int] | None = None  # (width, height) when the image is stored scaled down
+    jpeg_quality: int = 90
+
+
+def payload_job(check: ImageCheck, jpeg_quality: int) -> PayloadJob:
+    scaled = (check.width, check.height) if check.source_width else None
+    return PayloadJob(check.path, check.reencode, check.file_size, scaled, jpeg_quality)
+
+
+def record_payload(job: PayloadJob) -> bytes:
     """The bytes stored for one checked image (runs in a worker process)."""
     from PIL import Image
 
-    path, needs_reencode, checked_size = job
+    path, needs_reencode, checked_size = job.path, job.reencode, job.checked_size
     try:
         fh, st = open_regular_file(path)
         with fh:
@@ -233,6 +285,8 @@ def record_payload(job: tuple[str, bool, int]) -> bytes:
         if not needs_reencode:
             return data
         image = Image.open(io.BytesIO(data))
+        if job.stored_size is not None:
+            return downscale(image, job.stored_size, job.jpeg_quality)
         image.load()
         return reencode(image)[0]
     except TrainerError:

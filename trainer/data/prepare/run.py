@@ -17,7 +17,7 @@ from typing import Any
 from trainer import storage
 from trainer.config import PrepareConfig
 from trainer.contract import PREPARE_REPORT_FILE
-from trainer.data import stats
+from trainer.data import scale, stats
 from trainer.data.manifest import SPLITS, Manifest, Shard, manifest_path, write_manifest
 from trainer.data.prepare.images import ImageCheck, check_images
 from trainer.data.prepare.output import (
@@ -88,7 +88,9 @@ def _write_shards(
         storage.makedirs(sink.output)
         with sink:
             sink.resume([shard for split in SPLITS for shard in plans[split]])
-            shards = {split: write_split(pool, sink, split, plans[split], sink.say) for split in SPLITS}
+            shards = {
+                split: write_split(pool, sink, split, plans[split], sink.say, cfg.jpeg_quality) for split in SPLITS
+            }
         sink.remove_stale_shards({shard.path for per_split in shards.values() for shard in per_split})
     return checks, splits, shards
 
@@ -113,7 +115,11 @@ def _describe(
         source=os.path.abspath(source),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         skipped=len(skipped),
-        extra={**_provenance(layout, cfg), "image_stats": _image_stats(splits["train"], layout).to_dict()},
+        extra={
+            **_provenance(layout, cfg),
+            scale.DOWNSCALED: sum(bool(entry.check.source_width) for entries in splits.values() for entry in entries),
+            "image_stats": _image_stats(splits["train"], layout).to_dict(),
+        },
     )
     manifest.check(manifest_path(sink.output))
     return PrepareReport(
@@ -155,7 +161,7 @@ def _image_stats(entries: list[Entry], layout: SourceLayout) -> stats.ImageStats
     thumbnails: dict[int, list[bytes]] = {}
     for entry in entries:
         thumbnails.setdefault(entry.label, []).append(entry.check.thumbnail)
-    sizes = [(entry.check.width, entry.check.height) for entry in entries]
+    sizes = [(e.check.source_width or e.check.width, e.check.source_height or e.check.height) for e in entries]
     return stats.image_stats(sizes, thumbnails, len(layout.class_names))
 
 
@@ -172,4 +178,7 @@ def _provenance(layout: SourceLayout, cfg: PrepareConfig) -> dict[str, Any]:
         "min_image_side": cfg.min_image_side,
         "max_file_mb": cfg.max_file_mb,
         "max_image_megapixels": cfg.max_image_megapixels,
+        scale.PREPARED_FOR: cfg.image_size,
+        "stored_shorter_side": scale.stored_side(cfg.image_size),
+        "jpeg_quality": cfg.jpeg_quality,
     }

@@ -62,12 +62,16 @@ def plan_shards(split: str, entries: list[Entry], cfg: PrepareConfig) -> list[Pl
     n = shard_count(sum(e.check.nbytes for e in entries), len(entries), cfg.shard_size_mb, cfg.min_shards)
     plan = [[entries[i] for i in shard] for shard in assign_to_shards(len(entries), n, f"{cfg.seed}/shards/{split}")]
     names = [records.shard_name(split, index, n) for index in range(n)]
-    return [PlannedShard(name, shard, _fingerprint(name, shard)) for name, shard in zip(names, plan, strict=True)]
+    return [
+        PlannedShard(name, shard, _fingerprint(name, shard, cfg.jpeg_quality))
+        for name, shard in zip(names, plan, strict=True)
+    ]
 
 
-def _fingerprint(name: str, entries: list[Entry]) -> str:
-    """A shard's records follow from its name, its images in order, and each source file as checked."""
-    digest = hashlib.sha256(f"{SHARD_FORMAT_VERSION}\n{name}\n".encode())
+def _fingerprint(name: str, entries: list[Entry], jpeg_quality: int) -> str:
+    """A shard's records follow from its name, its images in order, each source file as checked (with the
+    size it is stored at), and the quality its downscaled images are encoded with."""
+    digest = hashlib.sha256(f"{SHARD_FORMAT_VERSION}\n{name}\n{jpeg_quality}\n".encode())
     for e in entries:
         c = e.check
         fields = [e.file.rel, e.file.class_name, e.label, c.fmt, c.reencode, c.height, c.width, c.file_size, c.mtime_ns]

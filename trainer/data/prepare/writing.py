@@ -23,7 +23,7 @@ from trainer import storage
 from trainer.contract import PREPARE_PROGRESS_FILE
 from trainer.data import records
 from trainer.data.manifest import SPLITS, Shard
-from trainer.data.prepare.images import record_payload
+from trainer.data.prepare.images import payload_job, record_payload
 from trainer.data.prepare.shards import SHARD_FORMAT_VERSION, PlannedShard
 from trainer.data.prepare.splits import Entry
 from trainer.data.prepare.workers import Meter, Progress, Workers
@@ -208,7 +208,9 @@ class ShardSink:
                 storage.remove_tree(uri)
 
 
-def write_split(pool: Workers, sink: ShardSink, split: str, plan: list[PlannedShard], say: Progress) -> list[Shard]:
+def write_split(
+    pool: Workers, sink: ShardSink, split: str, plan: list[PlannedShard], say: Progress, jpeg_quality: int = 90
+) -> list[Shard]:
     import tensorflow as tf
 
     meter = Meter(f"wrote {split}", sum(len(shard.entries) for shard in plan), say)
@@ -219,7 +221,7 @@ def write_split(pool: Workers, sink: ShardSink, split: str, plan: list[PlannedSh
         if kept is None:
             path = sink.path_for(shard.name)
             # One shard's payloads at a time keeps memory near one shard, however large the split.
-            jobs = [(e.file.path, e.check.reencode, e.check.file_size) for e in shard.entries]
+            jobs = [payload_job(e.check, jpeg_quality) for e in shard.entries]
             try:
                 payloads = pool.map_ordered(record_payload, jobs)
                 with tf.io.TFRecordWriter(path) as writer:
