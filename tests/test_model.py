@@ -239,3 +239,52 @@ def test_build_model_with_a_weights_file_loads_its_conv_weights(model, weights_p
         loaded.get_layer("head_dense_1").get_weights()[0], model.get_layer("head_dense_1").get_weights()[0]
     )
     assert not model_lib.base_of(loaded).trainable
+
+
+# --------------------------------------------------------------------------- random flips in the step
+
+
+def _asymmetric_batch(count: int = 64) -> tf.Tensor:
+    """Image i holds i in its top-left pixel and nothing else: where that pixel went shows each flip."""
+    images = np.zeros((count, 4, 4, 3), np.float32)
+    images[:, 0, 0, :] = np.arange(1, count + 1)[:, None]
+    return tf.constant(images)
+
+
+def _corner(flipped: np.ndarray) -> list[str]:
+    names = {(0, 0): "none", (0, 3): "left-right", (3, 0): "up-down", (3, 3): "both"}
+    return [names[tuple(int(v) for v in np.argwhere(image[..., 0] > 0)[0])] for image in flipped]
+
+
+def test_random_flips_flip_about_half_of_the_images_per_axis_and_repeat_for_the_same_key():
+    images = _asymmetric_batch()
+    key = tf.constant([7, 0], tf.int64)
+
+    left_right = _corner(model_lib.random_flips(images, (True, False), key).numpy())
+    both = _corner(model_lib.random_flips(images, (True, True), key).numpy())
+
+    assert set(left_right) == {"none", "left-right"} and 16 < left_right.count("left-right") < 48
+    assert set(both) == {"none", "left-right", "up-down", "both"}
+    assert _corner(model_lib.random_flips(images, (True, True), key).numpy()) == both
+    assert _corner(model_lib.random_flips(images, (True, True), tf.constant([7, 1], tf.int64)).numpy()) != both
+    np.testing.assert_array_equal(model_lib.random_flips(images, (False, False), key), images)
+
+
+def test_the_training_step_flips_its_images_keyed_by_the_optimizer_step(model):
+    """The step flips what it trains on (the loss differs from an unflipped step on asymmetric images),
+    and the same step counter gives the same flips: a resumed run flips as the uninterrupted one."""
+    rng = np.random.default_rng(0)
+    x = np.tile(np.linspace(0, 255, SIZE, dtype=np.float32)[None, None, :, None], (8, SIZE, 1, 3))
+    x = x + rng.uniform(0, 1, x.shape).astype(np.float32)
+    y = np.eye(len(CLASSES), dtype=np.float32)[np.arange(8) % len(CLASSES)]
+
+    def first_step_loss(flips) -> float:
+        clone = model_lib.build_model(len(CLASSES), SIZE, ModelConfig(weights="none"), seed=1)
+        clone.compile(keras.optimizers.SGD(0.0), "categorical_crossentropy")
+        clone.flips, clone.flip_seed = flips, 3
+        return float(clone.train_on_batch(x, y))
+
+    plain = first_step_loss((False, False))
+    flipped = first_step_loss((True, False))
+    assert flipped != pytest.approx(plain, abs=1e-6)
+    assert first_step_loss((True, False)) == pytest.approx(flipped, abs=1e-6)

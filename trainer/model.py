@@ -76,13 +76,23 @@ class Classifier(keras.Model):
     compute alone is compiled with XLA: XLA has no collectives on CPU devices (TensorFlow
     b/194942685), so compiling the whole step fails under MultiWorkerMirroredStrategy on CPU, and
     the stamp, being Python, could not run inside it.
+
+    The training images' random flips (``data.augment``) happen here, on the device, not in the
+    host's input pipeline: ``flips`` = (left-right, up-down), set with ``compile`` like
+    ``compile_compute``. Each image of a batch is flipped with probability 1/2, drawn from a
+    stateless generator keyed by ``flip_seed``, the replica and the optimizer's step counter, so
+    a run resumed from a backup flips exactly as the uninterrupted one would.
     """
 
     gradients_ready = None
     compile_compute = False
+    flips = (False, False)
+    flip_seed = 0
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if any(self.flips):
+            x = random_flips(x, self.flips, self._flip_key())
         compute = tf.function(self._compute, jit_compile=True) if self.compile_compute else self._compute
         y_pred, grads = compute(x, y, sample_weight)
         if self.gradients_ready is not None:
@@ -90,6 +100,11 @@ class Classifier(keras.Model):
                 tf.py_function(self.gradients_ready, [], Tout=tf.int64)  # stateful: always runs
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
         return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def _flip_key(self) -> tf.Tensor:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        iterations = tf.cast(self.optimizer.iterations, tf.int64)
+        return tf.stack([tf.cast(self.flip_seed, tf.int64) * 65536 + tf.cast(replica, tf.int64), iterations])
 
     def _compute(self, x, y, sample_weight):
         scaling = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
@@ -100,6 +115,17 @@ class Classifier(keras.Model):
                 loss = self.optimizer.get_scaled_loss(loss)
         grads = tape.gradient(loss, self.trainable_variables)
         return y_pred, self.optimizer.get_unscaled_gradients(grads) if scaling else grads
+
+
+def random_flips(images: tf.Tensor, flips: tuple[bool, bool], key: tf.Tensor) -> tf.Tensor:
+    """Flip each image of a [batch, height, width, channels] batch left-right and/or upside down with
+    probability 1/2, from the stateless seed ``key`` (two int64)."""
+    for axis, wanted in ((2, flips[0]), (1, flips[1])):
+        if wanted:
+            key = key + tf.constant([0, 1 << 40], tf.int64)  # each axis draws its own coins
+            coins = tf.random.stateless_uniform(tf.shape(images)[:1], key) < 0.5
+            images = tf.where(coins[:, None, None, None], tf.reverse(images, [axis]), images)
+    return images
 
 
 @keras.saving.register_keras_serializable(package="vgg_trainer")

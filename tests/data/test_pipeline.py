@@ -288,6 +288,26 @@ def test_training_without_augmentation_equals_full_square_centre_crop(tmp_path):
     np.testing.assert_allclose(images, evaluation, atol=1e-4)
 
 
+def test_the_training_pipeline_leaves_flips_to_the_model(tmp_path):
+    """With flips on and no random crop, every training image is still the unflipped centre crop:
+    the model's step flips (trainer.model.Classifier), not the host."""
+    cfg = DataConfig(
+        image_size=IMAGE_SIZE,
+        shuffle_buffer=1,
+        augment=AugmentConfig(random_crop=False, horizontal_flip=True, vertical_flip=True),
+    )
+    single = write_shards(tmp_path, num_records=3, num_shards=1)
+    full_square = DataConfig(image_size=IMAGE_SIZE, center_crop_fraction=1.0)
+    evaluation, _ = first_batch(pipeline.evaluation_images(single, full_square, NUM_CLASSES).batch(3))
+
+    batches = pipeline.training_dataset(single, cfg, NUM_CLASSES, 3, seed=0, deterministic=True).take(4)
+
+    for images, _ in batches:
+        np.testing.assert_allclose(images.numpy(), evaluation, atol=1e-4)
+    assert pipeline.flips(cfg.augment) == (True, True)
+    assert pipeline.flips(AugmentConfig()) == (True, False)  # auto without image stats: left-right on
+
+
 def test_evaluation_images_keep_the_record_order(shards, data_cfg):
     elements = list(pipeline.evaluation_images(shards, data_cfg, NUM_CLASSES))
 

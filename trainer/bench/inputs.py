@@ -5,7 +5,8 @@
     thread, which is how ``model.fit`` consumes it by default.
 (b) ``image_dataset_from_directory``: Keras' tf.data loader (read files, decode, squash-resize, batch).
 (c) the product: :func:`trainer.data.pipeline.training_dataset` over the prepared TFRecord
-    shards (shuffle, parallel reads, random crop decoded from the crop window, flip, resize).
+    shards (shuffle, parallel reads, random crop decoded from the crop window, resize; its
+    random flips are the model's, on the device).
 (d) the limit: the fastest way this machine turns the stored bytes into the training tensor,
     whatever the decode path. The stored bytes are the images (c) reads: what `trainer prepare`
     wrote into the training shards (by default scaled down to a 256 px shorter side,

@@ -9,9 +9,9 @@ from trainer.bench import comms, gpu_check, rounds
 
 METHOD_LABELS = {
     "flow_from_directory": "(a) Keras `ImageDataGenerator.flow_from_directory` (baseline)",
-    "image_dataset_from_directory": "(b) Keras `image_dataset_from_directory` (limit candidate)",
+    "image_dataset_from_directory": "(b) Keras `image_dataset_from_directory` over the source JPEGs (limit candidate)",
     "tfrecord_pipeline": "(c) this product: TFRecord shards, `training_dataset`",
-    "decode_resize": "(d1) limit candidate: `decode_jpeg` + resize, bytes in memory",
+    "decode_resize": "(d1) limit candidate: `decode_jpeg` + resize, the stored bytes in memory",
     "decode_fast_dct_resize": "(d2) limit candidate: `decode_jpeg(dct_method='INTEGER_FAST')` + resize",
     "decode_scaled_resize": "(d3) limit candidate: DCT-scaled `decode_jpeg` (ratio 1/2/4/8) + resize",
     "decode_crop_resize": "(d4) limit candidate: (c)'s crop-window `decode_and_crop_jpeg` + resize",
@@ -221,7 +221,9 @@ def _header(r: dict) -> list[str]:
         "",
         f"Image set: {images['images']} generated JPEGs, mean size {images['mean_size'][0]}x{images['mean_size'][1]}, "
         f"{images['kb']['min']:.0f}-{images['kb']['max']:.0f} KB (mean {images['kb']['mean']:.0f} KB), "
-        "prepared into TFRecord shards with `trainer prepare` (80% train, 20% validation).",
+        "prepared into TFRecord shards with `trainer prepare` (80% train, 20% validation), which stores them "
+        "scaled to the model input they are prepared for (`prepare.image_size`: a 256 px shorter side for the "
+        "224 px figures, 37 px for the 32 px ones; trainer.data.scale).",
         "",
     ]
 

@@ -2,8 +2,9 @@
 
 Training: the worker's own shards, shuffled, read in parallel (interleave), parsed,
 decoded with a random crop (JPEGs decode only the crop window, at reduced scale when it
-is much larger than the model input), flipped, resized, batched with the remainder
-dropped, prefetched. VGG16's mean subtraction happens in the model's first layer.
+is much larger than the model input), resized, batched with the remainder dropped,
+one-hot labelled per batch, prefetched. Random flips and VGG16's mean subtraction happen
+in the model, on the device (trainer.model.Classifier, VGG16Preprocess).
 Evaluation: every image of the split exactly once across the workers, centre crop, in full
 batches padded with zero-weight images (no replica ever gets an empty batch; see below).
 
@@ -197,21 +198,34 @@ def decode_for_training(
     """Encoded bytes -> an augmented float32 RGB training image in [0, 255].
 
     ``shape`` and ``is_jpeg`` come from the record when known (no header parsing then).
-    Flips act on the uint8 crop before resizing (fewer bytes than the float output; the
-    result is the same because bilinear resizing commutes with mirroring).
+    Flips, when ``augment`` has them, act on the uint8 crop before resizing (fewer bytes than
+    the float output; bilinear resizing commutes with mirroring). The training pipeline passes
+    none (the model flips); the feature cache's augmented views, which never reach the model's
+    step, do.
     """
     shape = _image_shape(encoded) if shape is None else shape
     is_jpeg = tf.io.is_jpeg(encoded) if is_jpeg is None else is_jpeg
     # auto (None) here means no image stats: a run decides it from them first (trainer.train.plan).
     random_crop = default_random_crop(image_size) if augment.random_crop is None else augment.random_crop
-    flip = default_horizontal_flip(None) if augment.horizontal_flip is None else augment.horizontal_flip
     window = random_window(shape, seed, augment.crop_area_min) if random_crop else center_window(shape, 1.0)
     image = decode_window(encoded, is_jpeg, window, image_size)
-    if flip:
+    left_right, up_down = flips(augment)
+    if left_right:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
-    if augment.vertical_flip:
+    if up_down:
         image = tf.image.stateless_random_flip_up_down(image, seed=seed + 2)
     return resize(image, image_size)
+
+
+def flips(augment: AugmentConfig) -> tuple[bool, bool]:
+    """(left-right, up-down): the random flips ``augment`` asks for (auto without image stats: on)."""
+    left_right = default_horizontal_flip(None) if augment.horizontal_flip is None else augment.horizontal_flip
+    return bool(left_right), bool(augment.vertical_flip)
+
+
+def without_flips(augment: AugmentConfig) -> AugmentConfig:
+    """``augment`` minus its flips: what the training pipeline does when the model's step flips."""
+    return augment.model_copy(update={"horizontal_flip": False, "vertical_flip": False})
 
 
 def _parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -278,9 +292,13 @@ def training_dataset(
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
     ds = tf.data.Dataset.zip((ds, seeds))
 
+    # Random flips are the model's (trainer.model.Classifier, on the device): here they would copy every crop
+    # once more on the host, 7% of an image's CPU time at 224 px (measured), for what a GPU does for nothing.
+    augment = without_flips(cfg.augment)
+
     def _train_example(serialized: tf.Tensor, seed_pair: tf.Tensor):
         encoded, label, shape, is_jpeg = parse_with_shape(serialized)
-        image = decode_for_training(encoded, seed_pair, cfg.image_size, cfg.augment, shape, is_jpeg)
+        image = decode_for_training(encoded, seed_pair, cfg.image_size, augment, shape, is_jpeg)
         if probe is None:
             return image, label
         return image, label, tf.cast(tf.strings.length(serialized), tf.int64) + records.FRAMING_BYTES

@@ -18,6 +18,7 @@ import tf_keras as keras
 from trainer import model as model_lib
 from trainer import storage
 from trainer.config import Config, PhaseConfig
+from trainer.data import pipeline
 from trainer.layout import RunLayout
 from trainer.train.backup import PhaseBackup, Position, segments
 from trainer.train.callbacks import (
@@ -114,6 +115,9 @@ def compile_for_phase(model: keras.Model, plan: PhasePlan, cfg: Config, strategy
         )
         # XLA compiles the step's compute only (trainer.model.Classifier): not its all-reduce.
         model.compile_compute = cfg.runtime.jit_compile
+        # The training pipeline leaves random flips to the model's step, on the device (trainer.data.pipeline).
+        model.flips = pipeline.flips(cfg.data.augment)
+        model.flip_seed = cfg.runtime.seed
     log.info(
         "phase %s: %d epochs x %d steps, global batch %d, learning rate %.3g, trainable blocks %s, "
         "%d trainable parameters",
