@@ -272,29 +272,13 @@ def test_training_dataset_is_reproducible_per_seed(shards, data_cfg):
     assert not np.array_equal(images_a, images_c)
 
 
-def test_training_without_augmentation_equals_full_square_centre_crop(tmp_path):
+@pytest.mark.parametrize("flips", [False, True], ids=["no-flips", "flips-on"])
+def test_training_without_random_crops_equals_full_square_centre_crop_flips_or_not(tmp_path, flips):
+    """Flips on change nothing here: the model's step flips (trainer.model.Classifier), not the host."""
     cfg = DataConfig(
         image_size=IMAGE_SIZE,
         shuffle_buffer=1,
-        augment=AugmentConfig(random_crop=False, horizontal_flip=False, vertical_flip=False),
-    )
-    single = write_shards(tmp_path, num_records=3, num_shards=1)
-    full_square = DataConfig(image_size=IMAGE_SIZE, center_crop_fraction=1.0)
-    evaluation, _ = first_batch(pipeline.evaluation_images(single, full_square, NUM_CLASSES).batch(3))
-
-    images, _ = first_batch(pipeline.training_dataset(single, cfg, NUM_CLASSES, 3, seed=0, deterministic=True))
-
-    # shuffle_buffer=1 keeps record order: training then sees exactly the evaluation pixels.
-    np.testing.assert_allclose(images, evaluation, atol=1e-4)
-
-
-def test_the_training_pipeline_leaves_flips_to_the_model(tmp_path):
-    """With flips on and no random crop, every training image is still the unflipped centre crop:
-    the model's step flips (trainer.model.Classifier), not the host."""
-    cfg = DataConfig(
-        image_size=IMAGE_SIZE,
-        shuffle_buffer=1,
-        augment=AugmentConfig(random_crop=False, horizontal_flip=True, vertical_flip=True),
+        augment=AugmentConfig(random_crop=False, horizontal_flip=flips, vertical_flip=flips),
     )
     single = write_shards(tmp_path, num_records=3, num_shards=1)
     full_square = DataConfig(image_size=IMAGE_SIZE, center_crop_fraction=1.0)
@@ -302,9 +286,13 @@ def test_the_training_pipeline_leaves_flips_to_the_model(tmp_path):
 
     batches = pipeline.training_dataset(single, cfg, NUM_CLASSES, 3, seed=0, deterministic=True).take(4)
 
+    # shuffle_buffer=1 keeps record order: training then sees exactly the evaluation pixels, every pass.
     for images, _ in batches:
         np.testing.assert_allclose(images.numpy(), evaluation, atol=1e-4)
-    assert pipeline.flips(cfg.augment) == (True, True)
+    assert pipeline.flips(cfg.augment) == (flips, flips)
+
+
+def test_flips_left_right_unless_told_or_image_stats_say_otherwise():
     assert pipeline.flips(AugmentConfig()) == (True, False)  # auto without image stats: left-right on
 
 
