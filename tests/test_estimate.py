@@ -33,6 +33,24 @@ def test_cited_whole_network_step_is_the_published_rate_and_a_frozen_base_a_thir
     assert frozen == pytest.approx(whole / 3, rel=1e-3)
 
 
+def _manifest_with(extra: dict):
+    from trainer.data.manifest import Manifest
+
+    return Manifest(class_names=["a", "b"], counts={}, shards={}, extra=extra)
+
+
+def test_the_cited_pipeline_cost_follows_the_pixels_the_dataset_stores():
+    stats = {"images": 10, "median_width": 1224, "median_height": 1024, "nearest_mean_accuracy": 0.5,
+             "mirrored_accuracy": 0.5, "chance": 0.5}  # fmt: skip
+    scaled = _manifest_with({"image_stats": stats, "prepared_for_image_size": 224, "downscaled_images": 10})
+    originals = _manifest_with({"image_stats": stats, "prepared_for_image_size": 0, "downscaled_images": 0})
+    # 1224x1024 photos are stored at 306x256 for 224 px, the benchmark's stored size: its figure as it is.
+    assert estimate.pipeline_cost_cited(scaled)[0] == pytest.approx(estimate.PIPELINE_MS_224)
+    assert "306x256" in estimate.pipeline_cost_cited(scaled)[1]
+    # Stored as they are, the same photos cost 16x the pixels.
+    assert estimate.pipeline_cost_cited(originals)[0] == pytest.approx(16 * estimate.PIPELINE_MS_224, rel=0.01)
+
+
 def _inputs(**changes) -> estimate.Inputs:
     phase = estimate.PhaseCost("fine_tuning", 2, ["block5"], 29_000_000, 0.1, 0.03, 1.0, 0.5)
     fields = dict(
