@@ -233,7 +233,8 @@ HOW_FIGURES_ARE_TAKEN = (
     "counts only when neither side is marked; rounds go on (up to {max_rounds}) until {min_rounds} are unmarked; "
     'a goal is met or missed only from unmarked rounds, else it reads "not measured (machine busy)". '
     "One-run figures (feature cache, time to accuracy, `trainer plan` against a run) have no spread and count "
-    "only when their whole run was unmarked. `trainer bench` probes the machine for "
+    "only when their whole run was unmarked; the fine-tuning cache's figure is the median of its alternating pairs "
+    "of real runs, counted only when every pair is unmarked. `trainer bench` probes the machine for "
     f"{rounds.PROBE_SECONDS:.0f} s before it starts, and refuses to overwrite existing result files when the "
     f"machine is busy at start, when more than {rounds.MAX_BUSY_SHARE:.0%} of the measurements were marked, or "
     "when a goal could not be measured for load (it writes `*.busy.md`/`*.busy.json` beside them instead), "
