@@ -98,7 +98,10 @@ def test_the_fine_tuning_cache_ran_in_pairs_on_the_real_digits(quick):
     assert positive(f["samples"]["cached"][0]["cache_build_seconds"])
     speedup = f["speedup_after_first_epoch"]
     assert speedup["rounds"] == 1 and positive(speedup["per_round"][0]["ratio"])
-    assert speedup["median"] == (None if speedup["rounds_busy"] else speedup["per_round"][0]["ratio"])
+    if speedup["rounds_busy"]:  # a busy pair never makes a figure
+        assert speedup["median"] is None
+    else:
+        assert speedup["median"] == pytest.approx(speedup["per_round"][0]["ratio"], abs=0.001)
     band = f["accuracy"]
     low, high = band["uncached_min_max"]
     assert band["within_band"] == (low - 0.02 <= band["cached"][0] <= high + 0.02)
@@ -138,7 +141,7 @@ def test_communication_volumes_are_counted_from_the_real_models(quick):
 def test_goals_and_markdown_table(quick):
     result, table = quick
     assert len(result["goals"]) == 10
-    statuses = {"met", "missed", report.NOT_MEASURED_BUSY}
+    statuses = {"met", "missed", report.NOT_MEASURED_BUSY, report.NOT_MEASURED}  # quick mode: no 2-worker run
     # The time-to-accuracy goal counts 0 when the product is less accurate (likely after quick mode's 1 epoch).
     assert all(g["status"] in statuses and (g["measured"] is None or g["measured"] >= 0) for g in result["goals"])
     for heading in ("## Goals", "## 1. Input pipeline", "## 2. Training step", "## 3. Feature-extraction phase",
