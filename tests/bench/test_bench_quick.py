@@ -84,6 +84,47 @@ def test_the_product_and_the_notebook_ran_on_the_real_digits(quick):
     assert "## 6. Time to accuracy on real images" in table
 
 
+def test_the_fine_tuning_cache_ran_in_pairs_on_the_real_digits(quick):
+    result, _ = quick
+    f = result["finetune_cache"]
+    assert f["dataset"]["images"] == {"train": 56, "validation": 12, "test": 12}
+    assert (f["pairs"], f["epochs"], f["trained_blocks"]) == (1, 2, ["block5"])
+    for side in ("uncached", "cached"):
+        (run,) = f["samples"][side]
+        assert run["seed"] == 1 and len(run["epoch_seconds_after_first"]) == 1  # 2 epochs: one after the first
+        assert positive(run["epoch_mean_seconds"]) and 0.0 <= run["accuracy"] <= 1.0 and run["accuracy_split"] == "test"
+        assert "busy" in run["load"] and run["load"]["wall_seconds"] > 0
+    assert f["samples"]["uncached"][0]["cache_build_seconds"] is None
+    assert positive(f["samples"]["cached"][0]["cache_build_seconds"])
+    speedup = f["speedup_after_first_epoch"]
+    assert speedup["rounds"] == 1 and positive(speedup["per_round"][0]["ratio"])
+    if speedup["rounds_busy"]:  # a busy pair never makes a figure
+        assert speedup["median"] is None
+    else:
+        assert speedup["median"] == pytest.approx(speedup["per_round"][0]["ratio"], abs=0.001)
+    band = f["accuracy"]
+    low, high = band["uncached_min_max"]
+    assert band["within_band"] == (low - 0.02 <= band["cached"][0] <= high + 0.02)
+    gpu = f["gpu_expectation"]  # from the model's layer shapes at 224x224
+    assert gpu["image_size"] == 224 and gpu["block_forward_gmac"]["block1"] == pytest.approx(1.94, abs=0.01)
+    assert gpu["speedup"] == pytest.approx(4.35, abs=0.05)
+    assert gpu["frozen_forward_share"] == pytest.approx(0.91, abs=0.01)
+
+
+def test_trainer_plan_was_checked_against_a_one_worker_run(quick):
+    result, _ = quick
+    p = result["plan_check"]
+    assert list(p["workers"]) == ["1"] and p["band"] == [0.75, 1.25]  # quick mode skips the two-worker run
+    checked = p["workers"]["1"]
+    assert len(checked["predicted_epoch_seconds"]) == len(checked["measured_epoch_seconds"]) == 2  # 1 + 1 epochs
+    assert checked["ratio"] == pytest.approx(checked["predicted_seconds"] / checked["measured_seconds"], abs=0.001)
+    assert checked["figure"]["kind"] == "one run"
+    assert checked["figure"]["median"] == (None if checked["load"]["busy"] else checked["ratio"])
+    goals = {g["goal"]: g for g in result["goals"] if "trainer plan" in g["goal"]}
+    assert [g["target"] for g in goals.values()] == ["0.75-1.25"] * 2
+    assert next(g for name, g in goals.items() if "2 local workers" in name)["status"] == report.NOT_MEASURED
+
+
 def test_communication_volumes_are_counted_from_the_real_models(quick):
     result, _ = quick
     comm = result["communication"]
@@ -99,12 +140,13 @@ def test_communication_volumes_are_counted_from_the_real_models(quick):
 
 def test_goals_and_markdown_table(quick):
     result, table = quick
-    assert len(result["goals"]) == 7
-    statuses = {"met", "missed", report.NOT_MEASURED_BUSY}
+    assert len(result["goals"]) == 10
+    statuses = {"met", "missed", report.NOT_MEASURED_BUSY, report.NOT_MEASURED}  # quick mode: no 2-worker run
     # The time-to-accuracy goal counts 0 when the product is less accurate (likely after quick mode's 1 epoch).
     assert all(g["status"] in statuses and (g["measured"] is None or g["measured"] >= 0) for g in result["goals"])
     for heading in ("## Goals", "## 1. Input pipeline", "## 2. Training step", "## 3. Feature-extraction phase",
-                    "## 4. Start-up and memory", "## 5. Communication volume"):  # fmt: skip
+                    "## 4. Start-up and memory", "## 5. Communication volume", "## 7. Fine-tuning phase",
+                    "## 8. `trainer plan` against measured runs"):  # fmt: skip
         assert heading in table
     assert "Quick mode" in table and "How figures are taken" in table and "cores per A100" in table
     assert [row["method"] for row in result["cores_per_gpu"]] == list(METHODS)

@@ -146,6 +146,8 @@ def bench_result(pipeline_vs_limit: dict, quiet: bool = True) -> dict:
         "input_pipeline": {"1": inputs, "2": inputs},
         "training_step": {"pipeline_vs_synthetic": figure(0.97)},
         "feature_cache": {"speedup_after_first_epoch": 25.0},
+        "finetune_cache": {"speedup_after_first_epoch": figure(3.5)},
+        "plan_check": {"workers": {n: {"figure": rounds.single(1.1, load)} for n in ("1", "2")}},
         "time_to_accuracy": {"time_ratio": 12.0, "accuracy_difference": 0.1},
         "stage_load": {"trainer_runs": load, "time_to_accuracy": load},
         "machine": {"start_probe": load},
@@ -168,7 +170,7 @@ def test_goals_are_met_missed_or_not_measured_because_busy():
     assert found["input pipeline (c) / the limit (d), 2 cores"]["status"] == report.NOT_MEASURED_BUSY
     assert found["input pipeline (c) / Keras ImageDataGenerator (a), 2 cores"]["status"] == "met"
     one_run = [g for g in found.values() if g["kind"] == "one run"]
-    assert len(one_run) == 2 and all(g["status"] == report.NOT_MEASURED_BUSY for g in one_run)
+    assert len(one_run) == 4 and all(g["status"] == report.NOT_MEASURED_BUSY for g in one_run)
     assert not any(g["met"] for g in found.values() if g["status"] != "met")
 
 
@@ -194,7 +196,7 @@ def test_a_quiet_run_has_no_busy_reasons_and_a_busy_one_lists_them():
     reasons = report.busy_reasons(busy)
     assert len(reasons) == 3  # busy at start; 50% of measurements marked; goals not measured
     assert "1.500 cores" in reasons[0] and "20 of 40" in reasons[1]
-    assert "4 of 7 goals" in reasons[2]  # the limit at 1 and 2 cores, and the two one-run goals
+    assert "6 of 10 goals" in reasons[2]  # the limit at 1 and 2 cores, and the four one-run goals
 
 
 def test_a_busy_run_writes_beside_existing_figures_unless_allowed(tmp_path):

@@ -36,17 +36,17 @@ def time_to_accuracy(root: str, quick: bool, timeout: float, say: Callable[[str]
     epochs = ["phases.fine_tuning.epochs=1"] if quick else []
     say(f"bench: time to accuracy, the product's default run on {sum(counts.values())} scanned digits")
     product_started, product_wall_start = time.perf_counter(), time.time()
-    prepare_seconds = _run([*entrypoint_command(), "prepare", images, dataset], root, "digits-prepare", timeout)
+    prepare_seconds = run_step([*entrypoint_command(), "prepare", images, dataset], root, "digits-prepare", timeout)
     settings = ["model.weights=none", f"data.image_size={IMAGE_SIZE}", f"data.dataset={dataset}",
                 f"output.dir={output}", "runtime.verbose=0", *epochs]  # fmt: skip
-    train_seconds = _run([*entrypoint_command(), "train", *set_args(*settings)], root, "digits-train", timeout)
+    train_seconds = run_step([*entrypoint_command(), "train", *set_args(*settings)], root, "digits-train", timeout)
     product_seconds = time.perf_counter() - product_started
     with open(os.path.join(output, "summary.json")) as fh:
         summary = json.load(fh)
     say("bench: time to accuracy, the notebook recipe on the same images")
     result_path = os.path.join(root, "notebook.result.json")
     notebook_command = [sys.executable, "-m", "trainer.bench.notebook", images, str(IMAGE_SIZE), result_path]
-    notebook_seconds = _run([*notebook_command, *(["1"] if quick else [])], root, "notebook", timeout)
+    notebook_seconds = run_step([*notebook_command, *(["1"] if quick else [])], root, "notebook", timeout)
     with open(result_path) as fh:
         notebook = json.load(fh)
     product_accuracy = summary["evaluation"]["test"]["accuracy"]
@@ -78,7 +78,7 @@ def _first_epoch_at(output: str, accuracy: float) -> dict | None:
     return next((row for row in rows if row.get("val_accuracy", 0.0) >= accuracy), None)
 
 
-def _run(command: list[str], root: str, name: str, timeout: float) -> float:
+def run_step(command: list[str], root: str, name: str, timeout: float) -> float:
     """Run ``command`` to completion, its output in ``root/<name>.log``; wall seconds."""
     from trainer.bench.suite import step_failed  # suite imports this module
 

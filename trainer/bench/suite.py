@@ -7,7 +7,9 @@ Order: generate the JPEG set and prepare it with the product's `prepare`, then
 4. real `trainer train` runs: feature extraction without and with the feature cache
    (epoch times, start-up, peak memory), then two workers (start-up, memory per worker);
 5. time to accuracy on real images (scanned digits): the product's default run, then the
-   notebook recipe it replaces (trainer.bench.accuracy).
+   notebook recipe it replaces (trainer.bench.accuracy);
+6. the fine-tuning cache on the digits, alternating pairs of runs (trainer.bench.finetune);
+7. `trainer plan --probe` against a 1- and a 2-worker run (trainer.bench.plan_check).
 Quick mode (for the tests) runs the same code on tiny sizes, all processes at once, and
 skips the two-worker run: its figures mean nothing, only its shape does.
 
@@ -34,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from trainer.bench import inputs, rounds, runs
+from trainer.bench import finetune, inputs, plan_check, rounds, runs
 from trainer.bench.accuracy import time_to_accuracy
 from trainer.bench.images import make_image_set
 from trainer.contract import ExitCode
@@ -218,16 +220,19 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
     jobs = _worker_jobs(settings, image_dir, dataset_dir, model_dataset_dir, cores)
     trainer_runs = _trainer_run_starters(settings, model_dataset_dir, root)
     accuracy = functools.partial(time_to_accuracy, root, quick, settings.accuracy_timeout_seconds, say)
+    goal_runs = _goal_runs(settings, root, model_dataset_dir, quick, say)
     if settings.concurrent_runs:  # quick mode: everything at once, only the shape of the result matters
         say("bench: all measurements at once (quick mode)")
         before = rounds.cpu_snapshot_with_children()
-        with ThreadPoolExecutor(max_workers=1) as background:
+        with ThreadPoolExecutor(max_workers=1 + len(goal_runs)) as background:
             real_data = background.submit(accuracy)
+            more = {name: background.submit(run) for name, run in goal_runs.items()}
             started_runs = {name: start() for name, start in trainer_runs.items()}
             started_jobs = {name: _start_worker(name, *job, root) for name, job in jobs.items()}
             results = {name: _finish_worker(h, settings.timeout_seconds) for name, h in started_jobs.items()}
             outcomes = {name: _finish_run(name, workers, settings) for name, workers in started_runs.items()}
             result["time_to_accuracy"] = real_data.result()
+            result.update({name: future.result() for name, future in more.items()})
         load = rounds.load_between(before, rounds.cpu_snapshot_with_children())
         result["stage_load"] = {"trainer_runs": load, "time_to_accuracy": load}
     else:  # one measurement at a time, each with the machine to itself
@@ -244,12 +249,29 @@ def _run_all(settings: Settings, root: str, quick: bool, say: Callable[[str], No
         before = rounds.cpu_snapshot_with_children()
         result["time_to_accuracy"] = accuracy()
         result["stage_load"]["time_to_accuracy"] = rounds.load_between(before, rounds.cpu_snapshot_with_children())
+        result.update({name: run() for name, run in goal_runs.items()})  # each run carries its own load
     last = f"cores-{cores[-1]}"
     result["input_pipeline"] = {str(c): _summarize_inputs(results[f"cores-{c}"][0], settings.min_rounds) for c in cores}
     result["training_step"] = _summarize_training(results[last][1], settings.min_rounds)
     result["communication"] = results[last][2]
     result.update(_summarize_runs(outcomes, settings, root))
     return result
+
+
+def _goal_runs(
+    settings: Settings, root: str, dataset_dir: str, quick: bool, say: Callable[[str], None]
+) -> dict[str, Callable[[], dict]]:
+    """result key -> the measurement of a goal that runs its own `trainer` processes (trainer.bench.finetune:
+    the fine-tuning cache on real digits; trainer.bench.plan_check: `trainer plan` against real runs)."""
+    workers = [1, 2] if settings.two_worker_run else [1]
+    return {
+        "finetune_cache": functools.partial(
+            finetune.measure_finetune_cache, root, quick, settings.timeout_seconds, say
+        ),
+        "plan_check": functools.partial(
+            plan_check.measure_plan, root, dataset_dir, workers, quick, settings.timeout_seconds, say
+        ),
+    }
 
 
 def _worker_jobs(
